@@ -1,0 +1,3 @@
+from discoverd.cli import main
+
+main()

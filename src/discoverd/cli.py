@@ -1,0 +1,314 @@
+"""The ``discoverd`` command line.
+
+``discoverd --registry etcd --proxy haproxy`` (no subcommand) runs both roles in one process.
+Heavy imports happen inside the commands so ``discoverd --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import click
+
+if TYPE_CHECKING:
+    from discoverd.core.config import Settings
+    from discoverd.core.manager import PluginManager
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    click.echo(f"discoverd: {message}", err=True)
+    sys.exit(code)
+
+
+@contextmanager
+def operator_errors() -> Iterator[None]:
+    """Turn the errors meant for the operator into one line and an exit status, no traceback."""
+    from discoverd.core.config import ConfigError
+    from discoverd.core.interfaces import PluginError, Unavailable
+    from discoverd.core.manager import PluginLoadError, UnknownPluginError
+
+    try:
+        yield
+    except (ConfigError, UnknownPluginError, PluginLoadError) as exc:
+        fail(str(exc).strip("'\""), 2)
+    except Unavailable as exc:
+        fail(str(exc), 1)
+    except PluginError as exc:
+        fail(str(exc), 2)
+
+
+def _names(kind: str) -> str:
+    try:
+        from discoverd.core.manager import get_plugin_manager
+
+        manager = get_plugin_manager()
+        lookups: dict[str, Callable[[], dict[str, Any]]] = {
+            "source": manager.sources,
+            "registry": manager.registries,
+            "proxy": manager.proxies,
+        }
+        return ", ".join(lookups[kind]()) or "none installed"
+    except Exception:  # help must never fail because a plugin is broken
+        return "see `discoverd plugins`"
+
+
+class PluginOption(click.Option):
+    """An option whose help lists the installed plugins, computed only when help is shown."""
+
+    def __init__(self, *args: Any, kind: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.kind = kind
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        record = super().get_help_record(ctx)
+        if record is None:
+            return None
+        return record[0], f"{record[1]} Installed: {_names(self.kind)}."
+
+
+def common_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option(
+            "--config",
+            "-c",
+            "config_file",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="TOML config file (also DISCOVERD_CONFIG).",
+        ),
+        click.option(
+            "--source", cls=PluginOption, kind="source", help="Container source [docker]."
+        ),
+        click.option("--registry", cls=PluginOption, kind="registry", help="Registry [etcd]."),
+        click.option("--proxy", cls=PluginOption, kind="proxy", help="Proxy [haproxy]."),
+        click.option("--host-ip", help="Address other hosts reach this one on (HOST_IP)."),
+        click.option("--host-id", help="Stable id of this agent [host name]."),
+        click.option("--state-dir", help="Directory for rendered configs, pid files, sockets."),
+        click.option("--log-level", help="debug, info, warning or error [info]."),
+        click.option(
+            "--set",
+            "sets",
+            multiple=True,
+            metavar="SECTION.KEY=VALUE",
+            help="Set any option, e.g. --set etcd.ttl=30 (repeatable).",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+FLAG_KEYS = ("source", "registry", "proxy", "host_ip", "host_id", "state_dir", "log_level")
+
+
+def _merge(ctx: click.Context, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Subcommand flags override the group's; returns the merged option dict."""
+    merged: dict[str, Any] = dict(ctx.find_root().params)
+    for key, value in kwargs.items():
+        if key == "sets":
+            merged["sets"] = tuple(merged.get("sets") or ()) + tuple(value or ())
+        elif value is not None:
+            merged[key] = value
+    return merged
+
+
+def load(params: dict[str, Any]) -> tuple[Settings, PluginManager]:
+    from discoverd.core.config import load_settings
+    from discoverd.core.manager import get_plugin_manager
+    from discoverd.core.runtime import plugin_schemas
+
+    manager = get_plugin_manager()
+    settings = load_settings(
+        plugin_schemas(manager),
+        config_file=params.get("config_file"),
+        flags={k: params.get(k) for k in FLAG_KEYS},
+        sets=params.get("sets") or (),
+    )
+    return settings, manager
+
+
+def _run_roles(params: dict[str, Any], roles: tuple[str, ...]) -> None:
+    from discoverd.core.runtime import Agent, configure_logging
+
+    with operator_errors():
+        settings, manager = load(params)
+        configure_logging(settings["log_level"])
+        agent = Agent(settings, manager, roles=roles)
+        agent.build()
+    sys.exit(agent.run())
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@common_options
+@click.version_option(package_name="discoverd")
+@click.pass_context
+def cli(ctx: click.Context, /, **kwargs: Any) -> None:
+    """Service discovery for Docker hosts.
+
+    Without a command, runs both roles: register (Docker -> registry) and discover
+    (registry -> proxy). Options come from flags, then DISCOVERD_* environment variables,
+    then the config file, then defaults.
+    """
+    if ctx.invoked_subcommand is None:
+        _run_roles(_merge(ctx, {}), ("register", "discover"))
+
+
+@cli.command()
+@common_options
+@click.pass_context
+def run(ctx: click.Context, /, **kwargs: Any) -> None:
+    """Run both roles (the same as no command)."""
+    _run_roles(_merge(ctx, kwargs), ("register", "discover"))
+
+
+@cli.command()
+@common_options
+@click.pass_context
+def register(ctx: click.Context, /, **kwargs: Any) -> None:
+    """Run the register role only: container source -> registry."""
+    _run_roles(_merge(ctx, kwargs), ("register",))
+
+
+@cli.command()
+@common_options
+@click.pass_context
+def discover(ctx: click.Context, /, **kwargs: Any) -> None:
+    """Run the discover role only: registry -> proxy."""
+    _run_roles(_merge(ctx, kwargs), ("discover",))
+
+
+def _assignment(params: dict[str, Any]) -> tuple[Any, Any, Any]:
+    from discoverd.core.runtime import make_proxy, make_registry
+    from discoverd.core.services import build_services
+
+    settings, manager = load(params)
+    manager.registry(settings["registry"])
+    registry = make_registry(manager, settings)
+    try:
+        catalog = registry.snapshot()
+    finally:
+        registry.close()
+    proxy = make_proxy(manager, settings)
+    assignment = build_services(
+        catalog,
+        default_mode=settings["default_mode"],
+        reserved_ports=proxy.reserved_ports(),
+    )
+    for problem in assignment.problems:
+        click.echo(f"warning: {problem}", err=True)
+    return settings, proxy, assignment
+
+
+@cli.command()
+@common_options
+@click.pass_context
+def render(ctx: click.Context, /, **kwargs: Any) -> None:
+    """Print the proxy configuration the live registry would give (changes nothing)."""
+    with operator_errors():
+        _, proxy, assignment = _assignment(_merge(ctx, kwargs))
+        click.echo(proxy.render(assignment.services), nl=False)
+
+
+@cli.command()
+@common_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.pass_context
+def services(ctx: click.Context, /, as_json: bool, **kwargs: Any) -> None:
+    """List what the registry holds, grouped by service."""
+    with operator_errors():
+        _, _, assignment = _assignment(_merge(ctx, kwargs))
+    rows = [
+        {
+            "name": s.name,
+            "frontend_port": s.frontend_port,
+            "mode": s.mode,
+            "protocol": s.protocol,
+            "instances": [
+                {
+                    "id": i.id,
+                    "address": i.address,
+                    "port": i.port,
+                    "host_id": i.host_id,
+                    "tags": list(i.tags),
+                    "meta": i.meta_dict,
+                }
+                for i in s.instances
+            ],
+        }
+        for s in assignment.services
+    ]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = [("SERVICE", "FRONTEND", "MODE", "INSTANCES")]
+    for row in rows:
+        endpoints = " ".join(f"{i['address']}:{i['port']}" for i in row["instances"]) or "-"
+        table.append((row["name"], str(row["frontend_port"]), row["mode"], endpoints))
+    _print_table(table)
+
+
+def _print_table(rows: Sequence[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def plugins(as_json: bool) -> None:
+    """List the installed plugins and what each provides."""
+    from discoverd.core.manager import get_plugin_manager
+
+    with operator_errors():
+        manager = get_plugin_manager()
+    if as_json:
+        data = {
+            "plugins": [i.as_dict() for i in manager.infos],
+            "failed": [b.__dict__ for b in manager.broken],
+        }
+        click.echo(json.dumps(data, indent=2))
+        return
+    table = [("PLUGIN", "DISTRIBUTION", "VERSION", "SOURCES", "REGISTRIES", "PROXIES")]
+    for info in manager.infos:
+        table.append(
+            (
+                info.name,
+                info.distribution or "-",
+                info.version or "-",
+                ",".join(info.sources) or "-",
+                ",".join(info.registries) or "-",
+                ",".join(info.proxies) or "-",
+            )
+        )
+    _print_table(table)
+    for broken in manager.broken:
+        click.echo(f"warning: plugin {broken.name} failed to load: {broken.error}", err=True)
+
+
+@cli.command()
+@click.argument("file", type=click.Path(path_type=Path))
+def check(file: Path) -> None:
+    """Validate a config file: syntax, keys, value types and plugin names."""
+    from discoverd.core.config import load_settings
+    from discoverd.core.manager import get_plugin_manager
+    from discoverd.core.runtime import plugin_schemas
+
+    with operator_errors():
+        manager = get_plugin_manager()
+        settings = load_settings(plugin_schemas(manager), config_file=file, env={})
+        manager.source(settings["source"])
+        manager.registry(settings["registry"])
+        manager.proxy(settings["proxy"])
+    click.echo(
+        f"{file}: ok (source {settings['source']}, registry {settings['registry']}, "
+        f"proxy {settings['proxy']})"
+    )
+
+
+def main() -> None:
+    cli(prog_name="discoverd")

@@ -1,0 +1,218 @@
+"""The data model shared by every role and plugin.
+
+Everything here is plain, frozen and validated at construction: a value that reaches a proxy
+configuration has passed these checks, whichever source or registry it came from.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+Protocol = Literal["tcp", "udp"]
+Mode = Literal["http", "tcp"]
+
+SERVICE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
+INSTANCE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}")
+TAG_RE = re.compile(r"[A-Za-z0-9_.:=/+-]{1,128}")
+META_KEY_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+META_VALUE_MAX = 256
+# Characters that must never reach a rendered configuration through a metadata value.
+_FORBIDDEN_IN_VALUES = set("\n\r\0{}\"'`;#\\")
+
+
+class ValidationError(ValueError):
+    """A value that does not follow the rules of the data model.
+
+    The message names the field, the offending value (shortened) and the rule.
+    """
+
+
+def _short(value: object, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_service_name(name: str) -> str:
+    if not isinstance(name, str) or not SERVICE_NAME_RE.fullmatch(name):
+        raise ValidationError(f"service name {_short(name)} must match [a-z0-9][a-z0-9_.-]{{0,62}}")
+    return name
+
+
+def check_port(port: object, what: str = "port") -> int:
+    if isinstance(port, bool):
+        raise ValidationError(f"{what} {_short(port)} must be a number from 1 to 65535")
+    if isinstance(port, str):
+        if not port.isdigit():
+            raise ValidationError(f"{what} {_short(port)} must be a number from 1 to 65535")
+        port = int(port)
+    if not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ValidationError(f"{what} {_short(port)} must be a number from 1 to 65535")
+    return port
+
+
+def check_address(address: str) -> str:
+    """An IPv4 or IPv6 literal (host names are not accepted: proxies must not resolve them)."""
+    try:
+        return str(ipaddress.ip_address(address))
+    except (ValueError, TypeError):
+        raise ValidationError(f"address {_short(address)} is not an IP address") from None
+
+
+def check_tag(tag: str) -> str:
+    if not isinstance(tag, str) or not TAG_RE.fullmatch(tag):
+        raise ValidationError(f"tag {_short(tag)} must match [A-Za-z0-9_.:=/+-]{{1,128}}")
+    return tag
+
+
+def check_meta(key: str, value: str) -> tuple[str, str]:
+    if not isinstance(key, str) or not META_KEY_RE.fullmatch(key):
+        raise ValidationError(f"metadata key {_short(key)} must match [a-z0-9][a-z0-9_-]{{0,62}}")
+    if not isinstance(value, str):
+        raise ValidationError(f"metadata value for {key!r} must be text")
+    if len(value) > META_VALUE_MAX:
+        raise ValidationError(
+            f"metadata value for {key!r} is {len(value)} characters long (at most {META_VALUE_MAX})"
+        )
+    bad = sorted(set(value) & _FORBIDDEN_IN_VALUES)
+    if bad or not value.isprintable():
+        shown = ", ".join(repr(c) for c in bad) or "a control character"
+        raise ValidationError(f"metadata value for {key!r} contains {shown}")
+    return key, value
+
+
+@dataclass(frozen=True, order=True)
+class ServiceInstance:
+    """One reachable endpoint of a service, as registered by one host.
+
+    ``id`` is unique within the service across all hosts (the register role builds it from the host
+    id, the container id, the private port and the protocol). ``frontend_port`` is the port clients
+    dial on their local proxy; ``None`` means the registry did not say.
+    """
+
+    service: str
+    id: str
+    address: str
+    port: int
+    protocol: Protocol = "tcp"
+    frontend_port: int | None = None
+    tags: tuple[str, ...] = ()
+    meta: tuple[tuple[str, str], ...] = ()
+    host_id: str = ""
+
+    def __post_init__(self) -> None:
+        check_service_name(self.service)
+        valid_id = isinstance(self.id, str) and INSTANCE_ID_RE.fullmatch(self.id)
+        if not valid_id or self.id == "port":
+            raise ValidationError(
+                f"instance id {_short(self.id)} must match [A-Za-z0-9][A-Za-z0-9_.:-]{{0,199}}"
+                " and not be 'port'"
+            )
+        object.__setattr__(self, "address", check_address(self.address))
+        object.__setattr__(self, "port", check_port(self.port))
+        if self.protocol not in ("tcp", "udp"):
+            raise ValidationError(f"protocol {_short(self.protocol)} must be tcp or udp")
+        if self.frontend_port is not None:
+            object.__setattr__(
+                self, "frontend_port", check_port(self.frontend_port, "frontend port")
+            )
+        tags = tuple(self.tags)
+        for tag in tags:
+            check_tag(tag)
+        object.__setattr__(self, "tags", tags)
+        meta = tuple(sorted((str(k), v) for k, v in self.meta))
+        for key, value in meta:
+            check_meta(key, value)
+        object.__setattr__(self, "meta", meta)
+        if self.host_id and not INSTANCE_ID_RE.fullmatch(self.host_id):
+            raise ValidationError(f"host id {_short(self.host_id)} has forbidden characters")
+
+    @property
+    def meta_dict(self) -> dict[str, str]:
+        return dict(self.meta)
+
+    @property
+    def endpoint(self) -> str:
+        """``IP:PORT`` (IPv6 in brackets), the value the seed's key layout stores."""
+        if ":" in self.address:
+            return f"[{self.address}]:{self.port}"
+        return f"{self.address}:{self.port}"
+
+
+def parse_endpoint(value: str) -> tuple[str, int]:
+    """Parse ``IP:PORT`` or ``[IPv6]:PORT``; raise ValidationError otherwise."""
+    text = value.strip()
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+    else:
+        host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ValidationError(f"value {_short(value)} is not IP:PORT")
+    return check_address(host), check_port(port)
+
+
+@dataclass(frozen=True)
+class Service:
+    """A service as the proxy sees it: one frontend, a sorted tuple of instances."""
+
+    name: str
+    frontend_port: int
+    protocol: Protocol = "tcp"
+    mode: Mode = "tcp"
+    instances: tuple[ServiceInstance, ...] = ()
+    meta: tuple[tuple[str, str], ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        check_service_name(self.name)
+        check_port(self.frontend_port, "frontend port")
+        if self.mode not in ("http", "tcp"):
+            raise ValidationError(f"mode {_short(self.mode)} must be http or tcp")
+        object.__setattr__(self, "instances", tuple(sorted(self.instances)))
+
+    @property
+    def meta_dict(self) -> dict[str, str]:
+        return dict(self.meta)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something refused, with enough context to find it: which object, which input, which rule."""
+
+    subject: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.subject}: {self.message}"
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """What a registry holds, as read in one snapshot.
+
+    ``instances`` carry their ``frontend_port`` when the registry knows it; ``problems`` name the
+    entries that were skipped (malformed values, missing ports) so they can be logged once.
+    ``revision`` is an opaque position the registry can resume watching from.
+    """
+
+    instances: tuple[ServiceInstance, ...] = ()
+    problems: tuple[Problem, ...] = ()
+    revision: int = 0
+
+
+@dataclass(frozen=True)
+class SourceSnapshot:
+    """What a container source sees now: eligible instances and refused ones."""
+
+    instances: tuple[ServiceInstance, ...] = ()
+    problems: tuple[Problem, ...] = ()
+
+
+def frozen_meta(
+    items: Mapping[str, str] | Iterable[tuple[str, str]],
+) -> tuple[tuple[str, str], ...]:
+    """Metadata in the frozen, sorted form ``ServiceInstance.meta`` keeps."""
+    pairs = items.items() if isinstance(items, Mapping) else items
+    return tuple(sorted(pairs))

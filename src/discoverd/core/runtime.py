@@ -1,0 +1,170 @@
+"""Putting an agent together from settings and plugins, and running it until a signal."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any, TypeVar, cast
+
+from discoverd.core.agent import DiscoverRole, RegisterRole, Role
+from discoverd.core.config import ConfigError, Settings
+from discoverd.core.interfaces import PluginContext, Proxy, Registry, Source
+from discoverd.core.manager import PluginManager
+from discoverd.core.model import Mode
+
+log = logging.getLogger("discoverd")
+T = TypeVar("T")
+
+ROLES = ("register", "discover")
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def ensure_state_dir(settings: Settings) -> Path:
+    path = settings.state_dir
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o755 if os.geteuid() == 0 else 0o700)
+    except OSError as exc:
+        raise ConfigError(f"state_dir {path}: cannot be created ({exc.strerror})") from None
+    if not os.access(path, os.W_OK):
+        raise ConfigError(f"state_dir {path}: not writable by this user")
+    return path
+
+
+def context_for(settings: Settings, plugin: str) -> PluginContext:
+    return PluginContext(
+        options=settings.options_for(plugin),
+        host=settings.host(),
+        state_dir=ensure_state_dir(settings),
+        settings=dict(settings.core),
+    )
+
+
+def _build(factory: Callable[[PluginContext], T], settings: Settings, name: str) -> T:
+    return factory(context_for(settings, name))
+
+
+def make_source(manager: PluginManager, settings: Settings) -> Source:
+    name = settings["source"]
+    return _build(manager.source(name).factory, settings, name)
+
+
+def make_registry(manager: PluginManager, settings: Settings) -> Registry:
+    name = settings["registry"]
+    return _build(manager.registry(name).factory, settings, name)
+
+
+def make_proxy(manager: PluginManager, settings: Settings) -> Proxy:
+    name = settings["proxy"]
+    return _build(manager.proxy(name).factory, settings, name)
+
+
+def plugin_schemas(manager: PluginManager) -> dict[str, Any]:
+    """Every plugin's options, keyed by the plugin name (its config section)."""
+    schemas: dict[str, Any] = {}
+    for table in (manager.sources(), manager.registries(), manager.proxies()):
+        for name, record in table.items():
+            schemas[name] = record.options
+    return schemas
+
+
+@dataclass
+class Agent:
+    """The roles of one process; ``run`` blocks until SIGTERM/SIGINT or ``request_stop``."""
+
+    settings: Settings
+    manager: PluginManager
+    roles: tuple[str, ...] = ROLES
+    register: RegisterRole | None = None
+    discover: DiscoverRole | None = None
+    stop_requested: threading.Event = field(default_factory=threading.Event)
+
+    def build(self) -> None:
+        core = self.settings.core
+        timing = {
+            "min_wait": core["min_wait"],
+            "max_wait": core["max_wait"],
+            "retry_max": core["retry_max"],
+        }
+        # Resolve every selected name first so a typo fails before anything starts.
+        if "register" in self.roles:
+            self.manager.source(core["source"])
+        self.manager.registry(core["registry"])
+        if "discover" in self.roles:
+            self.manager.proxy(core["proxy"])
+        if "register" in self.roles:
+            self.register = RegisterRole(
+                make_source(self.manager, self.settings),
+                make_registry(self.manager, self.settings),
+                **timing,
+            )
+        if "discover" in self.roles:
+            self.discover = DiscoverRole(
+                make_registry(self.manager, self.settings),
+                make_proxy(self.manager, self.settings),
+                proxy_name=core["proxy"],
+                manager=self.manager,
+                default_mode=cast(Mode, core["default_mode"]),
+                **timing,
+            )
+
+    def active(self) -> Iterable[Role]:
+        return [r for r in (self.register, self.discover) if r is not None]
+
+    def start(self) -> None:
+        host = self.settings.host()
+        log.info(
+            "starting %s (source %s, registry %s, proxy %s, host %s, HOST_IP %s)",
+            "+".join(self.roles),
+            self.settings["source"],
+            self.settings["registry"],
+            self.settings["proxy"],
+            host.id,
+            host.ip or "unset: each port binding's own address",
+        )
+        for role in self.active():
+            role.start()
+
+    def request_stop(self, *_: object) -> None:
+        self.stop_requested.set()
+
+    def shutdown(self) -> None:
+        """Deregister this host's instances, stop the loops; the proxy keeps running."""
+        if self.register is not None:
+            self.register.shutdown(deregister=True)
+        if self.discover is not None:
+            self.discover.shutdown()
+        log.info("stopped; the proxy keeps serving its last configuration")
+
+    def run(self) -> int:
+        """Build (unless done), start, wait for SIGTERM/SIGINT, shut down; returns 0."""
+        if self.register is None and self.discover is None:
+            self.build()
+        previous: dict[signal.Signals, Any] = {}
+
+        def handler(signum: int, frame: FrameType | None) -> None:
+            log.info("received %s; shutting down", signal.Signals(signum).name)
+            self.request_stop()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, handler)
+        try:
+            self.start()
+            while not self.stop_requested.wait(1.0):
+                pass
+        finally:
+            self.shutdown()
+            for signum, old in previous.items():
+                signal.signal(signum, old)
+        return 0

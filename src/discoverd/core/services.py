@@ -1,0 +1,104 @@
+"""From a registry catalog to the services a proxy serves (pure; shared by every registry)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from discoverd.core.model import Catalog, Mode, Problem, Service, ServiceInstance
+
+
+@dataclass
+class Assignment:
+    """The result of ``build_services``: the services, what was refused, and port owners."""
+
+    services: tuple[Service, ...]
+    problems: list[Problem] = field(default_factory=list)
+    owners: dict[int, str] = field(default_factory=dict)
+
+
+def build_services(
+    catalog: Catalog,
+    *,
+    default_mode: Mode = "tcp",
+    reserved_ports: Iterable[int] = (),
+    previous_owners: Mapping[int, str] | None = None,
+) -> Assignment:
+    """Group instances into services, pick each service's frontend port, settle conflicts.
+
+    - The frontend port is the one most instances ask for (ties: the lowest).
+    - Two services claiming one port: the service that held it before keeps it (so a newcomer
+      can never take traffic away from a running service); between newcomers, the name first in
+      sort order wins. The other is refused with a problem naming both.
+    - A port the proxy reserves for itself (stats page) is refused.
+    - Instances of another protocol than the service's first one are refused.
+    """
+    previous = dict(previous_owners or {})
+    reserved = set(reserved_ports)
+    problems: list[Problem] = list(catalog.problems)
+    grouped: dict[str, list[ServiceInstance]] = {}
+    for instance in catalog.instances:
+        grouped.setdefault(instance.service, []).append(instance)
+
+    candidates: dict[str, Service] = {}
+    for name in sorted(grouped):
+        members = sorted(set(grouped[name]))
+        protocol = members[0].protocol
+        if any(m.protocol != protocol for m in members):
+            dropped = [m.id for m in members if m.protocol != protocol]
+            problems.append(
+                Problem(
+                    f"service {name}",
+                    f"mixes tcp and udp instances; {protocol} kept, refused: {', '.join(dropped)}",
+                )
+            )
+            members = [m for m in members if m.protocol == protocol]
+        ports = Counter(m.frontend_port for m in members if m.frontend_port is not None)
+        if not ports:
+            problems.append(Problem(f"service {name}", "no frontend port is known; skipped"))
+            continue
+        top = max(ports.values())
+        frontend = min(p for p, n in ports.items() if n == top)
+        modes = sorted({m.meta_dict.get("mode", "") for m in members} - {""})
+        mode: Mode = "http" if (modes[0] if modes else default_mode) == "http" else "tcp"
+        candidates[name] = Service(
+            name=name,
+            frontend_port=frontend,
+            protocol=protocol,
+            mode=mode,
+            instances=tuple(members),
+        )
+
+    owners: dict[int, str] = {}
+    claims: dict[int, list[str]] = {}
+    for service in candidates.values():
+        claims.setdefault(service.frontend_port, []).append(service.name)
+    accepted: list[Service] = []
+    for port in sorted(claims):
+        names = sorted(claims[port])
+        if port in reserved:
+            for name in names:
+                problems.append(
+                    Problem(
+                        f"service {name}",
+                        f"frontend port {port} is reserved by the proxy itself; skipped",
+                    )
+                )
+            continue
+        winner = previous.get(port) if previous.get(port) in names else names[0]
+        assert winner is not None
+        owners[port] = winner
+        accepted.append(candidates[winner])
+        for loser in names:
+            if loser != winner:
+                problems.append(
+                    Problem(
+                        f"service {loser}",
+                        f"frontend port {port} is already taken by service {winner}; "
+                        f"{loser} is not served. Give it another port "
+                        f"(label SERVICE_<port>_PORT)",
+                    )
+                )
+    accepted.sort(key=lambda s: s.name)
+    return Assignment(services=tuple(accepted), problems=problems, owners=owners)

@@ -1,0 +1,254 @@
+"""The reconcile loops, driven by in-memory fakes (the core's own logic only; the plugins are
+tested against the real services)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import pytest
+
+from discoverd import (
+    Catalog,
+    Proxy,
+    ProxyConfigError,
+    Registry,
+    Service,
+    ServiceInstance,
+    Source,
+    SourceSnapshot,
+    Unavailable,
+)
+from discoverd.core.agent import DiscoverRole, RegisterRole, Waker
+
+
+def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.01)
+    raise AssertionError("condition not reached")
+
+
+def inst(n: int, service: str = "whoami") -> ServiceInstance:
+    return ServiceInstance(
+        service=service,
+        id=f"h:c{n}:8000:tcp",
+        address="127.0.0.1",
+        port=30000 + n,
+        frontend_port=8000,
+    )
+
+
+class FakeSource(Source):
+    def __init__(self) -> None:
+        self.instances: list[ServiceInstance] = []
+        self.fail = False
+        self.notify: Callable[[str], None] | None = None
+
+    def snapshot(self) -> SourceSnapshot:
+        if self.fail:
+            raise Unavailable("source down")
+        return SourceSnapshot(instances=tuple(self.instances))
+
+    def watch(self, notify: Callable[[str], None], stop: threading.Event) -> None:
+        self.notify = notify
+        stop.wait()
+
+
+class FakeRegistry(Registry):
+    def __init__(self) -> None:
+        self.entries: dict[str, ServiceInstance] = {}
+        self.down = False
+        self.alive = True
+        self.closed_with: bool | None = None
+        self.writes = 0
+
+    def _check(self) -> None:
+        if self.down:
+            raise Unavailable("registry down")
+
+    def register(self, instance: ServiceInstance) -> None:
+        self._check()
+        self.writes += 1
+        self.entries[instance.id] = instance
+
+    def deregister(self, instance: ServiceInstance) -> None:
+        self._check()
+        self.entries.pop(instance.id, None)
+
+    def keepalive(self) -> bool:
+        self._check()
+        alive, self.alive = self.alive, True
+        return alive
+
+    def keepalive_interval(self) -> float:
+        return 0.05
+
+    def snapshot(self) -> Catalog:
+        self._check()
+        return Catalog(instances=tuple(self.entries.values()), revision=1)
+
+    def watch(self, notify: Callable[[str], None], stop: threading.Event, since: int) -> None:
+        stop.wait()
+
+    def close(self, deregister: bool = False) -> None:
+        self.closed_with = deregister
+        if deregister:
+            self.entries.clear()
+
+
+class FakeProxy(Proxy):
+    def __init__(self) -> None:
+        self.applied: list[str] = []
+        self.refuse = False
+
+    def render(self, services: Sequence[Service]) -> str:
+        return "".join(
+            f"{s.name}:{s.frontend_port}={','.join(i.endpoint for i in s.instances)}\n"
+            for s in services
+        )
+
+    def validate(self, config: str) -> None:
+        if self.refuse:
+            raise ProxyConfigError("bad line 3")
+
+    def apply(self, config: str, services: Sequence[Service]) -> str:
+        self.applied.append(config)
+        return "reloaded"
+
+
+def test_waker_coalesces_a_burst() -> None:
+    waker = Waker(min_wait=0.05, max_wait=1.0)
+    stop = threading.Event()
+    for n in range(50):
+        waker.notify(f"e{n}")
+    reasons = waker.wait(stop)
+    assert reasons is not None and len(reasons) == 20  # capped, but one batch
+    waker.retry_in(0.01)
+    assert waker.wait(stop) == ["retry"]
+    stop.set()
+    assert waker.wait(stop) is None
+
+
+@pytest.fixture
+def register() -> tuple[RegisterRole, FakeSource, FakeRegistry]:
+    source, registry = FakeSource(), FakeRegistry()
+    role = RegisterRole(source, registry, min_wait=0.0, max_wait=0.01, retry_max=0.05)
+    yield role, source, registry
+    role.stop()
+
+
+def test_register_follows_the_source(
+    register: tuple[RegisterRole, FakeSource, FakeRegistry],
+) -> None:
+    role, source, registry = register
+    source.instances = [inst(1), inst(2)]
+    role.start()
+    eventually(lambda: set(registry.entries) == {inst(1).id, inst(2).id})
+    writes = registry.writes
+    source.instances = [inst(2)]
+    assert source.notify is not None
+    source.notify("docker die")
+    eventually(lambda: set(registry.entries) == {inst(2).id})
+    assert registry.writes == writes  # the unchanged instance is not written again
+
+
+def test_register_reregisters_after_lost_entries(
+    register: tuple[RegisterRole, FakeSource, FakeRegistry],
+) -> None:
+    role, source, registry = register
+    source.instances = [inst(1)]
+    role.start()
+    eventually(lambda: inst(1).id in registry.entries)
+    registry.entries.clear()  # the lease expired while the registry was away
+    registry.alive = False
+    eventually(lambda: inst(1).id in registry.entries)
+    assert role.counters["reregistrations"] >= 1
+
+
+def test_register_retries_when_the_registry_is_down(
+    register: tuple[RegisterRole, FakeSource, FakeRegistry],
+) -> None:
+    role, source, registry = register
+    registry.down = True
+    source.instances = [inst(1)]
+    role.start()
+    eventually(lambda: role.counters["register_errors"] >= 2)
+    registry.down = False
+    eventually(lambda: inst(1).id in registry.entries)
+
+
+def test_register_keeps_entries_while_the_source_is_down(
+    register: tuple[RegisterRole, FakeSource, FakeRegistry],
+) -> None:
+    role, source, registry = register
+    source.instances = [inst(1)]
+    role.start()
+    eventually(lambda: inst(1).id in registry.entries)
+    source.fail = True
+    assert source.notify is not None
+    source.notify("docker reconnect")
+    eventually(lambda: role.counters["register_errors"] >= 1)
+    assert inst(1).id in registry.entries  # an unreadable source removes nothing
+
+
+def test_register_shutdown_deregisters(
+    register: tuple[RegisterRole, FakeSource, FakeRegistry],
+) -> None:
+    role, source, registry = register
+    source.instances = [inst(1)]
+    role.start()
+    eventually(lambda: bool(registry.entries))
+    role.shutdown(deregister=True)
+    assert registry.closed_with is True and registry.entries == {}
+
+
+def make_discover(registry: FakeRegistry, proxy: FakeProxy) -> DiscoverRole:
+    return DiscoverRole(registry, proxy, min_wait=0.0, max_wait=0.01, retry_max=0.05)
+
+
+def test_discover_applies_once_and_skips_unchanged() -> None:
+    registry, proxy = FakeRegistry(), FakeProxy()
+    registry.entries = {i.id: i for i in (inst(1), inst(2))}
+    role = make_discover(registry, proxy)
+    assert role.reconcile() == "applied"
+    assert role.reconcile() == "unchanged"
+    assert len(proxy.applied) == 1
+    assert "127.0.0.1:30001,127.0.0.1:30002" in proxy.applied[0]
+
+
+def test_discover_keeps_last_good_config_when_validation_fails() -> None:
+    registry, proxy = FakeRegistry(), FakeProxy()
+    registry.entries = {inst(1).id: inst(1)}
+    role = make_discover(registry, proxy)
+    role.reconcile()
+    good = role.applied
+    proxy.refuse = True
+    registry.entries[inst(2).id] = inst(2)
+    assert role.reconcile() == "rejected"
+    assert role.applied == good and len(proxy.applied) == 1
+    assert role.counters["validation_failures"] == 1
+    assert role.reconcile() == "rejected"  # same candidate: not validated or logged again
+    assert role.counters["validation_failures"] == 1
+
+
+def test_discover_never_applies_an_empty_set_because_of_an_error() -> None:
+    registry, proxy = FakeRegistry(), FakeProxy()
+    registry.entries = {inst(1).id: inst(1)}
+    role = make_discover(registry, proxy)
+    role.start()
+    try:
+        eventually(lambda: len(proxy.applied) == 1)
+        registry.down = True
+        role.waker.notify("etcd watch reconnect")
+        eventually(lambda: role.counters["discover_errors"] >= 2)
+        assert len(proxy.applied) == 1  # nothing applied while the registry is unreachable
+        registry.down = False
+        registry.entries[inst(2).id] = inst(2)
+        role.waker.notify("etcd watch")
+        eventually(lambda: len(proxy.applied) == 2)
+    finally:
+        role.stop()
