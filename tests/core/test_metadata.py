@@ -136,3 +136,14 @@ def test_image_that_gives_no_valid_name() -> None:
 def test_parse_env() -> None:
     assert parse_env(["A=1", "B=x=y", "NOVALUE", "C="]) == {"A": "1", "B": "x=y", "C": ""}
     assert parse_env(None) == {}
+
+
+def test_a_port_published_on_several_addresses_is_one_instance() -> None:
+    ports = (
+        PortBinding(8000, "tcp", "127.0.0.1", 32768),
+        PortBinding(8000, "tcp", "10.0.0.5", 32769),
+    )
+    [i], problems = instances_for(spec(ports=ports), host_ip="10.0.0.5", host_id="h")
+    assert problems == [] and i.port == 32769 and i.service == "whoami"
+    [j], _ = instances_for(spec(ports=ports), host_ip="", host_id="h")
+    assert (j.address, j.port) == ("10.0.0.5", 32769)  # first in order when none is preferred

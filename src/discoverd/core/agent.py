@@ -291,10 +291,11 @@ class RegisterRole(Role):
 
     def shutdown(self, deregister: bool = True) -> None:
         """Stop the loops; with ``deregister``, remove this host's entries at once."""
-        self.stop()
+        self.stop_event.set()
         try:
-            self.source.close()
+            self.source.close()  # unblocks the source watch before the threads are joined
         finally:
+            self.stop()
             try:
                 self.registry.close(deregister=deregister)
                 if deregister:
@@ -417,8 +418,9 @@ class DiscoverRole(Role):
         return "applied"
 
     def shutdown(self) -> None:
-        self.stop()
+        self.stop_event.set()
         try:
-            self.registry.close()
+            self.registry.close()  # unblocks the registry watch before the threads are joined
         finally:
+            self.stop()
             self.proxy.close()

@@ -20,7 +20,7 @@ label and the rule.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from discoverd.core.model import (
@@ -119,8 +119,8 @@ def instances_for(
             common[key.removeprefix("SERVICE_")] = (value, key)
         del origin
 
-    ports = sorted(set(container.ports), key=lambda b: (b.private_port, b.protocol, b.host_port))
-    grouped = len({(b.private_port, b.protocol) for b in ports}) > 1
+    ports = _one_binding_per_port(container.ports, host_ip)
+    grouped = len(ports) > 1
     instances: list[ServiceInstance] = []
     problems: list[Problem] = []
     for binding in ports:
@@ -135,6 +135,23 @@ def instances_for(
         except _Refused as refused:
             problems.append(Problem(subject, str(refused)))
     return instances, problems
+
+
+def _one_binding_per_port(
+    bindings: Iterable[PortBinding], host_ip: str
+) -> list[PortBinding]:
+    """One binding per private port and protocol (one instance id each): a port published on
+    several host addresses is one instance, preferably at HOST_IP, else a wildcard binding,
+    else the first in order."""
+
+    def preference(b: PortBinding) -> tuple[int, str, int]:
+        rank = 0 if host_ip and b.host_ip == host_ip else 1 if b.host_ip in _WILDCARD else 2
+        return rank, b.host_ip, b.host_port
+
+    chosen: dict[tuple[int, str], PortBinding] = {}
+    for binding in sorted(set(bindings), key=preference):
+        chosen.setdefault((binding.private_port, binding.protocol), binding)
+    return [chosen[key] for key in sorted(chosen)]
 
 
 class _Refused(Exception):

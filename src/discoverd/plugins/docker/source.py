@@ -1,0 +1,421 @@
+"""``DockerSource``: the running containers of one Docker daemon, as service instances.
+
+A snapshot is one ``GET /containers/json`` (running containers, their labels, published ports and
+status) plus one inspect per container never seen before: a container's environment and the image
+name it was started with cannot change while its id stays the same, so inspect results are cached
+by id and forgotten when the container is gone. Ports are always taken from the fresh list, since
+a restarted container keeps its id but may get new host ports.
+
+The watch streams the daemon's container events and only *wakes* the core, which then takes a
+full snapshot (level-triggered): a lost or missed event costs nothing but latency.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import docker
+import docker.errors
+import docker.utils
+import requests
+import urllib3
+
+from discoverd import (
+    ContainerSpec,
+    Notify,
+    PluginContext,
+    PluginError,
+    PortBinding,
+    Problem,
+    ServiceInstance,
+    Source,
+    SourceSnapshot,
+    Unavailable,
+    ValidationError,
+    instances_for,
+)
+from discoverd.core.metadata import parse_env
+
+log = logging.getLogger("discoverd.docker")
+
+#: Where the SDK connects when neither the ``host`` option nor ``DOCKER_HOST`` says otherwise.
+DEFAULT_URL = "unix:///var/run/docker.sock"
+
+#: Container events that may change the snapshot; each one wakes the core.
+WATCHED_ACTIONS = ("destroy", "die", "health_status", "kill", "pause", "start", "stop", "unpause")
+
+# Everything a call to the daemon may raise when the daemon misbehaves or cannot be reached.
+_DAEMON_ERRORS: tuple[type[BaseException], ...] = (
+    docker.errors.DockerException,
+    requests.exceptions.RequestException,
+    urllib3.exceptions.HTTPError,
+    OSError,
+)
+_TIMEOUTS: tuple[type[BaseException], ...] = (
+    requests.exceptions.Timeout,
+    urllib3.exceptions.TimeoutError,
+    TimeoutError,
+)
+# The list API's Status text carries the health of a container with a healthcheck.
+_HEALTH_IN_STATUS = re.compile(r"\((healthy|unhealthy|health: starting)\)")
+# Seconds between two looks at ``stop`` while a watch is blocked reading the event stream.
+_STOP_POLL = 0.2
+
+
+@dataclass(frozen=True)
+class _Inspected:
+    """The immutable part of a container's inspect result that the snapshot needs."""
+
+    image: str
+    env: Mapping[str, str]
+
+
+class _EventStream:
+    """One open events stream and the client it belongs to; ``close`` works from any thread."""
+
+    def __init__(self, client: docker.APIClient, stream: Any) -> None:
+        self.client = client
+        self.stream = stream
+        self.closed = False
+        self._lock = threading.Lock()
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.stream)
+
+    def close(self) -> None:
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+        # Shutting the socket down wakes the reader blocked in recv(); the SDK may trip over a
+        # half-closed response while doing so, which must not stop the cleanup.
+        with contextlib.suppress(Exception):
+            self.stream.close()
+        with contextlib.suppress(Exception):
+            self.client.close()
+
+
+class DockerSource(Source):
+    """Containers of the Docker daemon named by ``ctx.options["host"]`` (see the plugin options)."""
+
+    def __init__(self, ctx: PluginContext) -> None:
+        options = ctx.options
+        self._host = str(options.get("host") or "").strip()
+        self._timeout = float(options.get("timeout", 10.0))
+        if not self._timeout > 0:
+            raise PluginError(f"docker: timeout must be a positive number, got {self._timeout!r}")
+        self.url = self._host or os.environ.get("DOCKER_HOST", "").strip() or DEFAULT_URL
+        if self._host:
+            try:
+                docker.utils.parse_host(self._host)
+            except docker.errors.DockerException as exc:
+                raise PluginError(
+                    f"docker: host {self._host!r} is not a daemon URL: {exc}"
+                ) from None
+        self._host_ip = ctx.host.ip
+        self._host_id = ctx.host.id
+        self._lock = threading.Lock()  # guards _client and _streams
+        self._snapshot_lock = threading.Lock()  # one snapshot at a time (it owns the cache)
+        self._client: docker.APIClient | None = None
+        self._streams: set[_EventStream] = set()
+        self._cache: dict[str, _Inspected] = {}
+
+    # -- connection
+
+    def _connect(self) -> docker.APIClient:
+        """A new low-level client; the API version is negotiated with the daemon now."""
+        try:
+            kwargs: dict[str, Any] = docker.utils.kwargs_from_env()
+            if self._host:
+                kwargs["base_url"] = self._host
+            return docker.APIClient(version="auto", timeout=self._timeout, **kwargs)
+        except _DAEMON_ERRORS as exc:
+            raise self._unavailable(exc) from None
+
+    def _api(self) -> docker.APIClient:
+        with self._lock:
+            client = self._client
+        if client is not None:
+            return client
+        client = self._connect()
+        with self._lock:
+            if self._client is None:
+                self._client = client
+                return client
+            winner = self._client
+        client.close()
+        return winner
+
+    def _forget(self, client: docker.APIClient) -> None:
+        """Drop a client that failed: the next call connects (and negotiates) again."""
+        with self._lock:
+            if self._client is client:
+                self._client = None
+        with contextlib.suppress(Exception):
+            client.close()
+
+    def _unavailable(self, exc: BaseException) -> Unavailable:
+        return Unavailable(f"Docker daemon at {self.url} unavailable: {self._reason(exc)}")
+
+    def _reason(self, exc: BaseException) -> str:
+        """A one-line reason from an SDK / requests / urllib3 exception chain."""
+        chain = list(_exception_chain(exc))
+        for item in chain:
+            if isinstance(item, docker.errors.APIError):
+                status = item.status_code if item.status_code is not None else "?"
+                return _one_line(f"API error {status}: {item.explanation or item}")
+        # Before timeouts: urllib3's NewConnectionError is a kind of ConnectTimeoutError.
+        for item in reversed(chain):
+            if isinstance(item, OSError) and item.strerror:
+                return _one_line(item.strerror)
+        if any(isinstance(item, _TIMEOUTS) for item in chain):
+            return f"no answer within {self._timeout:g}s"
+        return _one_line(str(exc) or type(exc).__name__)
+
+    # -- snapshot
+
+    def snapshot(self) -> SourceSnapshot:
+        with self._snapshot_lock:
+            client = self._api()
+            try:
+                listed = client.containers(filters={"status": "running"})
+                if not isinstance(listed, list):
+                    raise Unavailable(
+                        f"Docker daemon at {self.url} answered the container list with "
+                        f"{type(listed).__name__}, not a list"
+                    )
+                return self._build(client, listed)
+            except _DAEMON_ERRORS as exc:
+                self._forget(client)
+                raise self._unavailable(exc) from None
+
+    def _build(self, client: docker.APIClient, listed: list[Any]) -> SourceSnapshot:
+        instances: list[ServiceInstance] = []
+        problems: list[Problem] = []
+        seen: dict[str, _Inspected] = {}
+        for entry in listed:
+            if not isinstance(entry, Mapping):
+                continue
+            cid = entry.get("Id")
+            if not isinstance(cid, str) or not cid:
+                continue
+            inspected = self._cache.get(cid)
+            if inspected is None:
+                inspected = self._inspect(client, cid)
+                if inspected is None:
+                    continue  # gone between the list and the inspect
+            seen[cid] = inspected
+            if not _eligible(entry):
+                continue
+            spec = ContainerSpec(
+                id=cid,
+                name=_container_name(entry.get("Names")),
+                image=inspected.image or _text(entry.get("Image")),
+                labels=_string_map(entry.get("Labels")),
+                env=inspected.env,
+                ports=_bindings(entry.get("Ports")),
+            )
+            try:
+                found, refused = instances_for(spec, host_ip=self._host_ip, host_id=self._host_id)
+            except ValidationError as exc:
+                problems.append(
+                    Problem(f"container {spec.name or cid[:12]} ({cid[:12]})", str(exc))
+                )
+                continue
+            instances.extend(found)
+            problems.extend(refused)
+        self._cache = seen
+        return SourceSnapshot(tuple(instances), tuple(problems))
+
+    def _inspect(self, client: docker.APIClient, cid: str) -> _Inspected | None:
+        try:
+            data = client.inspect_container(cid)
+        except docker.errors.NotFound:
+            return None
+        if not isinstance(data, Mapping):
+            data = {}
+        config = data.get("Config")
+        if not isinstance(config, Mapping):
+            config = {}
+        raw_env = config.get("Env")
+        env_list = [e for e in raw_env if isinstance(e, str)] if isinstance(raw_env, list) else []
+        return _Inspected(image=_text(config.get("Image")), env=parse_env(env_list))
+
+    # -- watch
+
+    def watch(self, notify: Notify, stop: threading.Event) -> None:
+        if stop.is_set():
+            return
+        client = self._connect()
+        try:
+            raw = client.events(
+                filters={"type": "container", "event": list(WATCHED_ACTIONS)}, decode=True
+            )
+        except _DAEMON_ERRORS as exc:
+            with contextlib.suppress(Exception):
+                client.close()
+            raise self._unavailable(exc) from None
+        stream = _EventStream(client, raw)
+        with self._lock:
+            self._streams.add(stream)
+        finished = threading.Event()
+        guard = threading.Thread(
+            target=_close_on_stop,
+            args=(stop, finished, stream),
+            name="discoverd-docker-watch-stop",
+            daemon=True,
+        )
+        guard.start()
+        try:
+            # Anything that happened before the stream opened was not seen as an event.
+            notify("docker events connected")
+            for event in stream:
+                if stop.is_set():
+                    return
+                action = _watched_action(event)
+                if action is not None:
+                    notify(f"docker {action}")
+            # The SDK ends the stream without an error when the daemon goes away.
+            if not (stop.is_set() or stream.closed):
+                log.debug("docker: event stream from %s ended", self.url)
+        except Exception as exc:
+            if stop.is_set() or stream.closed:
+                return
+            if isinstance(exc, _DAEMON_ERRORS):
+                raise self._unavailable(exc) from None
+            raise
+        finally:
+            finished.set()
+            stream.close()
+            with self._lock:
+                self._streams.discard(stream)
+
+    def close(self) -> None:
+        with self._lock:
+            streams = list(self._streams)
+            client, self._client = self._client, None
+        for stream in streams:
+            stream.close()
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.close()
+
+
+def _close_on_stop(stop: threading.Event, finished: threading.Event, stream: _EventStream) -> None:
+    """Close ``stream`` once ``stop`` is set, so a watch blocked in a read returns promptly."""
+    while not finished.wait(_STOP_POLL):
+        if stop.is_set():
+            stream.close()
+            return
+
+
+def _watched_action(event: Any) -> str | None:
+    """The action of a container event worth a snapshot (``"health_status: healthy"``), or None."""
+    if not isinstance(event, Mapping):
+        return None
+    if event.get("Type", "container") != "container":
+        return None
+    action = event.get("Action") or event.get("status")
+    if not isinstance(action, str):
+        return None
+    if action.split(":", 1)[0].strip() not in WATCHED_ACTIONS:
+        return None
+    return _one_line(action)[:80]
+
+
+def _eligible(entry: Mapping[str, Any]) -> bool:
+    """Running, and healthy if it has a healthcheck."""
+    state = entry.get("State")
+    if isinstance(state, str) and state and state != "running":
+        return False
+    health = entry.get("Health")  # structured health, in newer API versions
+    if isinstance(health, Mapping):
+        status = health.get("Status")
+        if status in ("starting", "unhealthy"):
+            return False
+        if status == "healthy":
+            return True
+    match = _HEALTH_IN_STATUS.search(_text(entry.get("Status")))
+    return match is None or match.group(1) == "healthy"
+
+
+def _bindings(raw: Any) -> tuple[PortBinding, ...]:
+    """Every published binding of the list API's ``Ports``, deduplicated.
+
+    ``-p 8000`` publishes on ``0.0.0.0`` and ``::`` alike: when a private port has an IPv4
+    binding, its IPv6 ones are dropped so one listener does not become two instances.
+    """
+    found: set[PortBinding] = set()
+    for item in raw if isinstance(raw, list) else ():
+        if not isinstance(item, Mapping):
+            continue
+        protocol = item.get("Type")
+        private = _port_number(item.get("PrivatePort"))
+        public = _port_number(item.get("PublicPort"))
+        if protocol not in ("tcp", "udp") or private is None or public is None:
+            continue  # exposed but not published, or not a protocol we register
+        host_ip = _text(item.get("IP")).strip()
+        found.add(PortBinding(private, "tcp" if protocol == "tcp" else "udp", host_ip, public))
+    with_ipv4 = {(b.private_port, b.protocol) for b in found if ":" not in b.host_ip}
+    kept = [
+        b for b in found if ":" not in b.host_ip or (b.private_port, b.protocol) not in with_ipv4
+    ]
+    return tuple(sorted(kept, key=lambda b: (b.private_port, b.protocol, b.host_ip, b.host_port)))
+
+
+def _port_number(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, int) and 1 <= value <= 65535:
+        return value
+    return None
+
+
+def _container_name(names: Any) -> str:
+    """The container's own name: the entry of ``Names`` that is not a link alias (``/a/b``)."""
+    candidates = [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+    for name in candidates:
+        bare = name.removeprefix("/")
+        if bare and "/" not in bare:
+            return bare
+    return candidates[0].removeprefix("/") if candidates else ""
+
+
+def _string_map(raw: Any) -> dict[str, str]:
+    if not isinstance(raw, Mapping):
+        return {}
+    return {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _one_line(text: str) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
+def _exception_chain(exc: BaseException) -> Iterable[BaseException]:
+    """``exc`` and every exception behind it: causes, contexts, wrapped arguments, and
+    urllib3's ``MaxRetryError.reason``; each once, outermost first."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        item = todo.pop(0)
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        yield item
+        inner: list[Any] = [item.__cause__, item.__context__, getattr(item, "reason", None)]
+        inner.extend(item.args)
+        todo.extend(x for x in inner if isinstance(x, BaseException))

@@ -1,0 +1,518 @@
+"""The Docker source against a real Docker daemon and real containers."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import docker
+import pytest
+
+from discoverd import (
+    HostInfo,
+    PluginContext,
+    PluginError,
+    ServiceInstance,
+    SourceSnapshot,
+    Unavailable,
+)
+from discoverd.plugins.docker import discoverd_register_sources, make_source
+from discoverd.plugins.docker.source import (
+    DockerSource,
+    _bindings,
+    _container_name,
+    _eligible,
+    _watched_action,
+)
+from discoverd.testing.services import (
+    WHOAMI_COMMAND,
+    WHOAMI_IMAGE,
+    DockerDaemon,
+    published_port,
+    run_whoami,
+    wait_for,
+)
+
+if TYPE_CHECKING:
+    from docker.models.containers import Container
+
+pytestmark = [pytest.mark.services, pytest.mark.usefixtures("cleanup_containers")]
+
+HOST_ID = "testhost"
+HOST_IP = "127.0.0.5"
+
+SourceFactory = Callable[..., DockerSource]
+
+
+def make_ctx(host: str, host_ip: str = HOST_IP, timeout: float = 10.0) -> PluginContext:
+    return PluginContext(
+        options={"host": host, "timeout": timeout},
+        host=HostInfo(ip=host_ip, id=HOST_ID),
+        state_dir=Path("."),
+    )
+
+
+@pytest.fixture
+def new_source(docker_daemon: DockerDaemon) -> Iterator[SourceFactory]:
+    """Build sources for the shared daemon; all are closed after the test."""
+    made: list[DockerSource] = []
+
+    def build(host_ip: str = HOST_IP, host: str | None = None) -> DockerSource:
+        source = make_source(make_ctx(host or docker_daemon.host, host_ip))
+        assert isinstance(source, DockerSource)
+        made.append(source)
+        return source
+
+    yield build
+    for source in made:
+        source.close()
+
+
+def of(snapshot: SourceSnapshot, container: Container) -> list[ServiceInstance]:
+    """The instances of ``container`` in ``snapshot`` (other tests' containers ignored)."""
+    marker = f":{container.id[:12]}:"
+    return sorted(i for i in snapshot.instances if marker in i.id)
+
+
+def problems_of(snapshot: SourceSnapshot, container: Container) -> list[str]:
+    return [str(p) for p in snapshot.problems if container.id[:12] in p.subject]
+
+
+def run_plain(client: docker.DockerClient, **kwargs: Any) -> Container:
+    """A whoami container with free-form ``containers.run`` arguments (ports, healthcheck)."""
+    kwargs.setdefault("ports", {"8000/tcp": ("127.0.0.1", None)})
+    return client.containers.run(WHOAMI_IMAGE, WHOAMI_COMMAND, detach=True, **kwargs)
+
+
+def whoami(client: docker.DockerClient, **kwargs: Any) -> Container:
+    return run_whoami(client, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Plugin record
+
+
+def test_plugin_record_and_options() -> None:
+    [record] = discoverd_register_sources()
+    assert record.name == "docker"
+    host = record.option("host")
+    timeout = record.option("timeout")
+    assert host is not None and host.type is str and host.default == ""
+    assert host.env == ("DOCKER_HOST",)
+    assert timeout is not None and timeout.type is float and timeout.default == 10.0
+
+
+def test_loading_the_plugin_does_not_import_the_sdk() -> None:
+    code = "import sys, discoverd.plugins.docker as p; p.discoverd_register_sources(); "
+    code += "print('docker' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "False"
+
+
+def test_bad_options_are_refused() -> None:
+    with pytest.raises(PluginError, match="timeout"):
+        make_source(make_ctx("unix:///nonexistent.sock", timeout=0))
+    with pytest.raises(PluginError, match="bogus"):
+        make_source(make_ctx("bogus://daemon"))
+
+
+# --------------------------------------------------------------------------------------------
+# Snapshots
+
+
+def test_snapshot_of_a_whoami_container(
+    new_source: SourceFactory, docker_client: docker.DockerClient
+) -> None:
+    source = new_source()
+    container = whoami(docker_client)
+    port = published_port(container)
+    [instance] = of(source.snapshot(), container)
+    assert instance == ServiceInstance(
+        service="whoami",
+        id=f"{HOST_ID}:{container.id[:12]}:8000:tcp",
+        address=HOST_IP,
+        port=port,
+        protocol="tcp",
+        frontend_port=8000,
+        host_id=HOST_ID,
+    )
+
+
+def test_without_host_ip_the_binding_address_is_used(
+    new_source: SourceFactory, docker_client: docker.DockerClient
+) -> None:
+    source = new_source(host_ip="")
+    container = whoami(docker_client)
+    [instance] = of(source.snapshot(), container)
+    assert (instance.address, instance.port) == ("127.0.0.1", published_port(container))
+
+
+def test_labels_and_environment(
+    new_source: SourceFactory, docker_client: docker.DockerClient
+) -> None:
+    source = new_source()
+    both = whoami(
+        docker_client,
+        labels={"SERVICE_NAME": "from-label"},
+        environment={"SERVICE_NAME": "from-env", "SERVICE_TAGS": "env-tag,two"},
+    )
+    env_only = whoami(docker_client, environment={"SERVICE_NAME": "env-only"})
+    per_port = whoami(
+        docker_client,
+        labels={"SERVICE_8000_NAME": "port-name", "SERVICE_TAGS": "label-tag"},
+        environment={"SERVICE_NAME": "from-env", "SERVICE_TAGS": "env-tag"},
+    )
+    snapshot = source.snapshot()
+    [first] = of(snapshot, both)
+    assert (first.service, first.tags) == ("from-label", ("env-tag", "two"))
+    [second] = of(snapshot, env_only)
+    assert second.service == "env-only"
+    [third] = of(snapshot, per_port)
+    assert (third.service, third.tags) == ("port-name", ("label-tag",))
+
+
+def test_service_ignore(new_source: SourceFactory, docker_client: docker.DockerClient) -> None:
+    source = new_source()
+    by_label = whoami(docker_client, labels={"SERVICE_IGNORE": "true"})
+    by_env = whoami(docker_client, environment={"SERVICE_IGNORE": "1"})
+    kept = whoami(docker_client, labels={"SERVICE_IGNORE": "false"})
+    snapshot = source.snapshot()
+    assert of(snapshot, by_label) == [] and problems_of(snapshot, by_label) == []
+    assert of(snapshot, by_env) == [] and problems_of(snapshot, by_env) == []
+    assert len(of(snapshot, kept)) == 1
+
+
+@pytest.mark.parametrize(
+    ("label", "value"),
+    [
+        ("SERVICE_NAME", "bad\nname"),
+        ("SERVICE_TAGS", "fine,{oops}"),
+        ("SERVICE_NOTE", "x" * 10_000),
+        ("SERVICE_8000_PORT", "99999"),
+    ],
+)
+def test_hostile_labels_skip_only_that_port(
+    new_source: SourceFactory,
+    docker_client: docker.DockerClient,
+    label: str,
+    value: str,
+) -> None:
+    source = new_source()
+    hostile = whoami(docker_client, name=f"hostile-{label.lower()}", labels={label: value})
+    fine = whoami(docker_client)
+    snapshot = source.snapshot()
+    assert of(snapshot, hostile) == []
+    [problem] = problems_of(snapshot, hostile)
+    assert f"hostile-{label.lower()}" in problem
+    assert label in problem
+    assert "\n" not in problem
+    assert [i.service for i in of(snapshot, fine)] == ["whoami"]
+    assert problems_of(snapshot, fine) == []
+
+
+def test_two_published_ports_give_two_named_instances(
+    new_source: SourceFactory, docker_client: docker.DockerClient
+) -> None:
+    source = new_source()
+    container = run_plain(
+        docker_client,
+        ports={"8000/tcp": ("127.0.0.1", None), "9000/udp": ("127.0.0.1", None)},
+    )
+    tcp_port = published_port(container, "8000/tcp")
+    udp_port = published_port(container, "9000/udp")
+    found = {
+        (i.service, i.protocol, i.port, i.frontend_port) for i in of(source.snapshot(), container)
+    }
+    assert found == {("whoami-8000", "tcp", tcp_port, 8000), ("whoami-9000", "udp", udp_port, 9000)}
+
+
+def test_ipv6_binding_beside_ipv4_is_not_a_second_instance(
+    new_source: SourceFactory, docker_client: docker.DockerClient
+) -> None:
+    source = new_source(host_ip="")
+    container = run_plain(docker_client, ports={"8000/tcp": [("127.0.0.1", None), ("::1", None)]})
+    [instance] = of(source.snapshot(), container)
+    assert instance.address == "127.0.0.1"
+
+
+def test_stopped_container_disappears_and_leaves_the_cache(
+    new_source: SourceFactory, docker_client: docker.DockerClient
+) -> None:
+    source = new_source()
+    staying = whoami(docker_client)
+    leaving = whoami(docker_client)
+    snapshot = source.snapshot()
+    assert len(of(snapshot, staying)) == 1 and len(of(snapshot, leaving)) == 1
+    assert {staying.id, leaving.id} <= set(source._cache)
+    leaving.stop(timeout=10)
+    snapshot = source.snapshot()
+    assert len(of(snapshot, staying)) == 1
+    assert of(snapshot, leaving) == []
+    assert staying.id in source._cache and leaving.id not in source._cache
+
+
+def test_healthcheck_decides_eligibility(
+    new_source: SourceFactory, docker_client: docker.DockerClient
+) -> None:
+    source = new_source()
+    ms = 1_000_000
+    healthy = run_plain(docker_client, healthcheck={"test": ["CMD", "true"], "interval": 100 * ms})
+    unhealthy = run_plain(
+        docker_client,
+        healthcheck={"test": ["CMD", "false"], "interval": 100 * ms, "retries": 1},
+    )
+    starting = run_plain(
+        docker_client, healthcheck={"test": ["CMD", "true"], "interval": 3600_000 * ms}
+    )
+
+    def health(container: Container) -> str:
+        container.reload()
+        return str(container.attrs["State"]["Health"]["Status"])
+
+    wait_for(lambda: health(healthy) == "healthy", 30, what="healthy container")
+    wait_for(lambda: health(unhealthy) == "unhealthy", 30, what="unhealthy container")
+    assert health(starting) == "starting"
+    snapshot = source.snapshot()
+    assert len(of(snapshot, healthy)) == 1
+    assert of(snapshot, unhealthy) == []
+    assert of(snapshot, starting) == []
+
+
+def test_paused_container_is_not_eligible(
+    new_source: SourceFactory, docker_client: docker.DockerClient
+) -> None:
+    source = new_source()
+    container = whoami(docker_client)
+    container.pause()
+    try:
+        assert of(source.snapshot(), container) == []
+    finally:
+        container.unpause()
+    assert len(of(source.snapshot(), container)) == 1
+
+
+def test_missing_daemon_socket_is_unavailable(tmp_path: Path) -> None:
+    url = f"unix://{tmp_path}/missing.sock"
+    source = make_source(make_ctx(url))
+    try:
+        with pytest.raises(Unavailable, match=r"missing\.sock") as raised:
+            source.snapshot()
+        assert "\n" not in str(raised.value)
+        with pytest.raises(Unavailable, match=r"missing\.sock"):
+            source.watch(lambda reason: None, threading.Event())
+    finally:
+        source.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Watch
+
+
+class Watcher:
+    """``source.watch`` in a thread, recording notifications and how the watch ended."""
+
+    def __init__(self, source: DockerSource) -> None:
+        self.source = source
+        self.reasons: list[str] = []
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.source.watch(self.reasons.append, self.stop)
+        except BaseException as exc:
+            self.error = exc
+
+    def saw(self, *reasons: str) -> bool:
+        return any(r in self.reasons for r in reasons)
+
+    def wait_connected(self) -> None:
+        wait_for(lambda: self.saw("docker events connected"), 20, what="event stream")
+
+
+def test_watch_notifies_and_stops(
+    new_source: SourceFactory, docker_client: docker.DockerClient
+) -> None:
+    source = new_source()
+    watcher = Watcher(source)
+    try:
+        watcher.wait_connected()
+        container = whoami(docker_client)
+        wait_for(lambda: watcher.saw("docker start"), 20, what="start event")
+        container.stop(timeout=10)
+        wait_for(lambda: watcher.saw("docker die", "docker stop"), 20, what="die/stop event")
+    finally:
+        watcher.stop.set()
+        source.close()
+        watcher.thread.join(20)
+    assert not watcher.thread.is_alive()
+    assert watcher.error is None
+
+
+def test_watch_returns_once_stop_is_set(new_source: SourceFactory) -> None:
+    source = new_source()
+    watcher = Watcher(source)
+    watcher.wait_connected()
+    watcher.stop.set()  # no close(): the watch must notice on its own
+    watcher.thread.join(20)
+    assert not watcher.thread.is_alive()
+    assert watcher.error is None
+
+
+def test_close_unblocks_a_running_watch(new_source: SourceFactory) -> None:
+    source = new_source()
+    watcher = Watcher(source)
+    watcher.wait_connected()
+    source.close()
+    watcher.thread.join(20)
+    assert not watcher.thread.is_alive()
+    assert watcher.error is None
+
+
+def test_watch_reports_health_status(
+    new_source: SourceFactory, docker_client: docker.DockerClient
+) -> None:
+    source = new_source()
+    watcher = Watcher(source)
+    try:
+        watcher.wait_connected()
+        run_plain(
+            docker_client,
+            healthcheck={"test": ["CMD", "true"], "interval": 100_000_000},
+        )
+        wait_for(
+            lambda: watcher.saw("docker health_status: healthy"), 30, what="health_status event"
+        )
+    finally:
+        watcher.stop.set()
+        source.close()
+        watcher.thread.join(20)
+    assert watcher.error is None
+
+
+# --------------------------------------------------------------------------------------------
+# A daemon that dies (a dedicated daemon: the shared one must stay up for other tests)
+
+
+def test_daemon_killed_and_restarted(
+    docker_daemon_factory: Callable[[], DockerDaemon],
+) -> None:
+    daemon = docker_daemon_factory()  # stopped (and its containers with it) after the test
+    client = daemon.client()
+    source = make_source(make_ctx(daemon.host, host_ip=""))
+    assert isinstance(source, DockerSource)
+    try:
+        container = run_whoami(client)
+        [instance] = of(source.snapshot(), container)
+        assert instance.port == published_port(container)
+
+        watcher = Watcher(source)
+        watcher.wait_connected()
+        daemon.kill()
+        watcher.thread.join(30)
+        assert not watcher.thread.is_alive()
+        assert watcher.error is None or isinstance(watcher.error, Unavailable)
+
+        with pytest.raises(Unavailable, match=re.escape(daemon.host)) as raised:
+            source.snapshot()
+        assert "\n" not in str(raised.value)
+        with pytest.raises(Unavailable, match=re.escape(daemon.host)):
+            source.watch(lambda reason: None, threading.Event())
+
+        daemon.start()
+        snapshot = source.snapshot()  # the container may come back stopped: both are fine
+        assert len(of(snapshot, container)) <= 1
+
+        again = Watcher(source)
+        again.wait_connected()
+        again.stop.set()
+        again.thread.join(20)
+        assert not again.thread.is_alive() and again.error is None
+    finally:
+        source.close()
+        client.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Odd daemon JSON (the pure helpers, fed what a hostile or old daemon could send)
+
+
+def test_bindings_survive_odd_port_lists() -> None:
+    assert _bindings(None) == ()
+    assert _bindings("nonsense") == ()
+    odd: list[Any] = [
+        None,
+        "8000/tcp",
+        {"PrivatePort": 8000, "Type": "tcp"},  # exposed, not published
+        {"PrivatePort": 8000, "PublicPort": "", "Type": "tcp", "IP": "0.0.0.0"},
+        {"PrivatePort": 8000, "PublicPort": 0, "Type": "tcp"},
+        {"PrivatePort": 8000, "PublicPort": 70000, "Type": "tcp"},
+        {"PrivatePort": True, "PublicPort": 5000, "Type": "tcp"},
+        {"PrivatePort": 8000, "PublicPort": 5000, "Type": "sctp"},
+        {"PrivatePort": 8000, "PublicPort": 5000, "Type": "tcp", "IP": None},
+        {"PrivatePort": "8001", "PublicPort": "5001", "Type": "udp", "IP": "127.0.0.1"},
+    ]
+    found = _bindings(odd)
+    assert [(b.private_port, b.protocol, b.host_ip, b.host_port) for b in found] == [
+        (8000, "tcp", "", 5000),
+        (8001, "udp", "127.0.0.1", 5001),
+    ]
+
+
+def test_bindings_dedupe_and_prefer_ipv4() -> None:
+    entry = {"PrivatePort": 8000, "PublicPort": 5000, "Type": "tcp", "IP": "0.0.0.0"}
+    found = _bindings(
+        [
+            entry,
+            dict(entry),
+            {**entry, "IP": "::"},
+            {**entry, "IP": "127.0.0.2", "PublicPort": 5002},
+            {"PrivatePort": 9000, "PublicPort": 6000, "Type": "tcp", "IP": "::1"},
+        ]
+    )
+    assert [(b.private_port, b.host_ip, b.host_port) for b in found] == [
+        (8000, "0.0.0.0", 5000),
+        (8000, "127.0.0.2", 5002),
+        (9000, "::1", 6000),  # IPv6 only: kept
+    ]
+
+
+@pytest.mark.parametrize(
+    ("entry", "eligible"),
+    [
+        ({"State": "running", "Status": "Up 3 seconds"}, True),
+        ({"State": "running", "Status": "Up 3 minutes (healthy)"}, True),
+        ({"State": "running", "Status": "Up 3 minutes (unhealthy)"}, False),
+        ({"State": "running", "Status": "Up 1 second (health: starting)"}, False),
+        ({"State": "paused", "Status": "Up 1 second (Paused)"}, False),
+        ({"State": "running", "Health": {"Status": "healthy"}, "Status": "?"}, True),
+        ({"State": "running", "Health": {"Status": "starting"}}, False),
+        ({"Status": None}, True),
+        ({}, True),
+    ],
+)
+def test_eligibility(entry: dict[str, Any], eligible: bool) -> None:
+    assert _eligible(entry) is eligible
+
+
+def test_names_and_actions_from_odd_json() -> None:
+    assert _container_name(["/web"]) == "web"
+    assert _container_name(["/other/alias", "/web"]) == "web"
+    assert _container_name(None) == ""
+    assert _container_name([None, 3]) == ""
+    assert _watched_action({"Type": "container", "Action": "start"}) == "start"
+    assert _watched_action({"status": "die"}) == "die"
+    assert _watched_action({"Action": "health_status: healthy"}) == "health_status: healthy"
+    assert _watched_action({"Action": "exec_start: sh"}) is None
+    assert _watched_action({"Type": "network", "Action": "connect"}) is None
+    assert _watched_action(["start"]) is None
+    assert _watched_action({"Action": None}) is None
