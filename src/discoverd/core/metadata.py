@@ -137,9 +137,7 @@ def instances_for(
     return instances, problems
 
 
-def _one_binding_per_port(
-    bindings: Iterable[PortBinding], host_ip: str
-) -> list[PortBinding]:
+def _one_binding_per_port(bindings: Iterable[PortBinding], host_ip: str) -> list[PortBinding]:
     """One binding per private port and protocol (one instance id each): a port published on
     several host addresses is one instance, preferably at HOST_IP, else a wildcard binding,
     else the first in order."""
