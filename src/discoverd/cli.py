@@ -182,26 +182,26 @@ def discover(ctx: click.Context, /, **kwargs: Any) -> None:
     _run_roles(_merge(ctx, kwargs), ("discover",))
 
 
-def _assignment(params: dict[str, Any]) -> tuple[Any, Any, Any]:
+def _assignment(params: dict[str, Any], with_proxy: bool) -> tuple[Any, Any]:
+    """Read the registry once and group it into services, as the discover role would."""
     from discoverd.core.runtime import make_proxy, make_registry
     from discoverd.core.services import build_services
 
     settings, manager = load(params)
-    manager.registry(settings["registry"])
+    proxy = make_proxy(manager, settings) if with_proxy else None
     registry = make_registry(manager, settings)
     try:
         catalog = registry.snapshot()
     finally:
         registry.close()
-    proxy = make_proxy(manager, settings)
     assignment = build_services(
         catalog,
         default_mode=settings["default_mode"],
-        reserved_ports=proxy.reserved_ports(),
+        reserved_ports=proxy.reserved_ports() if proxy is not None else (),
     )
     for problem in assignment.problems:
         click.echo(f"warning: {problem}", err=True)
-    return settings, proxy, assignment
+    return proxy, assignment
 
 
 @cli.command()
@@ -210,7 +210,7 @@ def _assignment(params: dict[str, Any]) -> tuple[Any, Any, Any]:
 def render(ctx: click.Context, /, **kwargs: Any) -> None:
     """Print the proxy configuration the live registry would give (changes nothing)."""
     with operator_errors():
-        _, proxy, assignment = _assignment(_merge(ctx, kwargs))
+        proxy, assignment = _assignment(_merge(ctx, kwargs), with_proxy=True)
         click.echo(proxy.render(assignment.services), nl=False)
 
 
@@ -221,7 +221,7 @@ def render(ctx: click.Context, /, **kwargs: Any) -> None:
 def services(ctx: click.Context, /, as_json: bool, **kwargs: Any) -> None:
     """List what the registry holds, grouped by service."""
     with operator_errors():
-        _, _, assignment = _assignment(_merge(ctx, kwargs))
+        _, assignment = _assignment(_merge(ctx, kwargs), with_proxy=False)
     rows = [
         {
             "name": s.name,

@@ -1,0 +1,759 @@
+"""The etcd registry against real etcd servers (one fresh server per test)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import etcd3gw
+import pytest
+import requests
+
+from discoverd import HostInfo, PluginContext, PluginError, ServiceInstance, Unavailable
+from discoverd.plugins.etcd import OPTIONS, discoverd_register_registries, make_registry
+from discoverd.plugins.etcd.gateway import parse_endpoints
+from discoverd.plugins.etcd.layout import Layout
+from discoverd.plugins.etcd.registry import EtcdRegistry
+from discoverd.testing.services import Etcd, free_port, require_binary, wait_for
+
+if TYPE_CHECKING:
+    from tests.plugins.etcd.conftest import EtcdCluster
+
+META = "/discoverd/instances"
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+
+
+def etcdctl(server: Etcd, *args: str, user: str = "") -> str:
+    """Run etcdctl (v3 API) against ``server``; fail the test if it fails."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ETCDCTL_")}
+    env["ETCDCTL_API"] = "3"
+    command = [require_binary("etcdctl"), f"--endpoints={server.url}"]
+    if user:
+        command.append(f"--user={user}")
+    result = subprocess.run(
+        [*command, *args], capture_output=True, text=True, env=env, timeout=30, check=False
+    )
+    assert result.returncode == 0, f"etcdctl {' '.join(args)}: {result.stderr}"
+    return result.stdout
+
+
+def raw_client(server: Etcd) -> etcd3gw.Etcd3Client:
+    """A plain etcd3gw client, as another tool (or the seed's docker-register) would use."""
+    session = requests.Session()
+    session.trust_env = False
+    return etcd3gw.client(
+        host="127.0.0.1", port=server.client_port, api_path="/v3/", session=session
+    )
+
+
+def keys_under(server: Etcd, prefix: str) -> dict[str, tuple[str, int]]:
+    """``{key: (value, lease id)}`` for every key below ``prefix``."""
+    found = {}
+    for value, meta in raw_client(server).get_prefix(prefix):
+        found[meta["key"].decode()] = (value.decode(), int(meta.get("lease", 0)))
+    return found
+
+
+def instance(
+    service: str = "whoami",
+    iid: str = "host1:0123456789ab:8000:tcp",
+    port: int = 32768,
+    frontend_port: int | None = 8000,
+    **extra: Any,
+) -> ServiceInstance:
+    return ServiceInstance(
+        service=service,
+        id=iid,
+        address=extra.pop("address", "127.0.0.1"),
+        port=port,
+        frontend_port=frontend_port,
+        **extra,
+    )
+
+
+class WatchRunner:
+    """Runs ``registry.watch`` in a thread and records what happened."""
+
+    def __init__(self, registry: EtcdRegistry, since: int) -> None:
+        self.registry = registry
+        self.since = since
+        self.reasons: list[str] = []
+        self.error: BaseException | None = None
+        self.returned = False
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.registry.watch(self.reasons.append, self.stop, self.since)
+            self.returned = True
+        except BaseException as exc:
+            self.error = exc
+
+    def wait_for_notifications(self, count: int, timeout: float = 10) -> None:
+        wait_for(lambda: len(self.reasons) >= count, timeout, what=f"{count} notification(s)")
+
+    def wait_ended(self, timeout: float = 15) -> None:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "watch did not end"
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.wait_ended()
+
+
+@pytest.fixture
+def registries(etcd: Etcd) -> Iterator[Callable[..., EtcdRegistry]]:
+    """Build registries on the test's etcd (or other endpoints); all are closed afterwards."""
+    made: list[EtcdRegistry] = []
+
+    def make(*endpoints: str, **options: Any) -> EtcdRegistry:
+        registry = EtcdRegistry(list(endpoints) or [etcd.endpoint], **options)
+        made.append(registry)
+        return registry
+
+    yield make
+    for registry in made:
+        registry.close()
+
+
+@pytest.fixture
+def watchers() -> Iterator[Callable[[EtcdRegistry, int], WatchRunner]]:
+    runners: list[WatchRunner] = []
+
+    def start(registry: EtcdRegistry, since: int) -> WatchRunner:
+        runner = WatchRunner(registry, since)
+        runners.append(runner)
+        return runner
+
+    yield start
+    for runner in runners:
+        runner.stop.set()
+        runner.registry.close()
+        runner.thread.join(10)
+        assert not runner.thread.is_alive(), "a watch thread outlived its test"
+
+
+# --------------------------------------------------------------------------------------------
+# Plugin record and options
+
+
+def test_plugin_record_and_factory(etcd: Etcd, tmp_path: Path) -> None:
+    [record] = discoverd_register_registries()
+    assert record.name == "etcd"
+    assert record.factory is make_registry
+    endpoints = record.option("endpoints")
+    assert endpoints is not None
+    assert endpoints.env == ("ETCD_HOST",)
+    assert endpoints.default == ["127.0.0.1:2379"]
+    options = {o.name: o.default for o in OPTIONS}
+    options["endpoints"] = [etcd.endpoint]
+    registry = record.factory(
+        PluginContext(options=options, host=HostInfo(ip="", id="h9"), state_dir=tmp_path)
+    )
+    try:
+        assert isinstance(registry, EtcdRegistry)
+        assert registry.keepalive_interval() == pytest.approx(15 / 3)
+        registry.register(instance(host_id=""))
+        meta = json.loads(keys_under(etcd, META)[f"{META}/whoami/host1:0123456789ab:8000:tcp"][0])
+        assert meta["host_id"] == "h9"  # the agent's id when the instance does not carry one
+    finally:
+        registry.close(deregister=True)
+
+
+def test_parse_endpoints() -> None:
+    assert parse_endpoints(["127.0.0.1:2379"], tls=False) == ("http://127.0.0.1:2379",)
+    assert parse_endpoints("10.0.0.1:1, 10.0.0.2:2,,", tls=False) == (
+        "http://10.0.0.1:1",
+        "http://10.0.0.2:2",
+    )
+    assert parse_endpoints(["etcd.local"], tls=False) == ("http://etcd.local:2379",)
+    assert parse_endpoints(["https://[::1]:4001/"], tls=False) == ("https://[::1]:4001",)
+    assert parse_endpoints(["[::1]:4001", "http://a:1"], tls=True) == (
+        "https://[::1]:4001",
+        "https://a:1",
+    )
+    for bad in (["ftp://a:1"], ["a:99999"], ["http://a:1/v3"], [" , "]):
+        with pytest.raises(PluginError, match="etcd"):
+            parse_endpoints(bad, tls=False)
+
+
+def test_overlapping_prefixes_are_refused() -> None:
+    with pytest.raises(PluginError, match="overlap"):
+        Layout("/backends", "/backends/meta")
+    with pytest.raises(PluginError, match="overlap"):
+        EtcdRegistry(["127.0.0.1:2379"], prefix="/x/", meta_prefix="/x")
+    with pytest.raises(PluginError, match="prefix"):
+        Layout("/", "/meta")
+    assert Layout("/a/", "/ab").prefix == "/a"  # "/ab" is not below "/a/"
+
+
+# --------------------------------------------------------------------------------------------
+# Register side
+
+
+def test_register_writes_the_seed_layout_on_one_lease(
+    etcd: Etcd, registries: Callable[..., EtcdRegistry]
+) -> None:
+    registry = registries()
+    one = instance(tags=("blue", "v2"), meta=(("mode", "http"),), host_id="host1")
+    two = instance(iid="host1:ba9876543210:8000:tcp", port=32769)
+    other = instance(service="redis", iid="host1:cafe:6379:tcp", port=32770, frontend_port=6379)
+    for each in (one, two, other):
+        registry.register(each)
+    registry.register(one)  # idempotent
+
+    lease = registry.lease_id
+    assert lease is not None
+    backends = keys_under(etcd, "/backends/")
+    assert backends == {
+        "/backends/whoami/host1:0123456789ab:8000:tcp": ("127.0.0.1:32768", lease),
+        "/backends/whoami/host1:ba9876543210:8000:tcp": ("127.0.0.1:32769", lease),
+        "/backends/whoami/port": ("8000", lease),
+        "/backends/redis/host1:cafe:6379:tcp": ("127.0.0.1:32770", lease),
+        "/backends/redis/port": ("6379", lease),
+    }
+    metadata = keys_under(etcd, META + "/")
+    assert set(metadata) == {
+        f"{META}/whoami/host1:0123456789ab:8000:tcp",
+        f"{META}/whoami/host1:ba9876543210:8000:tcp",
+        f"{META}/redis/host1:cafe:6379:tcp",
+    }
+    assert {lease_id for _, lease_id in metadata.values()} == {lease}
+    assert json.loads(metadata[f"{META}/whoami/host1:0123456789ab:8000:tcp"][0]) == {
+        "frontend_port": 8000,
+        "protocol": "tcp",
+        "tags": ["blue", "v2"],
+        "meta": {"mode": "http"},
+        "host_id": "host1",
+    }
+    # The lease as etcd sees it: every key of this agent, nothing else.
+    listed = etcdctl(etcd, "lease", "timetolive", f"{lease:x}", "--keys")
+    for key in (*backends, *metadata):
+        assert key in listed
+    # All keys of one instance were written in one transaction (one revision).
+    revisions = {
+        meta["key"].decode(): int(meta["mod_revision"])
+        for prefix in ("/backends/redis/", f"{META}/redis/")
+        for _, meta in raw_client(etcd).get_prefix(prefix)
+    }
+    assert len(set(revisions.values())) == 1, revisions
+
+
+def test_snapshot_returns_instances_with_port_and_metadata(
+    registries: Callable[..., EtcdRegistry],
+) -> None:
+    writer = registries()
+    one = instance(tags=("blue",), meta=(("mode", "http"),), host_id="host1")
+    dns = instance(
+        service="dns", iid="host1:beef:53:udp", port=5353, frontend_port=53, protocol="udp"
+    )
+    writer.register(one)
+    writer.register(dns)
+    catalog = registries().snapshot()  # another agent's view
+    assert catalog.problems == ()
+    assert catalog.revision > 0
+    assert sorted(catalog.instances) == sorted([one, dns])
+
+
+def test_snapshot_reads_plain_entries_of_the_original_docker_register(
+    etcd: Etcd, registries: Callable[..., EtcdRegistry]
+) -> None:
+    raw = raw_client(etcd)
+    raw.put("/backends/whoami/3f9a1c2b7d4e", "10.1.2.3:49153")
+    raw.put("/backends/whoami/8e7d6c5b4a39", "10.1.2.4:49154")
+    raw.put("/backends/whoami/port", "8000")
+    catalog = registries().snapshot()
+    assert catalog.problems == ()
+    assert sorted(catalog.instances) == [
+        ServiceInstance("whoami", "3f9a1c2b7d4e", "10.1.2.3", 49153, frontend_port=8000),
+        ServiceInstance("whoami", "8e7d6c5b4a39", "10.1.2.4", 49154, frontend_port=8000),
+    ]
+
+
+def test_malformed_entries_become_problems_and_affect_only_themselves(
+    etcd: Etcd, registries: Callable[..., EtcdRegistry]
+) -> None:
+    raw = raw_client(etcd)
+    raw.put("/backends/good/aaa", "10.0.0.1:80")
+    raw.put("/backends/good/bbb", "garbage")  # a bad value: only this entry is dropped
+    raw.put("/backends/good/port", "8080")
+    raw.put("/backends/noport/ccc", "10.0.0.2:80")  # no port key and no metadata
+    raw.put("/backends/Bad_Name/ddd", "10.0.0.3:80")  # service dir with an invalid name
+    raw.put("/backends/Bad_Name/port", "9000")
+    raw.put("/backends/good/sub/dir", "10.0.0.4:80")  # not <service>/<id>
+    raw.put("/backends/good/-x", "10.0.0.5:80")  # invalid instance id
+    raw.put("/backends/badport/eee", "10.0.0.6:80")
+    raw.put("/backends/badport/port", "http")  # invalid, but the metadata knows the port
+    raw.put(f"{META}/badport/eee", json.dumps({"frontend_port": 7000, "tags": ["x"]}))
+    raw.put("/backends/badmeta/fff", "10.0.0.7:80")
+    raw.put("/backends/badmeta/port", "7100")
+    raw.put(f"{META}/badmeta/fff", "{not json")  # bad metadata: the plain entry still counts
+
+    catalog = registries().snapshot()
+    assert sorted((i.service, i.id, i.frontend_port, i.tags) for i in catalog.instances) == [
+        ("badmeta", "fff", 7100, ()),
+        ("badport", "eee", 7000, ("x",)),
+        ("good", "aaa", 8080, ()),
+    ]
+    problems = {p.subject: p.message for p in catalog.problems}
+    assert set(problems) == {
+        "/backends/good/bbb",
+        "/backends/noport/port",
+        "/backends/Bad_Name",
+        "/backends/good/sub/dir",
+        "/backends/good/-x",
+        "/backends/badport/port",
+        f"{META}/badmeta/fff",
+    }
+    assert "IP:PORT" in problems["/backends/good/bbb"]
+    assert "missing" in problems["/backends/noport/port"]
+    assert "service noport" in problems["/backends/noport/port"]
+    assert "service name" in problems["/backends/Bad_Name"]
+    assert "metadata" in problems["/backends/badport/port"]
+
+
+def test_entries_expire_when_keepalives_stop(
+    etcd: Etcd, registries: Callable[..., EtcdRegistry]
+) -> None:
+    registry = registries(ttl=2)
+    assert registry.keepalive_interval() == pytest.approx(2 / 3)
+    registry.register(instance())
+    # Kept alive across more than one TTL ...
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        assert registry.keepalive() is True
+        time.sleep(0.3)
+    assert len(keys_under(etcd, "/backends/")) == 2
+    # ... and gone soon after the keepalives stop.
+    wait_for(lambda: not keys_under(etcd, "/backends/"), 10, what="entries to expire")
+    assert keys_under(etcd, META + "/") == {}
+
+
+def test_keepalive_reports_a_revoked_lease_and_registering_again_works(
+    etcd: Etcd, registries: Callable[..., EtcdRegistry]
+) -> None:
+    registry = registries()
+    registry.register(instance())
+    assert registry.keepalive() is True
+    old = registry.lease_id
+    assert old is not None
+    etcdctl(etcd, "lease", "revoke", f"{old:x}")
+    assert keys_under(etcd, "/backends/") == {}
+
+    assert registry.keepalive() is False  # the core re-registers everything now
+    new = registry.lease_id
+    assert new is not None and new != old
+    registry.register(instance())
+    assert {lease for _, lease in keys_under(etcd, "/backends/").values()} == {new}
+    assert registry.keepalive() is True
+
+
+def test_register_after_a_lost_lease_uses_a_new_one_and_reports_the_loss(
+    etcd: Etcd, registries: Callable[..., EtcdRegistry]
+) -> None:
+    registry = registries()
+    registry.register(instance())
+    old = registry.lease_id
+    assert old is not None
+    etcdctl(etcd, "lease", "revoke", f"{old:x}")
+    second = instance(iid="host1:second:8000:tcp", port=40000)
+    registry.register(second)  # the lease is gone: a new one, and this instance is written
+    assert registry.lease_id not in (None, old)
+    assert "/backends/whoami/host1:second:8000:tcp" in keys_under(etcd, "/backends/")
+    assert registry.keepalive() is False  # the first instance went with the old lease
+    assert registry.keepalive() is True
+
+
+def test_close_with_deregister_removes_entries_at_once(
+    etcd: Etcd, registries: Callable[..., EtcdRegistry]
+) -> None:
+    registry = registries()
+    registry.register(instance())
+    assert keys_under(etcd, "/backends/")
+    registry.close(deregister=True)
+    assert keys_under(etcd, "/backends/") == {}
+    assert keys_under(etcd, META + "/") == {}
+
+
+def test_close_without_deregister_leaves_entries_to_expire(
+    etcd: Etcd, registries: Callable[..., EtcdRegistry]
+) -> None:
+    registry = registries(ttl=30)
+    registry.register(instance())
+    registry.close()
+    assert len(keys_under(etcd, "/backends/")) == 2
+
+
+def test_deregister_removes_own_keys_and_the_port_key_only_when_it_is_ours(
+    etcd: Etcd, registries: Callable[..., EtcdRegistry]
+) -> None:
+    host_a, host_b = registries(), registries()
+    a1 = instance(iid="a:1:8000:tcp", port=41001)
+    a2 = instance(iid="a:2:8000:tcp", port=41002)
+    b1 = instance(iid="b:1:8000:tcp", port=42001, address="127.0.0.2")
+    host_b.register(b1)  # B writes the port key first: it is on B's lease
+    host_a.register(a1)  # the same value is already there: A leaves it with B
+    host_a.register(a2)
+    assert keys_under(etcd, "/backends/whoami/port")["/backends/whoami/port"][1] == host_b.lease_id
+
+    host_a.deregister(a1)  # A still has a2
+    host_a.deregister(a2)  # A has none left, but the port key is B's: it stays
+    assert set(keys_under(etcd, "/backends/")) == {
+        "/backends/whoami/b:1:8000:tcp",
+        "/backends/whoami/port",
+    }
+    assert set(keys_under(etcd, META + "/")) == {f"{META}/whoami/b:1:8000:tcp"}
+    host_a.deregister(a2)  # idempotent
+
+    # B leaves while A serves again: the port key goes with B's lease, and A's instance is
+    # still found through the frontend port in its metadata.
+    host_a.register(a1)
+    host_b.close(deregister=True)
+    assert set(keys_under(etcd, "/backends/")) == {"/backends/whoami/a:1:8000:tcp"}
+    catalog = registries().snapshot()
+    assert catalog.instances == (a1,)
+    assert catalog.problems == ()
+
+    host_a.deregister(a1)
+    assert keys_under(etcd, "/backends/") == {}
+
+
+def test_a_port_key_of_the_original_docker_register_survives_our_leaving(
+    etcd: Etcd, registries: Callable[..., EtcdRegistry]
+) -> None:
+    raw = raw_client(etcd)
+    raw.put("/backends/whoami/port", "8000")  # written by the seed's sidecar, no lease
+    raw.put("/backends/whoami/736ab83847bb", "10.170.71.227:49153")
+    ours = registries()
+    ours.register(instance(iid="a:1:8000:tcp", port=41001))
+    assert keys_under(etcd, "/backends/whoami/port")["/backends/whoami/port"] == ("8000", 0)
+    ours.close(deregister=True)
+    assert set(keys_under(etcd, "/backends/")) == {
+        "/backends/whoami/port",
+        "/backends/whoami/736ab83847bb",
+    }
+    [seed] = registries().snapshot().instances
+    assert (seed.endpoint, seed.frontend_port) == ("10.170.71.227:49153", 8000)
+
+
+def test_deregister_keeps_the_port_key_while_this_agent_has_instances(
+    etcd: Etcd, registries: Callable[..., EtcdRegistry]
+) -> None:
+    registry = registries()
+    registry.register(instance(iid="x:1:8000:tcp"))
+    registry.register(instance(iid="x:2:8000:tcp", port=32999))
+    registry.deregister(instance(iid="x:1:8000:tcp"))
+    assert set(keys_under(etcd, "/backends/")) == {
+        "/backends/whoami/x:2:8000:tcp",
+        "/backends/whoami/port",
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Watch
+
+
+def test_watch_notifies_on_put_and_delete(
+    etcd: Etcd,
+    registries: Callable[..., EtcdRegistry],
+    watchers: Callable[[EtcdRegistry, int], WatchRunner],
+) -> None:
+    reader = registries()
+    runner = watchers(reader, reader.snapshot().revision)
+    raw = raw_client(etcd)
+    raw.put("/backends/whoami/abc", "10.0.0.1:80")
+    runner.wait_for_notifications(1)
+    assert set(runner.reasons) == {"etcd watch"}
+    count = len(runner.reasons)
+    raw.delete("/backends/whoami/abc")
+    runner.wait_for_notifications(count + 1)
+    count = len(runner.reasons)
+    raw.put(f"{META}/whoami/abc", "{}")  # the metadata prefix is watched too
+    runner.wait_for_notifications(count + 1)
+    count = len(runner.reasons)
+    raw.put("/elsewhere/x", "1")  # outside both prefixes: no notification
+    raw.put("/backends/whoami/def", "10.0.0.2:80")
+    runner.wait_for_notifications(count + 1)
+    assert len(runner.reasons) == count + 1
+    assert runner.thread.is_alive()
+    runner.finish()
+    assert runner.returned and runner.error is None
+
+
+def test_watch_resumes_from_the_snapshot_revision(
+    etcd: Etcd,
+    registries: Callable[..., EtcdRegistry],
+    watchers: Callable[[EtcdRegistry, int], WatchRunner],
+) -> None:
+    reader = registries()
+    revision = reader.snapshot().revision
+    raw_client(etcd).put("/backends/whoami/abc", "10.0.0.1:80")  # between snapshot and watch
+    runner = watchers(reader, revision)
+    runner.wait_for_notifications(1)
+    # Control: a watch "from now" does not see that earlier change.
+    later = watchers(registries(), 0)
+    time.sleep(0.5)
+    assert later.reasons == []
+    raw_client(etcd).put("/backends/whoami/def", "10.0.0.2:80")
+    later.wait_for_notifications(1)
+
+
+def test_watch_returns_at_once_when_stop_is_set_or_the_registry_is_closed(
+    registries: Callable[..., EtcdRegistry],
+    watchers: Callable[[EtcdRegistry, int], WatchRunner],
+) -> None:
+    reader = registries()
+    runner = watchers(reader, reader.snapshot().revision)
+    time.sleep(0.3)  # let it block on the stream
+    assert runner.thread.is_alive()
+    runner.stop.set()  # no close(): the watch must notice stop by itself
+    runner.wait_ended(timeout=3)
+    assert runner.returned and runner.error is None
+
+    other = registries()
+    runner = watchers(other, other.snapshot().revision)
+    time.sleep(0.3)
+    assert runner.thread.is_alive()
+    other.close()
+    runner.wait_ended(timeout=3)
+    assert runner.error is None
+
+
+def test_watch_ends_promptly_when_etcd_is_killed(
+    etcd: Etcd,
+    registries: Callable[..., EtcdRegistry],
+    watchers: Callable[[EtcdRegistry, int], WatchRunner],
+) -> None:
+    reader = registries()
+    runner = watchers(reader, reader.snapshot().revision)
+    raw_client(etcd).put("/backends/whoami/abc", "10.0.0.1:80")
+    runner.wait_for_notifications(1)  # the stream is established
+    etcd.kill()
+    runner.wait_ended(timeout=10)
+    assert runner.returned or isinstance(runner.error, Unavailable), runner.error
+    # And the next watch (the core calls it again) fails fast, naming the endpoint.
+    with pytest.raises(Unavailable, match=etcd.endpoint):
+        reader.watch(lambda _: None, threading.Event(), 1)
+
+
+def test_watch_returns_when_its_start_revision_was_compacted(
+    etcd: Etcd,
+    registries: Callable[..., EtcdRegistry],
+    watchers: Callable[[EtcdRegistry, int], WatchRunner],
+) -> None:
+    raw = raw_client(etcd)
+    for n in range(5):
+        raw.put("/backends/whoami/abc", f"10.0.0.1:{80 + n}")
+    reader = registries()
+    revision = reader.snapshot().revision
+    etcdctl(etcd, "compaction", str(revision))
+    runner = watchers(reader, 2)  # older than the compaction: the core must re-list
+    runner.wait_ended(timeout=10)
+    assert runner.returned and runner.error is None
+
+
+def test_watch_reestablishes_an_idle_stream_without_losing_events(
+    etcd: Etcd,
+    registries: Callable[..., EtcdRegistry],
+    watchers: Callable[[EtcdRegistry, int], WatchRunner],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="discoverd.etcd")
+    reader = registries()
+    reader.watch_idle_timeout = 0.3
+    runner = watchers(reader, reader.snapshot().revision)
+    wait_for(
+        lambda: sum("idle; re-establishing" in r.getMessage() for r in caplog.records) >= 2,
+        10,
+        what="the idle stream to be re-established twice",
+    )
+    assert runner.thread.is_alive() and runner.reasons == []
+    raw_client(etcd).put("/backends/whoami/abc", "10.0.0.1:80")
+    runner.wait_for_notifications(1)
+
+
+def test_watch_notices_a_wiped_etcd(
+    etcd: Etcd,
+    registries: Callable[..., EtcdRegistry],
+    watchers: Callable[[EtcdRegistry, int], WatchRunner],
+) -> None:
+    raw = raw_client(etcd)
+    for n in range(20):
+        raw.put("/backends/whoami/abc", f"10.0.0.1:{1000 + n}")
+    reader = registries()
+    registrar = registries()
+    registrar.register(instance())
+    revision = reader.snapshot().revision
+    etcd.kill()
+    shutil.rmtree(etcd.data_dir)
+    etcd.start()
+    # The stored revision is far behind ours now: the watch must say so, not wait for it.
+    runner = watchers(reader, revision)
+    runner.wait_for_notifications(1)
+    assert "etcd revision reset" in runner.reasons
+    count = len(runner.reasons)
+    raw_client(etcd).put("/backends/whoami/new", "10.0.0.9:80")
+    runner.wait_for_notifications(count + 1)
+    # The register side learns that its lease is gone, and can write again.
+    assert registrar.keepalive() is False
+    registrar.register(instance())
+    assert len(keys_under(etcd, "/backends/whoami/")) == 3
+
+
+# --------------------------------------------------------------------------------------------
+# Availability and failover
+
+
+def test_calls_raise_unavailable_naming_the_endpoint_when_etcd_is_down(
+    etcd: Etcd, registries: Callable[..., EtcdRegistry]
+) -> None:
+    registry = registries(timeout=2.0)
+    registry.register(instance())
+    etcd.kill()
+    for call in (
+        registry.snapshot,
+        registry.keepalive,
+        lambda: registry.register(instance(iid="other")),
+        lambda: registry.deregister(instance()),
+    ):
+        with pytest.raises(Unavailable) as caught:
+            call()
+        message = str(caught.value)
+        assert etcd.endpoint in message and "\n" not in message
+    # Back up: the lease survived the short outage, so nothing was lost.
+    etcd.start()
+    assert registry.keepalive() is True
+    assert len(registry.snapshot().instances) == 1
+
+
+def test_failover_skips_a_dead_endpoint(
+    etcd: Etcd,
+    registries: Callable[..., EtcdRegistry],
+    watchers: Callable[[EtcdRegistry, int], WatchRunner],
+) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    registry = registries(dead, f"http://{etcd.endpoint}")
+    registry.register(instance())
+    assert registry.keepalive() is True
+    catalog = registry.snapshot()
+    assert [i.id for i in catalog.instances] == [instance().id]
+    runner = watchers(registries(dead, etcd.endpoint), catalog.revision)
+    raw_client(etcd).put("/backends/whoami/abc", "10.0.0.1:80")
+    runner.wait_for_notifications(1)
+
+    both_dead = registries(dead, f"127.0.0.1:{free_port()}")
+    with pytest.raises(Unavailable) as caught:
+        both_dead.snapshot()
+    assert dead in str(caught.value) and str(caught.value).count("127.0.0.1:") == 2
+
+
+def test_user_and_password_authentication(
+    etcd: Etcd,
+    registries: Callable[..., EtcdRegistry],
+    watchers: Callable[[EtcdRegistry, int], WatchRunner],
+) -> None:
+    early = registries(user="root", password="s3cret")
+    assert early.snapshot().instances == ()  # credentials while auth is off: plain requests
+    etcdctl(etcd, "user", "add", "root", "--new-user-password=s3cret", "--interactive=false")
+    etcdctl(etcd, "auth", "enable")
+    assert early.snapshot().instances == ()  # auth turned on under it: it authenticates now
+    registry = registries(user="root", password="s3cret")
+    registry.register(instance())
+    catalog = registry.snapshot()
+    assert [i.id for i in catalog.instances] == [instance().id]
+    assert "/backends/whoami/port" in etcdctl(
+        etcd, "get", "--prefix", "--keys-only", "/backends/", user="root:s3cret"
+    )
+    runner = watchers(registry, catalog.revision)
+    registry.deregister(instance())
+    runner.wait_for_notifications(1)
+
+    # A token the server no longer knows (expired, or from another member): authenticate again.
+    connection = registry.gateway.connections[0]
+    connection.token = "bogus"
+    connection.session.headers["Authorization"] = "bogus"
+    assert registry.snapshot().instances == ()
+
+    with pytest.raises(PluginError, match="authentication"):
+        registries(user="root", password="wrong").snapshot()
+    anonymous = registries()
+    for call in (
+        anonymous.snapshot,
+        lambda: anonymous.watch(lambda _: None, threading.Event(), catalog.revision),
+    ):
+        with pytest.raises(PluginError, match="user and password") as caught:
+            call()
+        assert not isinstance(caught.value, Unavailable)
+
+
+def test_failover_when_the_current_member_of_a_cluster_dies(
+    etcd_cluster: EtcdCluster,
+    watchers: Callable[[EtcdRegistry, int], WatchRunner],
+) -> None:
+    endpoints = etcd_cluster.endpoints
+    registrar = EtcdRegistry(endpoints, ttl=10, timeout=2.0)
+    reader = EtcdRegistry(endpoints, timeout=2.0)
+    try:
+        registrar.register(instance())
+        catalog = reader.snapshot()
+        assert len(catalog.instances) == 1
+        runner = watchers(reader, catalog.revision)
+        registrar.register(instance(iid="second", port=40002))
+        runner.wait_for_notifications(1)  # streaming from the first member
+
+        etcd_cluster.kill(0)  # the member both agents talk to
+        runner.wait_ended(timeout=10)
+        assert runner.returned or isinstance(runner.error, Unavailable), runner.error
+
+        # The other members take over (after an election if the leader died).
+        wait_for(lambda: registrar.keepalive(), 15, what="keepalive through another member")
+        assert registrar.gateway.current != etcd_cluster.members[0].url
+        registrar.register(instance(iid="third", port=40003))  # written while nobody watched
+        resumed = watchers(reader, catalog.revision)  # the core watches again from its revision
+        resumed.wait_for_notifications(1)
+        ids = {i.id for i in reader.snapshot().instances}
+        assert ids == {instance().id, "second", "third"}
+    finally:
+        registrar.close(deregister=True)
+        reader.close()
+
+
+def test_tls_with_client_certificates(
+    etcd_tls: EtcdCluster, watchers: Callable[[EtcdRegistry, int], WatchRunner]
+) -> None:
+    member = etcd_tls.members[0]
+    tls = member.tls
+    assert tls is not None
+    registry = EtcdRegistry(  # no scheme in the endpoint: TLS options mean https
+        [member.endpoint], ca_cert=str(tls.ca), cert=str(tls.client_cert), key=str(tls.client_key)
+    )
+    try:
+        assert registry.gateway.urls == (member.url,)
+        registry.register(instance())
+        catalog = registry.snapshot()
+        assert [i.id for i in catalog.instances] == [instance().id]
+        runner = watchers(registry, catalog.revision)
+        registry.deregister(instance())
+        runner.wait_for_notifications(1)
+    finally:
+        registry.close(deregister=True)
+    # Without a client certificate etcd refuses the connection.
+    anonymous = EtcdRegistry([member.endpoint], ca_cert=str(tls.ca))
+    try:
+        with pytest.raises(Unavailable, match=member.endpoint):
+            anonymous.snapshot()
+    finally:
+        anonymous.close()
