@@ -1,0 +1,471 @@
+"""The HAProxy proxy: render, check with ``haproxy -c``, apply with a verified hitless reload.
+
+Files, all in ``<state_dir>/haproxy`` (mode 0700):
+
+- ``haproxy.cfg``: the configuration HAProxy runs (``-f``), replaced atomically;
+  ``applied.sha256``: the digest of the configuration last confirmed running;
+- ``haproxy.pid``, ``master.sock`` (master CLI), ``admin.sock`` (runtime API, level admin);
+- ``server-state``: servers' health saved just before a reload, loaded by the new worker;
+- ``haproxy.log``: HAProxy's own messages (start-up and reload errors, servers going up and
+  down), kept under about a megabyte;
+- ``candidate-*.cfg``: short-lived files for ``haproxy -c``.
+
+HAProxy runs in master-worker mode. The master is started in a session of its own, with no
+controlling terminal and its output going to ``haproxy.log``; it is not tied to discoverd, so it
+keeps serving when discoverd exits or restarts, and the next discoverd adopts it through the pid
+file and the master socket. (It is not started with ``-D``: a daemonised 2.6 master sends its
+output to /dev/null, and the reason of a failed reload -- say a port another program holds -- would
+be lost.)
+
+A reload is verified: HAProxy 2.6 answers ``reload`` by cutting the connection, whatever the
+outcome. A reload succeeded when the master's ``show proc`` counts one more reload, no failed
+one, and lists a worker pid it did not list before. When the new configuration cannot start
+(``haproxy -c`` does not bind ports), the master keeps the old worker serving and counts a failed
+reload; the previous file is then put back, so the file on disk always is what runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from discoverd import PluginError, Proxy, ProxyConfigError, Service, Unavailable
+from discoverd.plugins.haproxy import render as rendering
+from discoverd.plugins.haproxy.runtime import (
+    ProcStatus,
+    alerts,
+    cli,
+    command_line,
+    filter_server_state,
+    pid_alive,
+    read_pid,
+    send_only,
+    show_proc,
+    wait_gone,
+)
+from discoverd.plugins.haproxy.settings import Settings, check_state_dir
+
+log = logging.getLogger(__name__)
+
+_SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+_LOG_MAX_BYTES = 1 << 20
+# Generic trailers of `haproxy -c` that say nothing the lines before them do not.
+_GENERIC_ALERTS = ("Error(s) found in configuration file", "Fatal errors found in configuration")
+
+
+class HAProxy(Proxy):
+    """A local HAProxy in master-worker mode, managed through its files and sockets."""
+
+    #: Seconds allowed for ``haproxy -c``, for a start, for a reload and for a stop.
+    check_timeout = 30.0
+    start_timeout = 15.0
+    reload_timeout = 15.0
+    stop_timeout = 10.0
+    #: Seconds a running master may take to answer on its socket before it counts as hung.
+    answer_timeout = 5.0
+
+    def __init__(self, settings: Settings, state_dir: Path) -> None:
+        self.settings = settings
+        self.dir = check_state_dir(Path(state_dir) / "haproxy")
+        self.config_file = self.dir / "haproxy.cfg"
+        self.pid_file = self.dir / "haproxy.pid"
+        self.master_socket = self.dir / "master.sock"
+        self.admin_socket = self.dir / "admin.sock"
+        self.server_state = self.dir / "server-state"
+        self.log_file = self.dir / "haproxy.log"
+        self.marker_file = self.dir / "applied.sha256"
+        self._template = rendering.load_template(rendering.environment(settings.template_dir))
+        self._binary_path: str | None = None
+        self._child: subprocess.Popen[bytes] | None = None
+        self._udp_warned: set[str] = set()
+
+    # -- Proxy interface ---------------------------------------------------------------------
+
+    def render(self, services: Sequence[Service]) -> str:
+        udp = {s.name for s in services if s.protocol == "udp"}
+        for name in sorted(udp - self._udp_warned):
+            port = next(s.frontend_port for s in services if s.name == name)
+            log.warning(
+                "haproxy: service %s is udp (port %d); HAProxy proxies tcp only, so it is not "
+                "served (a comment marks it in haproxy.cfg)",
+                name,
+                port,
+            )
+        self._udp_warned = udp  # a service that leaves and comes back is reported again
+        return rendering.render_config(self._template, self.settings, self.dir, services)
+
+    def validate(self, config: str) -> None:
+        self._ensure_dir()
+        binary = self._binary()
+        fd, name = tempfile.mkstemp(prefix="candidate-", suffix=".cfg", dir=self.dir)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(config)
+            try:
+                done = subprocess.run(
+                    [binary, "-c", "-f", name],
+                    stdin=subprocess.DEVNULL,
+                    capture_output=True,
+                    text=True,
+                    timeout=self.check_timeout,
+                    check=False,
+                )
+            except subprocess.TimeoutExpired:
+                raise Unavailable(
+                    f"'{binary} -c' did not finish within {self.check_timeout:g}s"
+                ) from None
+            except OSError as exc:
+                raise PluginError(f"cannot run {binary}: {exc}") from None
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name)
+        if done.returncode != 0:
+            output = (done.stdout + "\n" + done.stderr).replace(name, "candidate")
+            found = alerts(output)
+            specific = [line for line in found if not line.endswith(_GENERIC_ALERTS)]
+            lines = specific or found or _last_lines(output)
+            raise ProxyConfigError(
+                "haproxy -c refused the configuration: " + "; ".join(lines)
+                if lines
+                else f"haproxy -c refused the configuration (exit status {done.returncode})"
+            )
+
+    def apply(self, config: str, services: Sequence[Service]) -> str:
+        data = config.encode("utf-8")
+        digest = hashlib.sha256(data).hexdigest()
+        self._ensure_dir()
+        with self._locked():
+            status = self._running()
+            previous = _read_bytes(self.config_file)
+            if (
+                status is not None
+                and status.failed == 0
+                and previous == data
+                and _read_text(self.marker_file) == digest
+            ):
+                return "unchanged"
+            self._trim_log()
+            _write_atomic(self.config_file, data)
+            try:
+                if status is None:
+                    self._start()
+                    result = "started"
+                else:
+                    self._save_server_state(services)
+                    self._reload(status)
+                    result = "reloaded"
+            except BaseException:
+                self._restore(previous)
+                raise
+            _write_atomic(self.marker_file, digest.encode())
+            return result
+
+    def reserved_ports(self) -> frozenset[int]:
+        return frozenset({self.settings.stats_port}) if self.settings.stats_port else frozenset()
+
+    def close(self) -> None:
+        """Leave HAProxy running with its last good configuration (see ``stop_process``)."""
+        if self._child is not None:
+            self._child.poll()  # reap it if it already ended; never stop it here
+
+    # -- beyond the interface: for tests, the demo and benchmarks ------------------------------
+
+    def status(self) -> ProcStatus | None:
+        """What the master says of itself and its workers, or ``None`` if none runs."""
+        return self._running()
+
+    def stop_process(self, *, graceful: bool = False, timeout: float | None = None) -> bool:
+        """Stop the HAProxy master of this state directory and its workers; wait for them.
+
+        ``graceful`` lets workers finish their connections (SIGUSR1) instead of stopping at once
+        (SIGTERM). Returns ``False`` if no HAProxy was running.
+        """
+        timeout = self.stop_timeout if timeout is None else timeout
+        status = show_proc(self.master_socket, timeout=1.0)
+        pid = read_pid(self.pid_file)
+        if (pid is None or not pid_alive(pid)) and status is not None:
+            pid = status.master  # the pid file is gone, the master is not
+        stopped = False
+        if pid is not None and pid_alive(pid) and self._is_ours(pid):
+            workers = status.workers if status is not None and status.master == pid else ()
+            pids = {pid, *workers}
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR1 if graceful else signal.SIGTERM)
+            if not wait_gone(pids, timeout):
+                log.warning("haproxy: pids %s did not stop in %gs; killing them", pids, timeout)
+                for each in pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(each, signal.SIGKILL)
+                wait_gone(pids, 2.0)
+            stopped = True
+        if self._child is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._child.wait(timeout=1.0)
+            self._child = None
+        with contextlib.suppress(FileNotFoundError):
+            self.pid_file.unlink()
+        return stopped
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _ensure_dir(self) -> None:
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.dir.stat().st_mode & 0o777 != 0o700:
+            self.dir.chmod(0o700)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Serialise applies on this state directory, across processes too."""
+        with open(self.dir / "lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _binary(self) -> str:
+        if self._binary_path is None:
+            name = self.settings.binary
+            found = shutil.which(name) or (
+                None if os.sep in name else shutil.which(name, path=os.pathsep.join(_SBIN_DIRS))
+            )
+            if found is None:
+                raise PluginError(
+                    f"haproxy executable {name!r} not found (on PATH or in "
+                    f"{', '.join(_SBIN_DIRS)}); install HAProxy or set haproxy.binary"
+                )
+            self._binary_path = found
+        return self._binary_path
+
+    def _is_ours(self, pid: int) -> bool:
+        """True if ``pid`` is a HAProxy master started on this state directory's socket."""
+        argv = command_line(pid)
+        if argv is None:
+            return False
+        return any(arg.startswith(f"{self.master_socket},") for arg in argv)
+
+    def _running(self) -> ProcStatus | None:
+        """The running master's status; ``None`` if none runs; ``Unavailable`` if it hangs."""
+        pid = read_pid(self.pid_file)
+        if pid is None or not pid_alive(pid) or not self._is_ours(pid):
+            # A master from this directory may still run with its pid file gone: adopt it
+            # rather than start a second one next to it.
+            status = show_proc(self.master_socket, timeout=1.0)
+            if status is not None and pid_alive(status.master) and self._is_ours(status.master):
+                _write_atomic(self.pid_file, f"{status.master}\n".encode())
+                return status
+            return None
+        deadline = time.monotonic() + self.answer_timeout
+        while True:
+            status = show_proc(self.master_socket, timeout=1.0)
+            if status is not None and status.master == pid:
+                return status
+            if not pid_alive(pid):
+                return None
+            if time.monotonic() >= deadline:
+                raise Unavailable(
+                    f"the HAProxy master (pid {pid}) runs but does not answer on "
+                    f"{self.master_socket}"
+                )
+            time.sleep(0.05)
+
+    def _log_size(self) -> int:
+        try:
+            return self.log_file.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def _log_since(self, offset: int) -> str:
+        try:
+            with open(self.log_file, "rb") as handle:
+                handle.seek(offset)
+                text = handle.read(256 * 1024).decode("utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+        return text.replace(str(self.config_file), "haproxy.cfg")
+
+    def _trim_log(self) -> None:
+        """Keep haproxy.log short. HAProxy appends (O_APPEND), so truncating it is safe."""
+        if self._log_size() > _LOG_MAX_BYTES:
+            with open(self.log_file, "r+b") as handle:
+                handle.truncate(0)
+
+    def _reason(self, offset: int, pid: int) -> str:
+        found = alerts(self._log_since(offset), pid=pid)
+        return "; ".join(found) if found else f"no error message (see {self.log_file})"
+
+    def _start(self) -> None:
+        binary = self._binary()
+        # A fresh start checks every server from scratch: no health states from a past run.
+        for stale in (self.server_state, self.pid_file):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+        offset = self._log_size()
+        argv = [
+            binary,
+            "-W",
+            "-S",
+            f"{self.master_socket},mode,600",
+            "-p",
+            str(self.pid_file),
+            "-f",
+            str(self.config_file),
+        ]
+        with open(self.log_file, "ab") as output:
+            try:
+                child = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=output,
+                    stderr=subprocess.STDOUT,
+                    cwd=self.dir,
+                    start_new_session=True,  # no terminal, no signals meant for discoverd
+                )
+            except OSError as exc:
+                raise PluginError(f"cannot run {binary}: {exc}") from None
+        self._child = child
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            code = child.poll()
+            if code is not None:
+                self._child = None
+                raise PluginError(
+                    f"HAProxy did not start (exit status {code}): {self._reason(offset, child.pid)}"
+                )
+            status = show_proc(self.master_socket, timeout=1.0)
+            if (
+                status is not None
+                and status.master == child.pid
+                and status.workers
+                and read_pid(self.pid_file) == child.pid
+            ):
+                log.info("haproxy: started, master pid %d, worker %s", child.pid, status.workers)
+                return
+            if time.monotonic() >= deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
+                self._child = None
+                raise PluginError(
+                    f"HAProxy did not answer on {self.master_socket} within "
+                    f"{self.start_timeout:g}s; stopped it: {self._reason(offset, child.pid)}"
+                )
+            time.sleep(0.02)
+
+    def _save_server_state(self, services: Sequence[Service]) -> None:
+        """Dump the servers' health for the next worker, dropping servers that moved."""
+        servers = {
+            (service.name, instance.id): (instance.address, instance.port)
+            for service in services
+            if service.protocol == "tcp"
+            for instance in service.instances
+        }
+        try:
+            dump = cli(self.admin_socket, "show servers state", timeout=self.answer_timeout)
+        except OSError as exc:
+            log.warning("haproxy: cannot save server states before the reload (%s)", exc)
+            dump = ""
+        state = filter_server_state(dump, servers)
+        if state:
+            _write_atomic(self.server_state, state.encode())
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                self.server_state.unlink()
+
+    def _reload(self, before: ProcStatus) -> None:
+        offset = self._log_size()
+        try:
+            send_only(self.master_socket, "reload", timeout=self.answer_timeout)
+        except OSError:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(before.master, signal.SIGUSR2)
+        deadline = time.monotonic() + self.reload_timeout
+        while True:
+            if not pid_alive(before.master):
+                raise PluginError(
+                    f"the HAProxy master (pid {before.master}) exited during the reload: "
+                    f"{self._reason(offset, before.master)}"
+                )
+            status = show_proc(self.master_socket, timeout=1.0)
+            if (
+                status is not None
+                and status.master == before.master
+                and status.reloads > before.reloads
+            ):
+                if status.failed > 0 or "Loading failure" in self._log_since(offset):
+                    raise PluginError(
+                        "HAProxy could not load the new configuration and keeps serving the "
+                        f"previous one: {self._reason(offset, before.master)}"
+                    )
+                fresh = sorted(set(status.workers) - set(before.workers))
+                if fresh:
+                    log.info("haproxy: reloaded, new worker %s", fresh)
+                    return
+            if time.monotonic() >= deadline:
+                # It may still come through: forget what runs, so the next apply reloads.
+                with contextlib.suppress(FileNotFoundError):
+                    self.marker_file.unlink()
+                reason = self._reason(offset, before.master)
+                raise PluginError(
+                    f"HAProxy did not confirm the reload within {self.reload_timeout:g}s "
+                    f"(no new worker); the previous configuration is put back: {reason}"
+                )
+            time.sleep(0.03)
+
+    def _restore(self, previous: bytes | None) -> None:
+        """Put the previous configuration back on disk: the file must be what runs."""
+        try:
+            if previous is None:
+                with contextlib.suppress(FileNotFoundError):
+                    self.config_file.unlink()
+            else:
+                _write_atomic(self.config_file, previous)
+        except OSError as exc:
+            log.error("haproxy: could not restore the previous %s: %s", self.config_file, exc)
+
+
+def _read_bytes(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def _read_text(path: Path) -> str:
+    data = _read_bytes(path)
+    return data.decode(errors="replace").strip() if data is not None else ""
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write a temporary file next to ``path``, flush it to disk, rename it over ``path``."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(name, 0o600)
+        os.replace(name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def _last_lines(text: str, count: int = 5) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip()][-count:]

@@ -1,0 +1,143 @@
+"""Fixtures for the HAProxy plugin's tests: name-answering HTTP backends, proxies that are always
+stopped at teardown, and services built from them."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from discoverd import HostInfo, PluginContext, Service, ServiceInstance
+from discoverd.plugins.haproxy import make_proxy
+from discoverd.plugins.haproxy.proxy import HAProxy
+from discoverd.plugins.haproxy.runtime import pid_alive, read_pid, show_proc
+
+
+class NameServer:
+    """A tiny HTTP server on 127.0.0.1 answering ``I am <name>`` to every GET."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        body = f"I am {name}\n".encode()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.do_GET()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass  # quiet: health checks connect every interval
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = int(self.server.server_address[1])
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def instance(self, service: str, frontend_port: int) -> ServiceInstance:
+        return ServiceInstance(
+            service=service,
+            id=f"host1:{self.name}:8000:tcp",
+            address="127.0.0.1",
+            port=self.port,
+            frontend_port=frontend_port,
+            host_id="host1",
+        )
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def backends() -> Iterator[Callable[[str], NameServer]]:
+    """``backends("a")`` starts a backend answering ``I am a``; all stop at teardown."""
+    started: list[NameServer] = []
+
+    def start(name: str) -> NameServer:
+        server = NameServer(name)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def http_service(name: str, port: int, *servers: NameServer, mode: str = "http") -> Service:
+    return Service(
+        name=name,
+        frontend_port=port,
+        mode="http" if mode == "http" else "tcp",
+        instances=tuple(s.instance(name, port) for s in servers),
+    )
+
+
+@pytest.fixture
+def state_root() -> Iterator[Path]:
+    """A short state directory (unix socket paths must stay short), removed at teardown."""
+    root = Path(tempfile.mkdtemp(prefix="dh-"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _kill_strays(state_dir: Path) -> None:
+    """Kill whatever HAProxy master (and workers) the pid file or master socket still names."""
+    haproxy_dir = state_dir / "haproxy"
+    pids: set[int] = set()
+    pid = read_pid(haproxy_dir / "haproxy.pid")
+    if pid is not None:
+        pids.add(pid)
+    status = show_proc(haproxy_dir / "master.sock", timeout=1.0)
+    if status is not None:
+        pids.update({status.master, *status.workers})
+    for each in pids:
+        if pid_alive(each):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(each, signal.SIGKILL)
+
+
+@pytest.fixture
+def make_haproxy(haproxy_binary: str, state_root: Path) -> Iterator[Callable[..., HAProxy]]:
+    """``make_haproxy(**options)`` builds a proxy on ``state_root`` (stats on a free port unless
+    given). Every HAProxy started there is stopped at teardown, killed if it does not stop."""
+    from discoverd.testing.services import free_port
+
+    made: list[HAProxy] = []
+
+    def build(state_dir: Path | None = None, **options: Any) -> HAProxy:
+        options.setdefault("binary", haproxy_binary)
+        options.setdefault("bind", "127.0.0.1")
+        options.setdefault("stats_port", free_port())
+        ctx = PluginContext(
+            options=options,
+            host=HostInfo(ip="127.0.0.1", id="host1"),
+            state_dir=state_dir or state_root,
+        )
+        proxy = make_proxy(ctx)
+        assert isinstance(proxy, HAProxy)
+        made.append(proxy)
+        return proxy
+
+    yield build
+    for proxy in made:
+        try:
+            proxy.stop_process()
+        finally:
+            _kill_strays(proxy.dir.parent)
