@@ -37,6 +37,7 @@ class Waker:
         self._first: float | None = None
         self._last = 0.0
         self._due: float | None = None  # a retry scheduled for later
+        self._due_reason = ""
         self._reasons: list[str] = []
 
     def notify(self, reason: str) -> None:
@@ -54,8 +55,7 @@ class Waker:
             due = time.monotonic() + delay
             if self._due is None or due < self._due:
                 self._due = due
-            if len(self._reasons) < 20:
-                self._reasons.append(reason)
+                self._due_reason = reason
             self._cond.notify_all()
 
     def wake_all(self) -> None:
@@ -75,6 +75,7 @@ class Waker:
                     continue
                 if self._due is not None:
                     if now >= self._due:
+                        self._reasons.append(self._due_reason)
                         return self._take()
                     self._cond.wait(self._due - now)
                     continue
@@ -211,8 +212,10 @@ class RegisterRole(Role):
         min_wait: float = 0.02,
         max_wait: float = 0.5,
         retry_max: float = 10.0,
+        resync_interval: float = 30.0,
     ) -> None:
         super().__init__(min_wait, max_wait, retry_max)
+        self.resync_interval = resync_interval
         self.source = source
         self.registry = registry
         self.registered: dict[str, ServiceInstance] = {}
@@ -238,6 +241,8 @@ class RegisterRole(Role):
             try:
                 self.reconcile()
                 backoff.reset()
+                if self.resync_interval > 0:
+                    self.waker.retry_in(self.resync_interval, "periodic resync")
             except PluginError as exc:
                 delay = backoff.next()
                 log.warning("register: %s; retrying in %.1fs", exc, delay)

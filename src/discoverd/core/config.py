@@ -65,6 +65,13 @@ CORE_OPTIONS: tuple[Option, ...] = (
     Option("min_wait", float, 0.02, "Quiescence window: seconds of calm before acting."),
     Option("max_wait", float, 0.5, "Longest a burst of events may delay acting, in seconds."),
     Option("retry_max", float, 10.0, "Longest backoff between retries after an error, seconds."),
+    Option(
+        "resync_interval",
+        float,
+        30.0,
+        "The register role re-reads its source this often even without events (0: never), "
+        "a safety net for missed events; it writes to the registry only what differs.",
+    ),
 )
 CORE_SECTION = "discoverd"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -272,5 +279,7 @@ def _check_core(core: dict[str, Any]) -> None:
             f"min_wait ({core['min_wait']}) and max_wait ({core['max_wait']}): "
             "expected 0 <= min_wait <= max_wait"
         )
+    if core["resync_interval"] < 0:
+        raise ConfigError(f"resync_interval ({core['resync_interval']}): expected 0 or more")
     if core["retry_max"] <= 0:
         raise ConfigError(f"retry_max ({core['retry_max']}): expected a positive number")

@@ -107,6 +107,7 @@ class Agent:
             self.register = RegisterRole(
                 make_source(self.manager, self.settings),
                 make_registry(self.manager, self.settings),
+                resync_interval=core["resync_interval"],
                 **timing,
             )
         if "discover" in self.roles:

@@ -258,6 +258,27 @@ def test_stopped_container_disappears_and_leaves_the_cache(
     assert staying.id in source._cache and leaving.id not in source._cache
 
 
+def test_a_die_event_hides_the_container_before_the_list_catches_up(
+    new_source: SourceFactory, docker_client: docker.DockerClient
+) -> None:
+    """The daemon sends ``die`` before its list stops showing the container as running; the
+    source trusts the event (seen in the end-to-end walkthrough: a killed container stayed
+    registered because the snapshot after its ``die`` still listed it)."""
+    source = new_source()
+    container = whoami(docker_client)
+    assert len(of(source.snapshot(), container)) == 1
+    # The event as the stream delivers it, while the container still runs.
+    source._note_exit({"Type": "container", "Action": "die", "id": container.id}, "die")
+    assert of(source.snapshot(), container) == []
+    assert container.id in source._exited  # still listed as running: the hint stays
+    source._note_exit({"Type": "container", "Action": "start", "id": container.id}, "start")
+    assert len(of(source.snapshot(), container)) == 1
+    source._note_exit({"Actor": {"ID": container.id}, "Action": "destroy"}, "destroy")
+    container.remove(force=True)
+    source.snapshot()
+    assert container.id not in source._exited  # gone from the list: the hint is dropped
+
+
 def test_healthcheck_decides_eligibility(
     new_source: SourceFactory, docker_client: docker.DockerClient
 ) -> None:

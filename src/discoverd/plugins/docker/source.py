@@ -126,6 +126,10 @@ class DockerSource(Source):
         self._client: docker.APIClient | None = None
         self._streams: set[_EventStream] = set()
         self._cache: dict[str, _Inspected] = {}
+        # Containers whose ``die``/``destroy`` event arrived. The daemon sends ``die`` before its
+        # container list stops showing the container as running, so a snapshot taken at once
+        # would still see it: these ids are left out until the list agrees or they start again.
+        self._exited: set[str] = set()
 
     # -- connection
 
@@ -200,6 +204,8 @@ class DockerSource(Source):
         instances: list[ServiceInstance] = []
         problems: list[Problem] = []
         seen: dict[str, _Inspected] = {}
+        with self._lock:
+            exited = set(self._exited)
         for entry in listed:
             if not isinstance(entry, Mapping):
                 continue
@@ -212,7 +218,7 @@ class DockerSource(Source):
                 if inspected is None:
                     continue  # gone between the list and the inspect
             seen[cid] = inspected
-            if not _eligible(entry):
+            if cid in exited or not _eligible(entry):
                 continue
             spec = ContainerSpec(
                 id=cid,
@@ -232,6 +238,8 @@ class DockerSource(Source):
             instances.extend(found)
             problems.extend(refused)
         self._cache = seen
+        with self._lock:  # a hint is needed only while the list still shows the container
+            self._exited &= set(seen) | (self._exited - exited)
         return SourceSnapshot(tuple(instances), tuple(problems))
 
     def _inspect(self, client: docker.APIClient, cid: str) -> _Inspected | None:
@@ -280,6 +288,7 @@ class DockerSource(Source):
                 if stop.is_set():
                     return
                 action = _watched_action(event)
+                self._note_exit(event, action)
                 if action is not None:
                     notify(f"docker {action}")
             # The SDK ends the stream without an error when the daemon goes away.
@@ -296,6 +305,20 @@ class DockerSource(Source):
             stream.close()
             with self._lock:
                 self._streams.discard(stream)
+
+    def _note_exit(self, event: Any, action: str | None) -> None:
+        """Remember containers that exited (see ``_exited``); forget them when they start."""
+        if action not in ("die", "destroy", "start") or not isinstance(event, Mapping):
+            return
+        actor = event.get("Actor")
+        cid = event.get("id") or (actor.get("ID") if isinstance(actor, Mapping) else None)
+        if not isinstance(cid, str) or not cid:
+            return
+        with self._lock:
+            if action == "start":
+                self._exited.discard(cid)
+            else:
+                self._exited.add(cid)
 
     def close(self) -> None:
         with self._lock:
