@@ -1,0 +1,211 @@
+"""The seed's walkthrough, end to end, with real Docker daemons, etcd and HAProxy.
+
+Two backend "hosts" (each its own Docker daemon, its own HOST_IP on loopback and its own register
+agent), one etcd, one discover agent with HAProxy; whoami containers come and go.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from discoverd.testing.services import (
+    DockerDaemon,
+    Etcd,
+    http_get,
+    run_whoami,
+)
+from tests.e2e.agents import DiscoverdProcess, free_port, requests_through, until
+
+pytestmark = pytest.mark.services
+
+HOST_A, HOST_B = "127.0.0.2", "127.0.0.3"
+
+
+class Cluster:
+    def __init__(self, root: Path, etcd: Etcd, daemons: dict[str, DockerDaemon]) -> None:
+        self.root = root
+        self.etcd = etcd
+        self.daemons = daemons
+        self.frontend = free_port()
+        self.stats = free_port()
+        self.agents: dict[str, DiscoverdProcess] = {}
+        self.prefix = f"/backends-{self.frontend}"
+        self.containers: list[Any] = []
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return {"ETCD_HOST": self.etcd.endpoint, "DISCOVERD_ETCD_PREFIX": self.prefix, **extra}
+
+    def start_register(self, host_ip: str) -> DiscoverdProcess:
+        name = f"register-{host_ip}"
+        agent = DiscoverdProcess(
+            self.root / name,
+            ["register", "--host-id", f"host{host_ip.rsplit('.', 1)[1]}", "--log-level", "debug"],
+            self.env(
+                HOST_IP=host_ip,
+                DOCKER_HOST=self.daemons[host_ip].host,
+                DISCOVERD_STATE_DIR=str(self.root / name / "state"),
+                DISCOVERD_ETCD_TTL="5",
+            ),
+        ).start()
+        self.agents[name] = agent
+        return agent
+
+    def start_discover(self) -> DiscoverdProcess:
+        agent = DiscoverdProcess(
+            self.root / "discover",
+            [
+                "discover",
+                "--set",
+                "haproxy.bind=127.0.0.1",
+                "--set",
+                f"haproxy.stats_port={self.stats}",
+                "--set",
+                "haproxy.check_interval=500ms",
+                "--log-level",
+                "debug",
+            ],
+            self.env(DISCOVERD_STATE_DIR=str(self.root / "discover" / "state")),
+        ).start()
+        self.agents["discover"] = agent
+        return agent
+
+    def whoami(self, host_ip: str) -> Any:
+        container = run_whoami(
+            self.daemons[host_ip].client(),
+            host_ip=host_ip,
+            labels={"SERVICE_8000_PORT": str(self.frontend), "SERVICE_MODE": "http"},
+        )
+        self.containers.append(container)
+        return container
+
+    def answers(self, count: int = 8) -> set[str]:
+        return set(requests_through(self.frontend, count))
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {n}\n{a.log()[-4000:]}" for n, a in self.agents.items())
+
+    def stop_haproxy(self) -> None:
+        pid_file = self.root / "discover" / "state" / "haproxy" / "haproxy.pid"
+        if pid_file.exists():
+            subprocess.run(["kill", "-USR1", pid_file.read_text().split()[0]], check=False)
+
+
+@pytest.fixture
+def cluster(
+    etcd: Etcd,
+    docker_daemon: DockerDaemon,
+    docker_daemon2: DockerDaemon,
+    haproxy_binary: str,
+) -> Iterator[Cluster]:
+    # A short root: HAProxy's unix sockets live below it (at most ~100 bytes per path).
+    root = Path(tempfile.mkdtemp(prefix="dde2e"))
+    c = Cluster(root, etcd, {HOST_A: docker_daemon, HOST_B: docker_daemon2})
+    yield c
+    for agent in c.agents.values():
+        if agent.alive():
+            agent.terminate()
+    c.stop_haproxy()
+    for container in c.containers:
+        with contextlib.suppress(Exception):
+            container.remove(force=True)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def whoami_name(container: Any) -> str:
+    return f"I am {container.id[:12]}"
+
+
+def test_seed_walkthrough(cluster: Cluster) -> None:
+    cluster.start_register(HOST_A)
+    cluster.start_register(HOST_B)
+    cluster.start_discover()
+
+    # Two hosts, one whoami each: requests to the frontend alternate between both.
+    first = [cluster.whoami(HOST_A), cluster.whoami(HOST_B)]
+    expected = {whoami_name(c) for c in first}
+    until(lambda: cluster.answers() == expected, 30, "both whoami answer\n" + cluster.logs())
+    answers = requests_through(cluster.frontend, 10)
+    assert set(answers) == expected
+    assert all(a != b for a, b in itertools.pairwise(answers)), answers
+
+    # Two more on the second host (the seed's whoami-2 and whoami-3): all four answer.
+    more = [cluster.whoami(HOST_B), cluster.whoami(HOST_B)]
+    expected |= {whoami_name(c) for c in more}
+    until(lambda: cluster.answers(16) == expected, 30, "all four answer")
+
+    # Kill everything on the second host: only the survivor answers, and once the proxy has
+    # converged a steady client sees no failed request.
+    for container in [first[1], *more]:
+        container.kill()
+    survivor = {whoami_name(first[0])}
+    until(lambda: cluster.answers(6) == survivor, 30, "only the survivor answers")
+    steady = requests_through(cluster.frontend, 200)
+    assert set(steady) == survivor, [a for a in steady if a not in survivor][:5]
+
+    # The stats page answers on its (loopback) port.
+    assert "Statistics Report" in http_get(f"http://127.0.0.1:{cluster.stats}/")
+
+    # What the registry holds, as the CLI shows it, in the seed's layout.
+    listing = subprocess.run(
+        [sys.executable, "-m", "discoverd", "services", "--json"],
+        env={**os.environ, **cluster.env()},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    [service] = json.loads(listing.stdout)
+    assert service["name"] == "whoami" and service["frontend_port"] == cluster.frontend
+    assert [i["address"] for i in service["instances"]] == [HOST_A], cluster.logs()
+
+
+def test_sigterm_deregisters_at_once_and_proxy_keeps_serving(cluster: Cluster) -> None:
+    agent_a = cluster.start_register(HOST_A)
+    cluster.start_register(HOST_B)
+    cluster.start_discover()
+    a, b = cluster.whoami(HOST_A), cluster.whoami(HOST_B)
+    until(
+        lambda: cluster.answers() == {whoami_name(a), whoami_name(b)},
+        30,
+        "both answer\n" + cluster.logs(),
+    )
+    # SIGTERM: exit 0, and this host's instances leave at once (lease revoked, not 5 s later).
+    assert agent_a.terminate() == 0
+    until(lambda: cluster.answers(6) == {whoami_name(b)}, 3, "host A's instance removed")
+    assert "deregistered" in agent_a.log()
+
+    # The discover agent exits too; HAProxy keeps serving its last configuration.
+    assert cluster.agents["discover"].terminate() == 0
+    assert set(requests_through(cluster.frontend, 10)) == {whoami_name(b)}
+
+
+def test_registry_outage_keeps_the_proxy_and_heals(cluster: Cluster) -> None:
+    cluster.start_register(HOST_A)
+    cluster.start_discover()
+    a = cluster.whoami(HOST_A)
+    until(lambda: cluster.answers() == {whoami_name(a)}, 30, "whoami answers\n" + cluster.logs())
+
+    cluster.etcd.kill()
+    try:
+        # While etcd is down, the proxy keeps its last good configuration.
+        assert set(requests_through(cluster.frontend, 20)) == {whoami_name(a)}
+        b = cluster.whoami(HOST_A)  # registered once etcd is back
+    finally:
+        cluster.etcd.start()
+    until(
+        lambda: cluster.answers(8) == {whoami_name(a), whoami_name(b)},
+        40,
+        "the new container is routed after the outage\n" + cluster.logs(),
+    )
+    assert all(agent.alive() for agent in cluster.agents.values())
