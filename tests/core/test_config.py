@@ -119,3 +119,20 @@ def test_shipped_example_is_valid() -> None:
 
     settings = load_settings(plugin_schemas(get_plugin_manager()), config_file=example, env={})
     assert settings["registry"] == "etcd"
+
+
+def test_state_dir_defaults_for_root_and_users(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from discoverd.core import config
+
+    monkeypatch.setattr(config.os, "geteuid", lambda: 0)
+    assert load_settings(SCHEMAS, env={}).state_dir == Path("/run/discoverd")
+    monkeypatch.setattr(config.os, "geteuid", lambda: 1000)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    assert load_settings(SCHEMAS, env={}).state_dir == tmp_path / "discoverd"
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load_settings(SCHEMAS, env={}).state_dir == tmp_path / ".local/state/discoverd"
+    explicit = load_settings(SCHEMAS, env={"DISCOVERD_STATE_DIR": "/srv/dd"})
+    assert explicit.state_dir == Path("/srv/dd")

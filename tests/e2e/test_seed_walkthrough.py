@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -209,3 +209,26 @@ def test_registry_outage_keeps_the_proxy_and_heals(cluster: Cluster) -> None:
         "the new container is routed after the outage\n" + cluster.logs(),
     )
     assert all(agent.alive() for agent in cluster.agents.values())
+
+
+def test_docker_daemon_outage_does_not_stop_the_register_agent(
+    cluster: Cluster, docker_daemon_factory: Callable[[], DockerDaemon]
+) -> None:
+    daemon = docker_daemon_factory()  # this test alone kills it
+    cluster.daemons[HOST_A] = daemon
+    agent = cluster.start_register(HOST_A)
+    cluster.start_discover()
+    before = cluster.whoami(HOST_A)
+    until(lambda: cluster.answers() == {whoami_name(before)}, 30, "routable\n" + cluster.logs())
+
+    daemon.kill()
+    until(lambda: "Docker daemon at" in agent.log(), 15, "the agent notices the outage")
+    assert agent.alive()
+    daemon.start()
+    after = cluster.whoami(HOST_A)  # a fresh client: the old one's daemon is gone
+    until(
+        lambda: whoami_name(after) in cluster.answers(8),
+        40,
+        "a container started after the daemon came back is routed\n" + cluster.logs(),
+    )
+    assert agent.alive()
