@@ -114,7 +114,18 @@ def main() -> int:
         say(f"docker kill {' '.join(c.id[:12] for c in killed)}")
         for c in killed:
             c.kill()
-        wait_until(lambda: set(curl_quiet(args.port, 6)) == names(first[:1]), 30)
+        config = state / "haproxy" / "haproxy.cfg"
+
+        def servers() -> int:
+            return sum(
+                1 for ln in config.read_text().splitlines() if ln.strip().startswith("server ")
+            )
+
+        started = time.monotonic()
+        if not wait_until(lambda: servers() == 1, 30):
+            print((root / "discoverd.log").read_text()[-6000:])
+            raise SystemExit("the killed backends were not removed")
+        print(f"    (removed from the proxy within {time.monotonic() - started:.2f} s)")
         curl(args.port, 4)
 
         say(f"HAProxy stats page: http://127.0.0.1:{args.stats_port}/")
