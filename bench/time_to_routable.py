@@ -34,6 +34,7 @@ def get(url: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--log-level", default="warning", help="discoverd's log level")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="dbench"))
     etcd, daemon = Etcd(root / "etcd"), DockerDaemon(root / "docker")
@@ -52,7 +53,7 @@ def main() -> int:
             [
                 sys.executable, "-m", "discoverd", "--host-ip", "127.0.0.1",
                 "--state-dir", str(state), "--set", "haproxy.bind=127.0.0.1",
-                "--set", f"haproxy.stats_port={stats}", "--log-level", "warning",
+                "--set", f"haproxy.stats_port={stats}", "--log-level", args.log_level,
             ],
             env=env,
         )  # fmt: skip
