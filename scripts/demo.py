@@ -30,12 +30,7 @@ def say(text: str) -> None:
 
 
 def curl(port: int, count: int) -> list[str]:
-    answers = []
-    for _ in range(count):
-        try:
-            answers.append(http_get(f"http://127.0.0.1:{port}/", timeout=3).strip())
-        except Exception as exc:
-            answers.append(f"error: {exc}")
+    answers = curl_quiet(port, count)
     for answer in answers:
         print(f"    $ curl $HOST_IP:{port}\n    {answer}")
     return answers

@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING, Self
 import docker
 import docker.errors
 
+from discoverd.core.process import pid_alive
+
 if TYPE_CHECKING:
     from docker.models.containers import Container
 
@@ -181,22 +183,6 @@ def _log_tail(path: Path, lines: int = 25) -> str:
         return f"(no log at {path})"
     tail = "\n".join(text.splitlines()[-lines:])
     return f"last lines of {path}:\n{tail}"
-
-
-def _pid_alive(pid: int) -> bool:
-    """True if ``pid`` names a live (not zombie) process."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    # The state follows the parenthesised command name, which may itself contain spaces.
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 def _proc_comm(pid: int) -> str:
@@ -532,7 +518,7 @@ class DockerDaemon:
             self.pid_file.unlink(missing_ok=True)
             return
         deadline = time.monotonic() + timeout
-        while _pid_alive(pid) and _proc_comm(pid) == "dockerd":
+        while pid_alive(pid) and _proc_comm(pid) == "dockerd":
             if time.monotonic() >= deadline:
                 raise ServiceUnavailable(
                     f"dockerd pid {pid} from {self.pid_file} is still running after "
@@ -554,7 +540,7 @@ class DockerDaemon:
 
     def _kill_orphan_proxies(self) -> None:
         for pid in self._orphan_proxies:
-            if _pid_alive(pid) and _proc_comm(pid) == "docker-proxy":
+            if pid_alive(pid) and _proc_comm(pid) == "docker-proxy":
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         self._orphan_proxies.clear()

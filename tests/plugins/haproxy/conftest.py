@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 
 from discoverd import HostInfo, PluginContext, Service, ServiceInstance
+from discoverd.core.process import pid_alive
 from discoverd.plugins.haproxy import make_proxy
 from discoverd.plugins.haproxy.proxy import HAProxy
-from discoverd.plugins.haproxy.runtime import pid_alive, read_pid, show_proc
+from discoverd.plugins.haproxy.runtime import read_pid, show_proc
 
 
 class NameServer:

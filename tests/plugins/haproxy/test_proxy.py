@@ -28,13 +28,13 @@ from discoverd import (
     ServiceInstance,
 )
 from discoverd.core.manager import get_plugin_manager
+from discoverd.core.process import pid_alive
 from discoverd.plugins.haproxy import make_proxy
 from discoverd.plugins.haproxy.proxy import HAProxy
 from discoverd.plugins.haproxy.runtime import (
     cli,
     filter_server_state,
     parse_show_proc,
-    pid_alive,
 )
 from discoverd.testing.services import free_port, http_get, wait_for
 from tests.plugins.haproxy.conftest import NameServer, http_service

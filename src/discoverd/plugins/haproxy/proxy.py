@@ -40,6 +40,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from discoverd import PluginError, Proxy, ProxyConfigError, Service, Unavailable
+from discoverd.core.process import pid_alive
 from discoverd.plugins.haproxy import render as rendering
 from discoverd.plugins.haproxy.runtime import (
     ProcStatus,
@@ -47,7 +48,6 @@ from discoverd.plugins.haproxy.runtime import (
     cli,
     command_line,
     filter_server_state,
-    pid_alive,
     read_pid,
     send_only,
     show_proc,

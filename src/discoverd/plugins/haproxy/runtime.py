@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import os
 import re
 import socket
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from discoverd.core.process import pid_alive
 
 _FAILED_RE = re.compile(r"\[failed:\s*(\d+)\]")
 # "[ALERT]    (1234) : config : parsing [file:12] : message" -> "config : parsing ..."
@@ -95,21 +96,6 @@ def show_proc(master_socket: Path, timeout: float = 2.0) -> ProcStatus | None:
         return parse_show_proc(cli(master_socket, "show proc", timeout))
     except OSError:
         return None
-
-
-def pid_alive(pid: int) -> bool:
-    """True if ``pid`` is a live process (a zombie counts as dead)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True  # no procfs: trust kill(0)
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 def command_line(pid: int) -> list[str] | None:
