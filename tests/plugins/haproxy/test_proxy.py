@@ -6,6 +6,7 @@ test starts is stopped by the ``make_haproxy`` fixture.
 
 from __future__ import annotations
 
+import http.client
 import itertools
 import logging
 import os
@@ -670,7 +671,12 @@ def test_http_mode_replays_gets_but_not_posts(
                         statuses.append(response.status)
                 except urllib.error.HTTPError as exc:
                     statuses.append(exc.code)
-            assert sorted(statuses) == [200, 200, 502, 502], statuses
+                except (http.client.RemoteDisconnected, ConnectionResetError):
+                    statuses.append(0)  # closed without a status: not replayed either
+            # Roundrobin sends two of the four POSTs to the server that hangs up: those fail
+            # (502, or a closed connection) instead of being replayed on the good server.
+            assert statuses.count(200) == 2, statuses
+            assert sorted(s for s in statuses if s != 200) in ([0, 0], [0, 502], [502, 502])
         finally:
             stop.set()
             thread.join()
