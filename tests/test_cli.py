@@ -81,6 +81,9 @@ def test_check_shipped_example() -> None:
         ("[haproxy]\nstats_prot = 1\n", ["bad.toml", "unknown key 'haproxy.stats_prot'"]),
         ("registry = 'zookeeper'\n", ["Unknown registry 'zookeeper'"]),
         ("[etcd\n", ["bad.toml", "not valid TOML"]),
+        ("[haproxy]\ncheck_interval = 'abc'\n", ["bad.toml", "check_interval", "'abc'"]),
+        ("[etcd]\nttl = 0\n", ["bad.toml", "ttl"]),
+        ("[etcd]\nendpoints = ['ftp://x:1']\n", ["bad.toml", "ftp://x:1"]),
     ],
 )
 def test_check_bad_file(tmp_path: Path, text: str, fragments: list[str]) -> None:
@@ -130,7 +133,7 @@ def test_render_and_services_from_seed_layout(tmp_path: Path, etcd: Etcd) -> Non
     env_vars = {
         "ETCD_HOST": etcd.endpoint,
         "DISCOVERD_ETCD_PREFIX": prefix,
-        "DISCOVERD_STATE_DIR": str(tmp_path),
+        "DISCOVERD_STATE_DIR": str(tmp_path / "state"),
     }
     rendered = discoverd("render", env=env_vars)
     assert rendered.returncode == 0, rendered.stderr
@@ -140,4 +143,14 @@ def test_render_and_services_from_seed_layout(tmp_path: Path, etcd: Etcd) -> Non
     listing = discoverd("services", env=env_vars)
     assert listing.returncode == 0
     assert "whoami  8000" in " ".join(listing.stdout.split("  ")) or "whoami" in listing.stdout
-    assert not (tmp_path / "haproxy" / "haproxy.pid").exists()  # render started nothing
+    assert not (tmp_path / "state").exists()  # render and services changed nothing
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o775])
+def test_a_state_dir_others_can_write_is_refused(tmp_path: Path, mode: int) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    state.chmod(mode)
+    result = discoverd("--state-dir", str(state), env={"ETCD_HOST": f"127.0.0.1:{free_port()}"})
+    line = one_line_error(result, 2)
+    assert str(state) in line and "writable by group or others" in line

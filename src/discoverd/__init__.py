@@ -21,7 +21,7 @@ from discoverd.core.interfaces import (
     SourcePlugin,
     Unavailable,
 )
-from discoverd.core.metadata import ContainerSpec, PortBinding, instances_for
+from discoverd.core.metadata import ContainerSpec, PortBinding, instances_for, parse_env
 from discoverd.core.model import (
     Catalog,
     Problem,
@@ -62,5 +62,6 @@ __all__ = [
     "hookspec",
     "instances_for",
     "parse_endpoint",
+    "parse_env",
     "template_environment",
 ]

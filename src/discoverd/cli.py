@@ -188,8 +188,8 @@ def _assignment(params: dict[str, Any], with_proxy: bool) -> tuple[Any, Any]:
     from discoverd.core.services import build_services
 
     settings, manager = load(params)
-    proxy = make_proxy(manager, settings) if with_proxy else None
-    registry = make_registry(manager, settings)
+    proxy = make_proxy(manager, settings, create=False) if with_proxy else None
+    registry = make_registry(manager, settings, create=False)
     try:
         catalog = registry.snapshot()
     finally:
@@ -295,8 +295,9 @@ def plugins(as_json: bool) -> None:
 def check(file: Path) -> None:
     """Validate a config file: syntax, keys, value types and plugin names."""
     from discoverd.core.config import load_settings
+    from discoverd.core.interfaces import PluginError
     from discoverd.core.manager import get_plugin_manager
-    from discoverd.core.runtime import plugin_schemas
+    from discoverd.core.runtime import make_proxy, make_registry, make_source, plugin_schemas
 
     with operator_errors():
         manager = get_plugin_manager()
@@ -304,6 +305,13 @@ def check(file: Path) -> None:
         manager.source(settings["source"])
         manager.registry(settings["registry"])
         manager.proxy(settings["proxy"])
+        # The plugins' own checks of their values (their factories connect to nothing).
+        for make in (make_source, make_registry, make_proxy):
+            try:
+                built: Any = make(manager, settings, create=False)
+            except PluginError as exc:
+                raise PluginError(f"config file {file}: {exc}") from None
+            built.close()
     click.echo(
         f"{file}: ok (source {settings['source']}, registry {settings['registry']}, "
         f"proxy {settings['proxy']})"

@@ -252,3 +252,87 @@ def test_discover_never_applies_an_empty_set_because_of_an_error() -> None:
         eventually(lambda: len(proxy.applied) == 2)
     finally:
         role.stop()
+
+
+def test_discover_periodic_pass_hands_the_proxy_its_config_again() -> None:
+    registry, proxy = FakeRegistry(), FakeProxy()
+    registry.entries = {inst(1).id: inst(1)}
+    role = make_discover(registry, proxy)
+    role.reconcile()
+    assert role.reconcile() == "unchanged" and len(proxy.applied) == 1
+    assert role.reconcile(force_apply=True) == "unchanged"
+    assert len(proxy.applied) == 2 and proxy.applied[1] == proxy.applied[0]
+
+
+def test_discover_periodic_pass_is_scheduled() -> None:
+    registry, proxy = FakeRegistry(), FakeProxy()
+    registry.entries = {inst(1).id: inst(1)}
+    role = DiscoverRole(
+        registry, proxy, min_wait=0.0, max_wait=0.01, retry_max=0.05, resync_interval=0.05
+    )
+    role.start()
+    try:
+        eventually(lambda: len(proxy.applied) >= 3)  # no event at all after the start
+        assert set(proxy.applied) == {proxy.applied[0]}
+    finally:
+        role.stop()
+
+
+class FlakySource(FakeSource):
+    def __init__(self) -> None:
+        super().__init__()
+        self.explode = 1
+
+    def snapshot(self) -> SourceSnapshot:
+        if self.explode:
+            self.explode -= 1
+            raise RuntimeError("a bug in a plugin")
+        return super().snapshot()
+
+
+def test_an_unexpected_error_does_not_stop_the_loop_until_the_next_event() -> None:
+    source, registry = FlakySource(), FakeRegistry()
+    source.instances = [inst(1)]
+    role = RegisterRole(
+        source, registry, min_wait=0.0, max_wait=0.01, retry_max=0.05, resync_interval=0
+    )
+    role.start()
+    try:
+        eventually(lambda: inst(1).id in registry.entries)  # retried without any new event
+    finally:
+        role.stop()
+
+
+def test_agent_shutdown_leaves_the_proxy_with_this_hosts_instances() -> None:
+    """Both roles in one process: the deregistration on the way out must not reach the proxy."""
+    from discoverd.core.runtime import Agent
+
+    class WatchedRegistry(FakeRegistry):
+        def __init__(self) -> None:
+            super().__init__()
+            self.watchers: list[Callable[[str], None]] = []
+
+        def watch(self, notify: Callable[[str], None], stop: threading.Event, since: int) -> None:
+            self.watchers.append(notify)
+            stop.wait()
+
+        def close(self, deregister: bool = False) -> None:
+            super().close(deregister)
+            if deregister:
+                for notify in self.watchers:
+                    notify("etcd watch")
+                time.sleep(0.3)  # room for a discover role still running to act on it
+
+    source, registry, proxy = FakeSource(), WatchedRegistry(), FakeProxy()
+    source.instances = [inst(1)]
+    register = RegisterRole(source, registry, min_wait=0.0, max_wait=0.01, retry_max=0.05)
+    discover = DiscoverRole(registry, proxy, min_wait=0.0, max_wait=0.01, retry_max=0.05)
+    agent = Agent(settings=None, manager=None)  # type: ignore[arg-type]
+    agent.register, agent.discover = register, discover
+    register.start()
+    discover.start()
+    eventually(lambda: bool(proxy.applied) and "30001" in proxy.applied[-1])
+    eventually(lambda: bool(registry.watchers))
+    agent.shutdown()
+    assert registry.entries == {}  # deregistered
+    assert "30001" in proxy.applied[-1]  # but the proxy still serves the instance

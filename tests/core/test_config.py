@@ -97,9 +97,10 @@ def test_bad_file_names_file_key_and_expectation(
         assert fragment in str(info.value)
 
 
-def test_bad_environment_value_names_the_variable() -> None:
+@pytest.mark.parametrize("value", ["x", "\u00b2", "1.5"])
+def test_bad_environment_value_names_the_variable(value: str) -> None:
     with pytest.raises(ConfigError, match="environment variable DISCOVERD_ETCD_TTL"):
-        load_settings(SCHEMAS, env={"DISCOVERD_ETCD_TTL": "x"})
+        load_settings(SCHEMAS, env={"DISCOVERD_ETCD_TTL": value})
 
 
 def test_missing_file(tmp_path: Path) -> None:

@@ -107,6 +107,9 @@ def test_frontend_port_label() -> None:
         ({"SERVICE_NOTE": "a}b"}, "SERVICE_NOTE", "contains"),
         ({"SERVICE_MODE": "udp"}, "SERVICE_MODE", "mode must be http or tcp"),
         ({"SERVICE_Bad.Key": "v"}, "SERVICE_Bad.Key", "metadata key"),
+        ({"SERVICE_Mode": "x"}, "SERVICE_Mode", "mode must be http or tcp"),
+        ({"SERVICE_8000_mode": "x"}, "SERVICE_8000_mode", "mode must be http or tcp"),
+        ({"SERVICE_PORT": "\u00b2"}, "SERVICE_PORT", "frontend port"),
     ],
 )
 def test_hostile_labels_skip_only_that_port(labels: dict[str, str], label: str, rule: str) -> None:
@@ -147,3 +150,11 @@ def test_a_port_published_on_several_addresses_is_one_instance() -> None:
     assert problems == [] and i.port == 32769 and i.service == "whoami"
     [j], _ = instances_for(spec(ports=ports), host_ip="", host_id="h")
     assert (j.address, j.port) == ("10.0.0.5", 32769)  # first in order when none is preferred
+
+
+def test_a_container_started_from_an_image_id_needs_a_name() -> None:
+    image = "sha256:" + "4bce3761fab2" * 5 + "ab12"
+    instances, problems = instances_for(spec(image=image), host_ip="", host_id="h")
+    assert instances == [] and "set SERVICE_NAME" in problems[0].message
+    [named], _ = instances_for(spec({"SERVICE_NAME": "web"}, image=image), host_ip="", host_id="h")
+    assert named.service == "web"

@@ -232,3 +232,35 @@ def test_docker_daemon_outage_does_not_stop_the_register_agent(
         "a container started after the daemon came back is routed\n" + cluster.logs(),
     )
     assert agent.alive()
+
+
+def test_both_roles_in_one_process_and_a_restart_keeps_traffic(cluster: Cluster) -> None:
+    """`discoverd --registry etcd --proxy haproxy`: both roles in one process. Its SIGTERM
+    revokes the lease but leaves the proxy serving this host's instances, and a restarted
+    discoverd adopts the running HAProxy."""
+    state = cluster.root / "both" / "state"
+    args = [
+        "--registry", "etcd", "--proxy", "haproxy",
+        "--host-ip", HOST_A, "--host-id", "both", "--state-dir", str(state),
+        "--set", "haproxy.bind=127.0.0.1", "--set", f"haproxy.stats_port={cluster.stats}",
+    ]  # fmt: skip
+    env = cluster.env(DOCKER_HOST=cluster.daemons[HOST_A].host)
+    first = DiscoverdProcess(cluster.root / "both", args, env).start()
+    cluster.agents["both"] = first
+    a = cluster.whoami(HOST_A)
+    until(lambda: cluster.answers() == {whoami_name(a)}, 30, "routable\n" + cluster.logs())
+    config = state / "haproxy" / "haproxy.cfg"
+    served = config.read_text()
+    assert f"{HOST_A}:" in served
+
+    assert first.terminate() == 0
+    # The proxy was not emptied by this host's own deregistration on the way out.
+    assert config.read_text() == served
+    assert set(requests_through(cluster.frontend, 10)) == {whoami_name(a)}
+
+    second = DiscoverdProcess(cluster.root / "both", args, env).start()
+    cluster.agents["both"] = second
+    until(lambda: "register: added" in second.log().split("starting")[-1], 30, "re-registered")
+    assert set(requests_through(cluster.frontend, 10)) == {whoami_name(a)}
+    masters = cluster.root / "both" / "state" / "haproxy" / "haproxy.pid"
+    assert masters.exists()  # the same master, adopted (its pid file is still the one)

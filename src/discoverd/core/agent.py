@@ -26,6 +26,9 @@ from discoverd.core.services import build_services
 
 log = logging.getLogger("discoverd")
 
+#: The reason of the periodic pass each role makes even without events.
+RESYNC = "periodic resync"
+
 
 class Waker:
     """Coalesces wake-ups: ``notify`` from any thread, ``wait`` in the loop that acts."""
@@ -168,7 +171,10 @@ class Role:
                     return
                 except Exception:
                     log.exception("%s: unexpected error in %s; restarting it", self.name, what)
-                    self.stop_event.wait(backoff.next())
+                    delay = backoff.next()
+                    # The batch that failed was consumed: make sure the loop runs again.
+                    self.waker.retry_in(delay, "restart after an error")
+                    self.stop_event.wait(delay)
 
         return run
 
@@ -242,7 +248,7 @@ class RegisterRole(Role):
                 self.reconcile()
                 backoff.reset()
                 if self.resync_interval > 0:
-                    self.waker.retry_in(self.resync_interval, "periodic resync")
+                    self.waker.retry_in(self.resync_interval, RESYNC)
             except PluginError as exc:
                 delay = backoff.next()
                 log.warning("register: %s; retrying in %.1fs", exc, delay)
@@ -325,8 +331,10 @@ class DiscoverRole(Role):
         min_wait: float = 0.02,
         max_wait: float = 0.5,
         retry_max: float = 10.0,
+        resync_interval: float = 30.0,
     ) -> None:
         super().__init__(min_wait, max_wait, retry_max)
+        self.resync_interval = resync_interval
         self.registry = registry
         self.proxy = proxy
         self.proxy_name = proxy_name
@@ -360,8 +368,12 @@ class DiscoverRole(Role):
         while (reasons := self.waker.wait(self.stop_event)) is not None:
             log.debug("discover: reconcile (%s)", ", ".join(reasons))
             try:
-                self.reconcile()
+                # The periodic pass also hands the proxy its configuration again, so a proxy
+                # that died while nothing changed is started again.
+                self.reconcile(force_apply=RESYNC in reasons)
                 backoff.reset()
+                if self.resync_interval > 0:
+                    self.waker.retry_in(self.resync_interval, RESYNC)
             except PluginError as exc:
                 delay = backoff.next()
                 log.warning(
@@ -372,8 +384,11 @@ class DiscoverRole(Role):
                 self.counters.inc("discover_errors")
                 self.waker.retry_in(delay)
 
-    def reconcile(self) -> str:
-        """One pass; returns what happened: "applied", "unchanged" or "rejected"."""
+    def reconcile(self, force_apply: bool = False) -> str:
+        """One pass; returns what happened: "applied", "unchanged" or "rejected".
+
+        With ``force_apply`` an unchanged configuration is still handed to the proxy (whose
+        ``apply`` is cheap when it already runs it, and starts it again when it died)."""
         catalog = self.registry.snapshot()
         self.revision = catalog.revision
         self.first_snapshot.set()
@@ -391,6 +406,12 @@ class DiscoverRole(Role):
         self.services = services
         config = self.proxy.render(services)
         if config == self.applied:
+            if force_apply:
+                result = self.proxy.apply(config, services)
+                if result != "unchanged":
+                    log.warning("discover: %s was not running its configuration: %s",
+                                self.proxy_name, result)  # fmt: skip
+                    self.counters.inc("proxy_restarts")
             self.converged.set()
             return "unchanged"
         if config == self.rejected:

@@ -44,7 +44,7 @@ CORE_OPTIONS: tuple[Option, ...] = (
         str,
         "",
         "Address other hosts reach this host's published ports on (the seed's HOST_IP). "
-        "Empty: the address of each port binding when it is not 0.0.0.0, else detected.",
+        "Empty: the address of each port binding; ports published on 0.0.0.0 then need it.",
         env=("HOST_IP",),
     ),
     Option("host_id", str, "", "Stable id of this agent (default: the host name).", env=()),
@@ -69,8 +69,9 @@ CORE_OPTIONS: tuple[Option, ...] = (
         "resync_interval",
         float,
         30.0,
-        "The register role re-reads its source this often even without events (0: never), "
-        "a safety net for missed events; it writes to the registry only what differs.",
+        "Each role makes a full pass this often even without events (0: never): register "
+        "re-reads its source (writing to the registry only what differs), discover re-reads "
+        "the registry and starts the proxy again if it died.",
     ),
 )
 CORE_SECTION = "discoverd"
@@ -137,7 +138,8 @@ def convert(option: Option, value: Any, where: str) -> Any:
             raise fail()
         if isinstance(value, int):
             return value
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        digits = value.strip().lstrip("-") if isinstance(value, str) else ""
+        if digits.isascii() and digits.isdigit():
             return int(value)
         raise fail()
     if kind is float:

@@ -65,11 +65,17 @@ class ContainerSpec:
     ports: tuple[PortBinding, ...]
 
 
+_IMAGE_ID = re.compile(r"(sha256:)?[0-9a-f]{12,64}")
+
+
 def image_service_name(image: str) -> str:
     """The repository name of an image reference, lower-cased: the seed's default service name.
 
     ``whoami``, ``jwilder/whoami:latest``, ``registry:5000/a/b/whoami@sha256:...`` -> ``whoami``.
+    A container started from an image id (``sha256:4bce...``) has no repository name: ``""``.
     """
+    if _IMAGE_ID.fullmatch(image):
+        return ""
     ref = image.split("@", 1)[0]
     last = ref.rsplit("/", 1)[-1]
     return last.split(":", 1)[0].lower()
@@ -134,6 +140,8 @@ def instances_for(
             )
         except _Refused as refused:
             problems.append(Problem(subject, str(refused)))
+        except Exception as exc:  # never let one odd value stop the whole host's snapshot
+            problems.append(Problem(subject, f"refused: {type(exc).__name__}: {exc}"))
     return instances, problems
 
 
@@ -182,7 +190,7 @@ def _instance(
         name = f"{name}-{binding.private_port}" if grouped else name
     else:
         name = image_service_name(container.image)
-        name_key = f"image {container.image!r}"
+        name_key = f"image {container.image[:40]!r}"
         name = f"{name}-{binding.private_port}" if grouped else name
     try:
         check_service_name(name)
@@ -211,6 +219,7 @@ def _instance(
             raise refuse(entry[1], entry[0], exc) from None
 
     meta: dict[str, str] = {}
+    origin: dict[str, str] = {}  # metadata key -> the label or variable it came from
     for table in (common, own):  # the port's own values win
         for key, (value, source) in table.items():
             if key in _RESERVED:
@@ -220,9 +229,9 @@ def _instance(
             except ValidationError as exc:
                 raise refuse(source, value, exc) from None
             meta[meta_key] = meta_value
+            origin[meta_key] = source
     if "mode" in meta and meta["mode"] not in MODES:
-        source = (own.get("MODE") or common["MODE"])[1]
-        raise refuse(source, meta["mode"], ValueError("mode must be http or tcp"))
+        raise refuse(origin["mode"], meta["mode"], ValueError("mode must be http or tcp"))
 
     address = host_ip or ("" if binding.host_ip in _WILDCARD else binding.host_ip)
     if not address:

@@ -46,7 +46,7 @@ def check_port(port: object, what: str = "port") -> int:
     if isinstance(port, bool):
         raise ValidationError(f"{what} {_short(port)} must be a number from 1 to 65535")
     if isinstance(port, str):
-        if not port.isdigit():
+        if not (port.isascii() and port.isdigit()):  # str.isdigit() is true for "²"
             raise ValidationError(f"{what} {_short(port)} must be a number from 1 to 65535")
         port = int(port)
     if not isinstance(port, int) or not 1 <= port <= 65535:
@@ -57,9 +57,13 @@ def check_port(port: object, what: str = "port") -> int:
 def check_address(address: str) -> str:
     """An IPv4 or IPv6 literal (host names are not accepted: proxies must not resolve them)."""
     try:
-        return str(ipaddress.ip_address(address))
+        parsed = ipaddress.ip_address(address)
     except (ValueError, TypeError):
         raise ValidationError(f"address {_short(address)} is not an IP address") from None
+    if isinstance(parsed, ipaddress.IPv6Address) and parsed.scope_id is not None:
+        # A scope id may hold any text but '%' and '/': spaces and proxy keywords included.
+        raise ValidationError(f"address {_short(address)}: IPv6 scope ids are not accepted")
+    return str(parsed)
 
 
 def check_tag(tag: str) -> str:

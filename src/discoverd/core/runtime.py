@@ -32,42 +32,57 @@ def configure_logging(level: str) -> None:
 
 
 def ensure_state_dir(settings: Settings) -> Path:
+    """Create the state directory if needed, and refuse one that others could tamper with
+    (the proxy runs what is written there, often as root)."""
     path = settings.state_dir
     try:
         path.mkdir(parents=True, exist_ok=True, mode=0o755 if os.geteuid() == 0 else 0o700)
+        info = path.stat()
     except OSError as exc:
         raise ConfigError(f"state_dir {path}: cannot be created ({exc.strerror})") from None
+    if info.st_uid != os.geteuid():
+        raise ConfigError(
+            f"state_dir {path}: owned by uid {info.st_uid}, not by this user "
+            f"(uid {os.geteuid()}); use a directory of your own"
+        )
+    if info.st_mode & 0o022:
+        raise ConfigError(
+            f"state_dir {path}: writable by group or others (mode {info.st_mode & 0o777:o}); "
+            f"run: chmod go-w {path}"
+        )
     if not os.access(path, os.W_OK):
         raise ConfigError(f"state_dir {path}: not writable by this user")
     return path
 
 
-def context_for(settings: Settings, plugin: str) -> PluginContext:
+def context_for(settings: Settings, plugin: str, *, create: bool = True) -> PluginContext:
+    """The factory's context. ``create=False`` (``render``, ``services``, ``check``) leaves the
+    state directory alone: those commands change nothing."""
     return PluginContext(
         options=settings.options_for(plugin),
         host=settings.host(),
-        state_dir=ensure_state_dir(settings),
+        state_dir=ensure_state_dir(settings) if create else settings.state_dir,
         settings=dict(settings.core),
     )
 
 
-def _build(factory: Callable[[PluginContext], T], settings: Settings, name: str) -> T:
-    return factory(context_for(settings, name))
+def _build(factory: Callable[[PluginContext], T], settings: Settings, name: str, create: bool) -> T:
+    return factory(context_for(settings, name, create=create))
 
 
-def make_source(manager: PluginManager, settings: Settings) -> Source:
+def make_source(manager: PluginManager, settings: Settings, *, create: bool = True) -> Source:
     name = settings["source"]
-    return _build(manager.source(name).factory, settings, name)
+    return _build(manager.source(name).factory, settings, name, create)
 
 
-def make_registry(manager: PluginManager, settings: Settings) -> Registry:
+def make_registry(manager: PluginManager, settings: Settings, *, create: bool = True) -> Registry:
     name = settings["registry"]
-    return _build(manager.registry(name).factory, settings, name)
+    return _build(manager.registry(name).factory, settings, name, create)
 
 
-def make_proxy(manager: PluginManager, settings: Settings) -> Proxy:
+def make_proxy(manager: PluginManager, settings: Settings, *, create: bool = True) -> Proxy:
     name = settings["proxy"]
-    return _build(manager.proxy(name).factory, settings, name)
+    return _build(manager.proxy(name).factory, settings, name, create)
 
 
 def plugin_schemas(manager: PluginManager) -> dict[str, Any]:
@@ -117,6 +132,7 @@ class Agent:
                 proxy_name=core["proxy"],
                 manager=self.manager,
                 default_mode=cast(Mode, core["default_mode"]),
+                resync_interval=core["resync_interval"],
                 **timing,
             )
 
@@ -141,11 +157,14 @@ class Agent:
         self.stop_requested.set()
 
     def shutdown(self) -> None:
-        """Deregister this host's instances, stop the loops; the proxy keeps running."""
-        if self.register is not None:
-            self.register.shutdown(deregister=True)
+        """Stop the loops and deregister this host's instances; the proxy keeps running.
+
+        The discover role stops first: it must not see this host's own deregistration and
+        leave the proxy serving a configuration without this host's instances."""
         if self.discover is not None:
             self.discover.shutdown()
+        if self.register is not None:
+            self.register.shutdown(deregister=True)
         log.info("stopped; the proxy keeps serving its last configuration")
 
     def run(self) -> int:

@@ -301,6 +301,11 @@ def test_malformed_entries_become_problems_and_affect_only_themselves(
     raw.put("/backends/badmeta/fff", "10.0.0.7:80")
     raw.put("/backends/badmeta/port", "7100")
     raw.put(f"{META}/badmeta/fff", "{not json")  # bad metadata: the plain entry still counts
+    raw.put("/backends/good/ggg", "10.0.0.8:\u00b2")  # a digit that is not an ASCII digit
+    raw.put("/backends/sup/hhh", "10.0.0.9:80")
+    raw.put("/backends/sup/port", "\u00b2")  # ditto, in the port key
+    # An IPv6 scope id may hold spaces: it must never carry proxy keywords into a config.
+    raw.put("/backends/good/iii", "[fe80::1%lo init-addr none weight 256 send-proxy-v2 ]:80")
 
     catalog = registries().snapshot()
     assert sorted((i.service, i.id, i.frontend_port, i.tags) for i in catalog.instances) == [
@@ -317,6 +322,9 @@ def test_malformed_entries_become_problems_and_affect_only_themselves(
         "/backends/good/-x",
         "/backends/badport/port",
         f"{META}/badmeta/fff",
+        "/backends/good/ggg",
+        "/backends/sup/port",
+        "/backends/good/iii",
     }
     assert "IP:PORT" in problems["/backends/good/bbb"]
     assert "missing" in problems["/backends/noport/port"]
@@ -386,6 +394,10 @@ def test_close_with_deregister_removes_entries_at_once(
     registry.close(deregister=True)
     assert keys_under(etcd, "/backends/") == {}
     assert keys_under(etcd, META + "/") == {}
+    # A register that comes late (a reconcile still running at shutdown) writes nothing.
+    with pytest.raises(PluginError, match="closed"):
+        registry.register(instance(iid="late:1:8000:tcp"))
+    assert keys_under(etcd, "/backends/") == {}
 
 
 def test_close_without_deregister_leaves_entries_to_expire(

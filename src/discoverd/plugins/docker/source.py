@@ -40,8 +40,8 @@ from discoverd import (
     Unavailable,
     ValidationError,
     instances_for,
+    parse_env,
 )
-from discoverd.core.metadata import parse_env
 
 log = logging.getLogger("discoverd.docker")
 

@@ -156,7 +156,7 @@ def read_catalog(
         entries = services[service]
         try:
             check_service_name(service)
-        except ValidationError as exc:
+        except (ValidationError, ValueError) as exc:
             problems.append(
                 Problem(f"{head}{service}", f"{exc}; its {len(entries)} key(s) are ignored")
             )
@@ -168,7 +168,7 @@ def read_catalog(
         if port_entry is not None:
             try:
                 port_from_key = check_port(_text(port_entry[1]).strip(), "frontend port")
-            except ValidationError as exc:
+            except (ValidationError, ValueError) as exc:
                 port_problem = str(exc)
         found = _read_service(service, entries, metadata, port_from_key, problems)
         if not found:
@@ -206,7 +206,7 @@ def _read_service(
             plain = ServiceInstance(
                 service=service, id=name, address=address, port=port, frontend_port=port_from_key
             )
-        except ValidationError as exc:
+        except (ValidationError, ValueError) as exc:
             problems.append(Problem(key, f"{exc}; entry ignored"))
             continue
         instance = plain
@@ -228,7 +228,7 @@ def _read_service(
                     meta=decoded.meta,
                     host_id=decoded.host_id,
                 )
-            except ValidationError as exc:
+            except (ValidationError, ValueError) as exc:
                 problems.append(
                     Problem(meta_key, f"{exc}; metadata ignored, the plain entry {key} is used")
                 )

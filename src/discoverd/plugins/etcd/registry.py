@@ -204,6 +204,10 @@ class EtcdRegistry(Registry):
         return self.ttl / 3
 
     def _ensure_lease(self) -> int:
+        if self._closed:
+            # A register still running while the agent shuts down must not grant a new lease
+            # after close() revoked ours: its entries would outlive the exit by a TTL.
+            raise PluginError("etcd registry is closed; not registering")
         if self._lease is None:
             ttl = self.ttl
             lease = self.gateway.call("lease grant", lambda c: c.client.lease(ttl).id)
