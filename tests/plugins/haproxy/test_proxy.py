@@ -687,3 +687,15 @@ def test_an_http_check_path_that_is_not_a_plain_path_is_ignored() -> None:
     assert "httpchk" not in offline_proxy().render([odd])
     plain = Service("web", 8000, instances=(instance("web", "a", 1, check_http="/ok?x=1"),))
     assert "    option httpchk GET /ok?x=1\n" in offline_proxy().render([plain])
+
+
+def test_filesystem_errors_are_reported_as_plugin_errors(tmp_path: Path) -> None:
+    """A state directory that cannot be used is an error for the operator, not a traceback."""
+    (tmp_path / "haproxy").write_text("a file where the directory should be")
+    ctx = PluginContext(options={}, host=HostInfo("127.0.0.1", "host1"), state_dir=tmp_path)
+    proxy = make_proxy(ctx)
+    config = proxy.render([])
+    with pytest.raises(PluginError, match="haproxy: cannot stage"):
+        proxy.validate(config)
+    with pytest.raises(PluginError, match="haproxy: cannot apply"):
+        proxy.apply(config, [])

@@ -105,6 +105,18 @@ class HAProxy(Proxy):
         return rendering.render_config(self._template, self.settings, self.dir, services)
 
     def validate(self, config: str) -> None:
+        try:
+            self._validate(config)
+        except OSError as exc:  # a full disk, a state dir removed under us, ...
+            raise PluginError(f"haproxy: cannot stage the candidate configuration: {exc}") from None
+
+    def apply(self, config: str, services: Sequence[Service]) -> str:
+        try:
+            return self._apply(config, services)
+        except OSError as exc:
+            raise PluginError(f"haproxy: cannot apply the configuration: {exc}") from None
+
+    def _validate(self, config: str) -> None:
         self._ensure_dir()
         binary = self._binary()
         fd, name = tempfile.mkstemp(prefix="candidate-", suffix=".cfg", dir=self.dir)
@@ -140,7 +152,7 @@ class HAProxy(Proxy):
                 else f"haproxy -c refused the configuration (exit status {done.returncode})"
             )
 
-    def apply(self, config: str, services: Sequence[Service]) -> str:
+    def _apply(self, config: str, services: Sequence[Service]) -> str:
         data = config.encode("utf-8")
         digest = hashlib.sha256(data).hexdigest()
         self._ensure_dir()
