@@ -97,8 +97,8 @@ class Cluster:
         return "\n".join(f"--- {n}\n{a.log()[-4000:]}" for n, a in self.agents.items())
 
     def stop_haproxy(self) -> None:
-        pid_file = self.root / "discover" / "state" / "haproxy" / "haproxy.pid"
-        if pid_file.exists():
+        """Stop every HAProxy a discover agent of this cluster started (they outlive agents)."""
+        for pid_file in self.root.glob("*/state/haproxy/haproxy.pid"):
             subprocess.run(["kill", "-USR1", pid_file.read_text().split()[0]], check=False)
 
 
