@@ -295,7 +295,42 @@ def _unmount_below(*dirs: Path) -> None:
         libc.umount2(point.encode(), _MNT_DETACH)
 
 
-class DockerDaemon:
+class _Service:
+    """What the launchers share: one main process, a context manager that starts and stops it."""
+
+    _proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The process id of the running main process (dockerd, etcd), or None."""
+        if self._proc is not None and self._proc.poll() is None:
+            return self._proc.pid
+        return None
+
+    @property
+    def running(self) -> bool:
+        return self.pid is not None
+
+    def start(self, timeout: float = 30) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class DockerDaemon(_Service):
     """A private ``dockerd`` as one test "host", with its own ``containerd``.
 
     Layout: ``<root>/data`` (data root, vfs storage), ``<root>/exec`` (exec root),
@@ -346,17 +381,6 @@ class DockerDaemon:
 
     def __repr__(self) -> str:
         return f"DockerDaemon(root={str(self.root)!r}, bridge={self.bridge!r})"
-
-    @property
-    def pid(self) -> int | None:
-        """The process id of the running dockerd, or None."""
-        if self._proc is not None and self._proc.poll() is None:
-            return self._proc.pid
-        return None
-
-    @property
-    def running(self) -> bool:
-        return self.pid is not None
 
     def start(self, timeout: float = 30) -> None:
         """Start containerd (unless running) and dockerd; wait until the API answers a ping."""
@@ -456,18 +480,6 @@ class DockerDaemon:
     def client(self) -> docker.DockerClient:
         """A new SDK client for this daemon (API version negotiated); close it when done."""
         return docker.DockerClient(base_url=self.host, version="auto", timeout=60)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- internals
 
@@ -587,7 +599,7 @@ def _unix_socket_accepts(path: Path) -> bool:
 # etcd
 
 
-class Etcd:
+class Etcd(_Service):
     """A single-member etcd listening on 127.0.0.1 (data in ``<root>/data``)."""
 
     def __init__(
@@ -615,16 +627,6 @@ class Etcd:
 
     def __repr__(self) -> str:
         return f"Etcd(url={self.url!r}, root={str(self.root)!r})"
-
-    @property
-    def pid(self) -> int | None:
-        if self._proc is not None and self._proc.poll() is None:
-            return self._proc.pid
-        return None
-
-    @property
-    def running(self) -> bool:
-        return self.pid is not None
 
     def start(self, timeout: float = 20) -> None:
         """Start etcd (keeping any existing data) and wait until ``/health`` reports healthy."""
@@ -664,18 +666,6 @@ class Etcd:
         if self._proc is not None:
             _kill_process(self._proc)
             self._proc = None
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def _healthy(self) -> bool:
         try:
