@@ -17,7 +17,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +42,7 @@ from discoverd import (
     instances_for,
     parse_env,
 )
+from discoverd.core.errors import exception_chain
 
 log = logging.getLogger("discoverd.docker")
 
@@ -170,7 +171,7 @@ class DockerSource(Source):
 
     def _reason(self, exc: BaseException) -> str:
         """A one-line reason from an SDK / requests / urllib3 exception chain."""
-        chain = list(_exception_chain(exc))
+        chain = list(exception_chain(exc))
         for item in chain:
             if isinstance(item, docker.errors.APIError):
                 status = item.status_code if item.status_code is not None else "?"
@@ -426,19 +427,3 @@ def _text(value: Any) -> str:
 def _one_line(text: str) -> str:
     line = " ".join(text.split())
     return line if len(line) <= 300 else line[:297] + "..."
-
-
-def _exception_chain(exc: BaseException) -> Iterable[BaseException]:
-    """``exc`` and every exception behind it: causes, contexts, wrapped arguments, and
-    urllib3's ``MaxRetryError.reason``; each once, outermost first."""
-    seen: set[int] = set()
-    todo = [exc]
-    while todo:
-        item = todo.pop(0)
-        if id(item) in seen:
-            continue
-        seen.add(id(item))
-        yield item
-        inner: list[Any] = [item.__cause__, item.__context__, getattr(item, "reason", None)]
-        inner.extend(item.args)
-        todo.extend(x for x in inner if isinstance(x, BaseException))

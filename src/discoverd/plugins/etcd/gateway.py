@@ -26,6 +26,7 @@ import urllib3
 from etcd3gw import exceptions as etcd_exc
 
 from discoverd import PluginError, Unavailable
+from discoverd.core.errors import exception_chain
 
 log = logging.getLogger("discoverd.etcd")
 T = TypeVar("T")
@@ -354,20 +355,10 @@ class Gateway:
 
 
 def _is_read_timeout(exc: BaseException) -> bool:
-    seen: set[int] = set()
-    todo: list[BaseException] = [exc]
-    while todo:
-        current = todo.pop()
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, urllib3.exceptions.ReadTimeoutError | socket.timeout):
-            return True
-        todo.extend(a for a in current.args if isinstance(a, BaseException))
-        for linked in (current.__cause__, current.__context__):
-            if linked is not None:
-                todo.append(linked)
-    return False
+    return any(
+        isinstance(item, urllib3.exceptions.ReadTimeoutError | socket.timeout)
+        for item in exception_chain(exc)
+    )
 
 
 class StreamIdle(Exception):
