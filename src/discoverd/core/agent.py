@@ -385,7 +385,7 @@ class DiscoverRole(Role):
                 self.waker.retry_in(delay)
 
     def reconcile(self, force_apply: bool = False) -> str:
-        """One pass; returns what happened: "applied", "unchanged" or "rejected".
+        """One pass; returns what happened: "applied", "unchanged", "rejected" or "deferred".
 
         With ``force_apply`` an unchanged configuration is still handed to the proxy (whose
         ``apply`` is cheap when it already runs it, and starts it again when it died)."""
@@ -416,6 +416,12 @@ class DiscoverRole(Role):
             return "unchanged"
         if config == self.rejected:
             return "rejected"  # already reported; wait for the input to change
+        delay = self.proxy.apply_delay(config, services)
+        if delay > 0:
+            self.counters.inc("deferred_applies")
+            log.debug("discover: %s asks to wait %.3fs before applying", self.proxy_name, delay)
+            self.waker.retry_in(delay, "deferred apply")
+            return "deferred"
         try:
             self.proxy.validate(config)
         except ProxyConfigError as exc:

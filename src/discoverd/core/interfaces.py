@@ -141,9 +141,19 @@ class Proxy(ABC):
     @abstractmethod
     def apply(self, config: str, services: Sequence[Service]) -> str:
         """Make the running proxy serve ``config`` (already validated), starting the proxy if
-        none runs. Return a short word for what was done ("reloaded", "started", "unchanged",
-        ...). Raise ``PluginError`` if the proxy did not take it: the previous configuration must
-        then still be the one running."""
+        none runs. Return a short word for what was done: ``"started"``, ``"reloaded"``,
+        ``"runtime"`` (changed in place, without a reload) or ``"unchanged"``. Raise
+        ``PluginError`` if the proxy did not take it: the previous configuration must then still
+        be the one running."""
+
+    def apply_delay(self, config: str, services: Sequence[Service]) -> float:
+        """Seconds to wait before ``config`` may be applied; ``0`` means now.
+
+        A proxy that rate-limits its reloads returns the time left until the next reload is
+        allowed. The core then applies nothing, keeps collecting changes, and renders again from
+        a fresh snapshot once the delay has passed (so a burst costs one reload, not many).
+        Called before ``validate``, so it must be cheap."""
+        return 0.0
 
     def reserved_ports(self) -> frozenset[int]:
         """Ports the proxy itself uses (e.g. a stats page): no service may take them."""

@@ -1,0 +1,1 @@
+"""Placeholder while the consul plugin is written: announces nothing yet."""

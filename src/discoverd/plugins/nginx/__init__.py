@@ -1,0 +1,1 @@
+"""Placeholder while the nginx plugin is written: announces nothing yet."""
