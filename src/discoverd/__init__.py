@@ -5,8 +5,10 @@ Plugin authors import everything they need from here::
     from discoverd import hookimpl, RegistryPlugin, Registry, ServiceInstance
 """
 
+from discoverd.core.health import format_seconds, parse_duration
 from discoverd.core.hookspecs import hookimpl, hookspec
 from discoverd.core.interfaces import (
+    CheckTarget,
     HostInfo,
     Notify,
     Option,
@@ -37,6 +39,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Catalog",
+    "CheckTarget",
     "ContainerSpec",
     "HostInfo",
     "Notify",
@@ -58,9 +61,11 @@ __all__ = [
     "Unavailable",
     "ValidationError",
     "__version__",
+    "format_seconds",
     "hookimpl",
     "hookspec",
     "instances_for",
+    "parse_duration",
     "parse_endpoint",
     "parse_env",
     "template_environment",

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from discoverd.core.health import CheckSpec, Readiness
 from discoverd.core.interfaces import (
     PluginError,
     Proxy,
@@ -219,11 +220,18 @@ class RegisterRole(Role):
         max_wait: float = 0.5,
         retry_max: float = 10.0,
         resync_interval: float = 30.0,
+        checks: CheckSpec | None = None,
+        first_check_wait: float = 0.25,
     ) -> None:
         super().__init__(min_wait, max_wait, retry_max)
         self.resync_interval = resync_interval
         self.source = source
         self.registry = registry
+        #: The default readiness check; ``None`` registers every instance without checking.
+        self.checks = checks
+        self.first_check_wait = first_check_wait
+        self.readiness: Readiness | None = None
+        self.waiting: set[str] = set()  # wanted, but not answering (yet)
         self.registered: dict[str, ServiceInstance] = {}
         self.lock = threading.Lock()
         self.synced = threading.Event()
@@ -260,6 +268,19 @@ class RegisterRole(Role):
         snapshot = self.source.snapshot()
         self._problems.update(snapshot.problems)
         desired = {i.id: i for i in snapshot.instances}
+        if self.checks is not None:
+            if self.readiness is None:
+                self.readiness = Readiness(self.checks, self.source.check_target, self.waker.notify)
+            ready = self.readiness.update(desired, self.first_check_wait)
+            waiting = set(desired) - ready
+            for iid in sorted(waiting - self.waiting):
+                log.info(
+                    "register: %s %s not answering yet; registered once it does",
+                    desired[iid].service,
+                    iid,
+                )
+            self.waiting = waiting
+            desired = {iid: i for iid, i in desired.items() if iid in ready}
         with self.lock:
             for iid in sorted(set(self.registered) - set(desired)):
                 instance = self.registered[iid]
@@ -307,6 +328,8 @@ class RegisterRole(Role):
             self.source.close()  # unblocks the source watch before the threads are joined
         finally:
             self.stop()
+            if self.readiness is not None:
+                self.readiness.close()
             try:
                 self.registry.close(deregister=deregister)
                 if deregister:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from discoverd.core.health import CHECK_KINDS, check_path
 from discoverd.core.interfaces import HostInfo, Option
 from discoverd.core.model import INSTANCE_ID_RE, ValidationError, check_address
 
@@ -73,6 +74,16 @@ CORE_OPTIONS: tuple[Option, ...] = (
         "re-reads its source (writing to the registry only what differs), discover re-reads "
         "the registry and starts the proxy again if it died.",
     ),
+    Option(
+        "check",
+        str,
+        "tcp",
+        "Readiness check before an instance is registered: tcp, http or none (labels "
+        "SERVICE_CHECK, SERVICE_CHECK_HTTP, SERVICE_CHECK_TCP override it per container).",
+    ),
+    Option("check_path", str, "/", "Path of the HTTP readiness check (check = http)."),
+    Option("check_interval", float, 2.0, "Seconds between two checks of a ready instance."),
+    Option("check_timeout", float, 1.0, "Seconds a check may take before it counts as failed."),
 )
 CORE_SECTION = "discoverd"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -281,6 +292,16 @@ def _check_core(core: dict[str, Any]) -> None:
             f"min_wait ({core['min_wait']}) and max_wait ({core['max_wait']}): "
             "expected 0 <= min_wait <= max_wait"
         )
+    if core["check"] not in CHECK_KINDS:
+        kinds = ", ".join(CHECK_KINDS)
+        raise ConfigError(f"check {core['check']!r}: expected one of {kinds}")
+    try:
+        check_path(core["check_path"])
+    except ValidationError as exc:
+        raise ConfigError(f"check_path: {exc}") from None
+    for key in ("check_interval", "check_timeout"):
+        if not 0.05 <= core[key] <= 3600:
+            raise ConfigError(f"{key} ({core[key]}): expected between 0.05 and 3600 seconds")
     if core["resync_interval"] < 0:
         raise ConfigError(f"resync_interval ({core['resync_interval']}): expected 0 or more")
     if core["retry_max"] <= 0:

@@ -68,6 +68,21 @@ class PluginContext:
     settings: Mapping[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class CheckTarget:
+    """Where a readiness check reaches the application behind an instance.
+
+    ``address:port`` is dialled from inside the network namespace ``netns`` (a path such as
+    ``/proc/<pid>/ns/net``) when one is given, else from the agent's own namespace. A source
+    whose published ports go through a forwarder (Docker's docker-proxy accepts a connection
+    before the application listens) should name the application's own namespace and address.
+    """
+
+    address: str
+    port: int
+    netns: str | None = None
+
+
 class Source(ABC):
     """A container source (the register role's input), e.g. the Docker engine."""
 
@@ -81,6 +96,13 @@ class Source(ABC):
         """Block, calling ``notify`` on every event that may change the snapshot, until ``stop``
         is set. Return or raise ``Unavailable`` when the event stream is lost: the core waits
         with backoff, calls ``watch`` again and resyncs in full."""
+
+    def check_target(self, instance: ServiceInstance) -> CheckTarget | None:
+        """Where the register role's readiness check should reach ``instance``'s application.
+
+        ``None`` (the default) checks the published ``address:port`` itself. Called after a
+        ``snapshot`` that returned ``instance``; must be cheap (no I/O)."""
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook with a no-op default
         """Release connections; must unblock a running ``watch``."""

@@ -20,9 +20,10 @@ label and the rule.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
+from discoverd.core.health import CHECK_KINDS, check_path, format_seconds, parse_duration
 from discoverd.core.model import (
     Problem,
     Protocol,
@@ -36,6 +37,7 @@ from discoverd.core.model import (
 )
 
 TRUTHY = frozenset({"1", "true", "yes", "on"})
+FALSY = frozenset({"0", "false", "no", "off", ""})
 _PORT_KEY = re.compile(r"SERVICE_(\d{1,5})_(.+)")
 _WILDCARD = frozenset({"", "0.0.0.0", "::"})
 # Keys with a meaning of their own; every other SERVICE_* key is metadata.
@@ -232,6 +234,7 @@ def _instance(
             origin[meta_key] = source
     if "mode" in meta and meta["mode"] not in MODES:
         raise refuse(origin["mode"], meta["mode"], ValueError("mode must be http or tcp"))
+    _normalise_checks(meta, origin, refuse)
 
     address = host_ip or ("" if binding.host_ip in _WILDCARD else binding.host_ip)
     if not address:
@@ -254,3 +257,35 @@ def _instance(
         )
     except ValidationError as exc:
         raise _Refused(str(exc)) from None
+
+
+#: Metadata holding a duration; stored as plain seconds (``SERVICE_DRAIN=10s`` -> ``"10"``).
+DURATION_KEYS = ("drain", "check_interval", "check_timeout")
+
+
+def _normalise_checks(
+    meta: dict[str, str],
+    origin: Mapping[str, str],
+    refuse: Callable[[str, str, Exception], Exception],
+) -> None:
+    """Validate and normalise the readiness-check and drain settings (see ``core.health``)."""
+    for key in DURATION_KEYS:
+        if key in meta:
+            try:
+                meta[key] = format_seconds(parse_duration(meta[key]))
+            except ValueError as exc:
+                raise refuse(origin[key], meta[key], exc) from None
+    if "check_http" in meta:
+        try:
+            check_path(meta["check_http"])
+        except ValidationError as exc:
+            raise refuse(origin["check_http"], meta["check_http"], exc) from None
+    if "check" in meta:
+        meta["check"] = meta["check"].strip().lower()
+        if meta["check"] not in CHECK_KINDS:
+            kinds = ", ".join(CHECK_KINDS)
+            raise refuse(origin["check"], meta["check"], ValueError(f"check must be {kinds}"))
+    if "check_tcp" in meta:
+        flag = meta["check_tcp"].strip().lower()
+        if flag not in TRUTHY | FALSY:
+            raise refuse(origin["check_tcp"], meta["check_tcp"], ValueError("expected true/false"))

@@ -14,6 +14,7 @@ from typing import Any, TypeVar, cast
 
 from discoverd.core.agent import DiscoverRole, RegisterRole, Role
 from discoverd.core.config import ConfigError, Settings
+from discoverd.core.health import CheckSpec
 from discoverd.core.interfaces import PluginContext, Proxy, Registry, Source
 from discoverd.core.manager import PluginManager
 from discoverd.core.model import Mode
@@ -123,6 +124,12 @@ class Agent:
                 make_source(self.manager, self.settings),
                 make_registry(self.manager, self.settings),
                 resync_interval=core["resync_interval"],
+                checks=CheckSpec(
+                    kind=core["check"],
+                    path=core["check_path"],
+                    interval=core["check_interval"],
+                    timeout=core["check_timeout"],
+                ),
                 **timing,
             )
         if "discover" in self.roles:

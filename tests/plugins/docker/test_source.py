@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +22,7 @@ from discoverd import (
     SourceSnapshot,
     Unavailable,
 )
+from discoverd.core.health import CheckSpec, run_check
 from discoverd.plugins.docker import discoverd_register_sources, make_source
 from discoverd.plugins.docker.source import (
     DockerSource,
@@ -537,3 +539,93 @@ def test_names_and_actions_from_odd_json() -> None:
     assert _watched_action({"Type": "network", "Action": "connect"}) is None
     assert _watched_action(["start"]) is None
     assert _watched_action({"Action": None}) is None
+
+
+# --------------------------------------------------------------------------------------------
+# Drain on stop, and where a readiness check reaches the application
+
+# PID 1 takes its time to exit after TERM, like an application finishing its requests.
+SLOW_EXIT = [
+    "/bin/sh",
+    "-c",
+    'mkdir -p /www; echo "I am $(hostname)" > /www/index.html; '
+    'trap "sleep 4; exit 0" TERM; httpd -f -p 8000 -h /www & while true; do sleep 1; done',
+]
+# The application listens only 3 s after the container started.
+LATE_LISTENER = [
+    "/bin/sh",
+    "-c",
+    'mkdir -p /www; echo "I am $(hostname)" > /www/index.html; trap "exit 0" TERM; '
+    "sleep 3; httpd -f -p 8000 -h /www & wait",
+]
+
+
+def test_docker_stop_removes_the_instance_before_the_container_exits(
+    new_source: SourceFactory, docker_client: docker.DockerClient
+) -> None:
+    """``docker stop`` sends TERM (a ``kill`` event) and the container runs on while it
+    shuts down: the watch must take it out of the snapshot before it exits."""
+    source = new_source()
+    container = docker_client.containers.run(
+        WHOAMI_IMAGE, SLOW_EXIT, detach=True, ports={"8000/tcp": ("127.0.0.1", None)}
+    )
+    watcher = Watcher(source)
+    try:
+        watcher.wait_connected()
+        assert len(of(source.snapshot(), container)) == 1
+        stopper = threading.Thread(target=container.stop, kwargs={"timeout": 20}, daemon=True)
+        stopper.start()
+        wait_for(lambda: watcher.saw("docker kill"), 20, what="kill event")
+        assert of(source.snapshot(), container) == []
+        container.reload()
+        assert container.status == "running"  # still shutting down, already out
+        stopper.join(30)
+    finally:
+        watcher.stop.set()
+        source.close()
+        watcher.thread.join(20)
+    assert watcher.error is None
+
+
+def test_a_reload_signal_keeps_the_instance(
+    new_source: SourceFactory, docker_client: docker.DockerClient
+) -> None:
+    source = new_source()
+    container = whoami(docker_client)
+    assert len(of(source.snapshot(), container)) == 1
+    event = {"Action": "kill", "Actor": {"ID": container.id, "Attributes": {"signal": "1"}}}
+    source._note_exit(event, "kill")
+    assert len(of(source.snapshot(), container)) == 1
+    event["Actor"]["Attributes"]["signal"] = "15"  # type: ignore[index]
+    source._note_exit(event, "kill")
+    assert of(source.snapshot(), container) == []
+    source._note_exit({"Action": "start", "id": container.id}, "start")  # restarted
+    assert len(of(source.snapshot(), container)) == 1
+
+
+def test_check_target_reaches_the_application_not_docker_proxy(
+    new_source: SourceFactory, docker_client: docker.DockerClient
+) -> None:
+    """docker-proxy accepts a connection on the published port before the application
+    listens; the check target (the container's own namespace) tells the truth."""
+    source = new_source(host_ip="127.0.0.1")
+    container = docker_client.containers.run(
+        WHOAMI_IMAGE, LATE_LISTENER, detach=True, ports={"8000/tcp": ("127.0.0.1", None)}
+    )
+    [instance] = of(source.snapshot(), container)
+    target = source.check_target(instance)
+    assert target is not None and target.netns is not None and target.port == 8000
+    assert target.netns.startswith("/proc/") and target.address.count(".") == 3
+    tcp = CheckSpec(kind="tcp", timeout=1.0)
+    http = CheckSpec(kind="http", path="/", timeout=1.0)
+    # The application is not listening yet: a bare connect through docker-proxy succeeds...
+    with socket.create_connection(("127.0.0.1", instance.port), timeout=2):
+        pass
+    # ... but the checks see the truth, in the namespace and through the published port.
+    assert run_check(tcp, target, forwarded=False) is not None
+    assert run_check(http, target, forwarded=False) is not None
+    published = type(target)(address="127.0.0.1", port=instance.port)
+    assert run_check(tcp, published, forwarded=True) is not None
+    wait_for(lambda: run_check(tcp, target, forwarded=False) is None, 20, what="app listening")
+    assert run_check(http, target, forwarded=False) is None
+    assert run_check(tcp, published, forwarded=True) is None

@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,7 @@ import requests
 import urllib3
 
 from discoverd import (
+    CheckTarget,
     ContainerSpec,
     Notify,
     PluginContext,
@@ -70,12 +72,23 @@ _HEALTH_IN_STATUS = re.compile(r"\((healthy|unhealthy|health: starting)\)")
 _STOP_POLL = 0.2
 
 
+#: Signals after which a container is about to exit (``docker stop`` sends TERM, then KILL).
+#: Other signals (HUP to reload, USR1, ...) leave it in service.
+STOPPING_SIGNALS = frozenset({"2", "3", "9", "15", "SIGINT", "SIGQUIT", "SIGKILL", "SIGTERM"})
+#: A container still running this long after a stop signal is routed again (it ignored it).
+STOPPING_HOLD = 60.0
+
+
 @dataclass(frozen=True)
 class _Inspected:
-    """The immutable part of a container's inspect result that the snapshot needs."""
+    """What the snapshot needs of a container's inspect result. Image and environment cannot
+    change while the id stays; the process id and address are those of the current start, so
+    the entry is dropped when the container starts again."""
 
     image: str
     env: Mapping[str, str]
+    pid: int = 0
+    address: str = ""
 
 
 class _EventStream:
@@ -131,6 +144,11 @@ class DockerSource(Source):
         # container list stops showing the container as running, so a snapshot taken at once
         # would still see it: these ids are left out until the list agrees or they start again.
         self._exited: set[str] = set()
+        # Containers sent a stop signal (``docker stop`` emits ``kill`` before the process
+        # exits): they leave the registry at once, so no new request reaches a container that
+        # is shutting down, and come back only if they are still running after STOPPING_HOLD.
+        self._stopping: dict[str, float] = {}
+        self._targets: dict[str, CheckTarget] = {}  # instance id -> where its app listens
 
     # -- connection
 
@@ -205,8 +223,20 @@ class DockerSource(Source):
         instances: list[ServiceInstance] = []
         problems: list[Problem] = []
         seen: dict[str, _Inspected] = {}
+        targets: dict[str, CheckTarget] = {}
+        now = time.monotonic()
         with self._lock:
             exited = set(self._exited)
+            for held, since in list(self._stopping.items()):
+                if now - since > STOPPING_HOLD:
+                    log.warning(
+                        "docker: container %s still runs %.0fs after a stop signal; "
+                        "routing it again",
+                        held[:12],
+                        now - since,
+                    )
+                    del self._stopping[held]
+            exited |= set(self._stopping)
         for entry in listed:
             if not isinstance(entry, Mapping):
                 continue
@@ -238,10 +268,22 @@ class DockerSource(Source):
                 continue
             instances.extend(found)
             problems.extend(refused)
+            for instance in found:
+                target = _check_target(inspected, instance)
+                if target is not None:
+                    targets[instance.id] = target
         self._cache = seen
+        self._targets = targets
         with self._lock:  # a hint is needed only while the list still shows the container
             self._exited &= set(seen) | (self._exited - exited)
+            for cid in set(self._stopping) - set(seen):
+                del self._stopping[cid]  # gone from the list: the mark has done its job
         return SourceSnapshot(tuple(instances), tuple(problems))
+
+    def check_target(self, instance: ServiceInstance) -> CheckTarget | None:
+        """The container's own network namespace and address: a check there reaches the
+        application, not docker-proxy (which accepts before the application listens)."""
+        return self._targets.get(instance.id)
 
     def _inspect(self, client: docker.APIClient, cid: str) -> _Inspected | None:
         try:
@@ -255,7 +297,14 @@ class DockerSource(Source):
             config = {}
         raw_env = config.get("Env")
         env_list = [e for e in raw_env if isinstance(e, str)] if isinstance(raw_env, list) else []
-        return _Inspected(image=_text(config.get("Image")), env=parse_env(env_list))
+        state = data.get("State")
+        pid = state.get("Pid") if isinstance(state, Mapping) else None
+        return _Inspected(
+            image=_text(config.get("Image")),
+            env=parse_env(env_list),
+            pid=pid if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 else 0,
+            address=_container_address(data.get("NetworkSettings")),
+        )
 
     # -- watch
 
@@ -308,18 +357,32 @@ class DockerSource(Source):
                 self._streams.discard(stream)
 
     def _note_exit(self, event: Any, action: str | None) -> None:
-        """Remember containers that exited (see ``_exited``); forget them when they start."""
-        if action not in ("die", "destroy", "start") or not isinstance(event, Mapping):
+        """Remember containers that exited or were told to stop (see ``_exited`` and
+        ``_stopping``); forget them when they start again."""
+        if action is None or not isinstance(event, Mapping):
+            return
+        verb = action.split(":", 1)[0].strip()
+        if verb not in ("die", "destroy", "start", "kill", "stop"):
             return
         actor = event.get("Actor")
         cid = event.get("id") or (actor.get("ID") if isinstance(actor, Mapping) else None)
         if not isinstance(cid, str) or not cid:
             return
+        if verb == "kill":
+            attributes = actor.get("Attributes") if isinstance(actor, Mapping) else None
+            signal = attributes.get("signal") if isinstance(attributes, Mapping) else None
+            if str(signal).upper() not in STOPPING_SIGNALS:
+                return  # e.g. HUP to reload its configuration: stays in service
         with self._lock:
-            if action == "start":
+            if verb == "start":
                 self._exited.discard(cid)
+                self._stopping.pop(cid, None)
+                self._cache.pop(cid, None)  # a new process: new pid, maybe a new address
+            elif verb in ("kill", "stop"):
+                self._stopping.setdefault(cid, time.monotonic())
             else:
                 self._exited.add(cid)
+                self._stopping.pop(cid, None)
 
     def close(self) -> None:
         with self._lock:
@@ -352,6 +415,36 @@ def _watched_action(event: Any) -> str | None:
     if action.split(":", 1)[0].strip() not in WATCHED_ACTIONS:
         return None
     return _one_line(action)[:80]
+
+
+def _container_address(settings: Any) -> str:
+    """The container's IPv4 address on its first network ("" if it has none)."""
+    if not isinstance(settings, Mapping):
+        return ""
+    address = _text(settings.get("IPAddress"))
+    if address:
+        return address
+    networks = settings.get("Networks")
+    if isinstance(networks, Mapping):
+        for name in sorted(networks):
+            network = networks[name]
+            if isinstance(network, Mapping) and _text(network.get("IPAddress")):
+                return _text(network.get("IPAddress"))
+    return ""
+
+
+def _check_target(inspected: _Inspected, instance: ServiceInstance) -> CheckTarget | None:
+    """Dial the private port from inside the container's namespace, where no forwarder sits."""
+    if not inspected.pid:
+        return None
+    private = instance.id.rsplit(":", 2)[-2]
+    if not private.isdigit():
+        return None
+    return CheckTarget(
+        address=inspected.address or "127.0.0.1",
+        port=int(private),
+        netns=f"/proc/{inspected.pid}/ns/net",
+    )
 
 
 def _eligible(entry: Mapping[str, Any]) -> bool:
