@@ -221,7 +221,7 @@ class RegisterRole(Role):
         retry_max: float = 10.0,
         resync_interval: float = 30.0,
         checks: CheckSpec | None = None,
-        first_check_wait: float = 0.25,
+        first_check_wait: float = 0.1,
     ) -> None:
         super().__init__(min_wait, max_wait, retry_max)
         self.resync_interval = resync_interval
@@ -264,10 +264,13 @@ class RegisterRole(Role):
                 self.waker.retry_in(delay)
 
     def reconcile(self) -> None:
-        """One pass: read the source, register what is new or changed, remove what is gone."""
+        """One pass: read the source, register what is new or changed and answers its
+        readiness check, remove what is gone or stopped answering."""
         snapshot = self.source.snapshot()
         self._problems.update(snapshot.problems)
         desired = {i.id: i for i in snapshot.instances}
+        # What left the source goes first: a stopping container must not wait for the checks.
+        self._remove(set(self.registered) - set(desired))
         if self.checks is not None:
             if self.readiness is None:
                 self.readiness = Readiness(self.checks, self.source.check_target, self.waker.notify)
@@ -281,13 +284,8 @@ class RegisterRole(Role):
                 )
             self.waiting = waiting
             desired = {iid: i for iid, i in desired.items() if iid in ready}
+        self._remove(set(self.registered) - set(desired))
         with self.lock:
-            for iid in sorted(set(self.registered) - set(desired)):
-                instance = self.registered[iid]
-                self.registry.deregister(instance)
-                del self.registered[iid]
-                self.counters.inc("deregistered")
-                log.info("register: removed %s %s (%s)", instance.service, iid, instance.endpoint)
             for iid in sorted(desired):
                 instance = desired[iid]
                 if self.registered.get(iid) != instance:
@@ -296,6 +294,17 @@ class RegisterRole(Role):
                     self.counters.inc("registered")
                     log.info("register: added %s %s (%s)", instance.service, iid, instance.endpoint)
         self.synced.set()
+
+    def _remove(self, ids: set[str]) -> None:
+        with self.lock:
+            for iid in sorted(ids):
+                instance = self.registered.get(iid)
+                if instance is None:
+                    continue
+                self.registry.deregister(instance)
+                del self.registered[iid]
+                self.counters.inc("deregistered")
+                log.info("register: removed %s %s (%s)", instance.service, iid, instance.endpoint)
 
     def _keepalive_loop(self) -> None:
         failing = False

@@ -275,8 +275,9 @@ class Readiness:
         self._netns_failed = False
 
     def update(self, desired: Mapping[str, ServiceInstance], first_wait: float) -> set[str]:
-        """Track ``desired``; wait up to ``first_wait`` seconds for the first check of new
-        instances; return the ids of the ready ones."""
+        """Track ``desired``; wait up to ``first_wait`` seconds for new instances to answer
+        (a container usually listens within milliseconds of its start event, and registering
+        it in this pass saves a whole round); return the ids of the ready ones."""
         now = time.monotonic()
         fresh: list[str] = []
         with self._cond:
@@ -304,7 +305,7 @@ class Readiness:
             self._cond.notify_all()
             deadline = now + first_wait
             while fresh and not self._stopped:
-                pending = [i for i in fresh if i in self._states and not self._states[i].checked]
+                pending = [i for i in fresh if i in self._states and not self._states[i].ready]
                 left = deadline - time.monotonic()
                 if not pending or left <= 0:
                     break

@@ -2,16 +2,23 @@
 
 Nothing is loaded at import time: ``get_plugin_manager()`` builds a fresh manager. Built-in plugins
 are found through the ``discoverd`` entry-point group exactly like third-party ones.
+
+A third-party plugin that fails (its module raises on import, a hook has a bad signature or an
+unknown name, a registration hook raises or returns something else than records) does not break
+discoverd: it is recorded in ``PluginManager.broken`` and logged as one warning line. Only a
+command that *selects* it fails, with :class:`BrokenPluginError` carrying the cause.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import pluggy
 
@@ -25,6 +32,8 @@ ENTRY_POINT_GROUP = "discoverd"
 DISABLE_ENV = "DISCOVERD_DISABLE_PLUGINS"
 
 R = TypeVar("R", SourcePlugin, RegistryPlugin, ProxyPlugin)
+Kind = Literal["source", "registry", "proxy"]
+KINDS: tuple[Kind, ...] = ("source", "registry", "proxy")
 
 
 class PluginLoadError(Exception):
@@ -35,9 +44,13 @@ class UnknownPluginError(LookupError):
     """A selected name that no plugin provides. The message is one line for the operator."""
 
 
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
 @dataclass
 class PluginInfo:
-    """One loaded plugin, as ``discoverd plugins`` lists it."""
+    """One loaded plugin (an entry point, or an object given to ``get_plugin_manager``)."""
 
     name: str
     distribution: str
@@ -56,16 +69,134 @@ class PluginInfo:
             "sources": self.sources,
             "registries": self.registries,
             "proxies": self.proxies,
+            "error": None,
         }
 
 
 @dataclass(frozen=True)
 class BrokenPlugin:
-    """An entry point whose import failed: a warning unless the user selects what it provides."""
+    """An entry point that failed: a warning unless the user selects what it provides.
+
+    ``stage`` is ``"import"`` when importing its module raised, ``"load"`` when the module
+    imported but its hooks could not be registered or called."""
 
     name: str
     distribution: str
     error: str
+    version: str = ""
+    stage: Literal["import", "load"] = "import"
+
+    @property
+    def origin(self) -> str:
+        """``from distribution NAME VERSION``, for messages."""
+        if not self.distribution:
+            return "not from an installed distribution"
+        return f"from distribution {self.distribution} {self.version}".rstrip()
+
+    def warning(self) -> str:
+        """The one-line warning shown by every command that does not select this plugin."""
+        return (
+            f"plugin entry point {self.name!r} ({self.origin}) failed to {self.stage} "
+            f"and is ignored: {self.error}"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "distribution": self.distribution,
+            "version": self.version,
+            "hooks": [],
+            "sources": [],
+            "registries": [],
+            "proxies": [],
+            "error": f"failed to {self.stage}: {self.error}",
+        }
+
+
+class BrokenPluginError(PluginLoadError):
+    """The user selected a plugin whose entry point failed; the message is one line with the
+    cause, e.g. ``proxy plugin 'x' (from distribution x-plugin 1.0) failed to import: ...``."""
+
+    def __init__(self, kind: str, plugin: BrokenPlugin) -> None:
+        self.kind = kind
+        self.plugin = plugin
+        super().__init__(
+            f"{kind} plugin {plugin.name!r} ({plugin.origin}) failed to {plugin.stage}: "
+            f"{plugin.error}"
+        )
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One record a plugin registered: a source, registry or proxy the user can select."""
+
+    kind: Kind
+    name: str
+    description: str
+    plugin: str
+    distribution: str
+    version: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "description": self.description,
+            "plugin": self.plugin,
+            "distribution": self.distribution,
+            "version": self.version,
+        }
+
+
+# -- warnings about broken plugins ---------------------------------------------------------------
+# A command line collects them while it resolves its selection, and reports only those it did not
+# select (a selected one fails the command instead). Outside such a block, they are logged at once,
+# each one once per process (``--help`` builds several managers).
+_DEFERRED: ContextVar[list[BrokenPlugin] | None] = ContextVar(
+    "discoverd_deferred_plugin_warnings", default=None
+)
+_WARNED: set[tuple[str, str, str]] = set()
+
+
+def _log_broken(broken: BrokenPlugin) -> None:
+    key = (broken.name, broken.distribution, broken.error)
+    if key not in _WARNED:
+        _WARNED.add(key)
+        log.warning("%s", broken.warning())
+
+
+def _report_broken(broken: BrokenPlugin) -> None:
+    pending = _DEFERRED.get()
+    if pending is not None:
+        pending.append(broken)
+    else:
+        _log_broken(broken)
+
+
+@contextmanager
+def deferred_plugin_warnings(
+    report: Callable[[BrokenPlugin], None] | None = None,
+) -> Iterator[None]:
+    """Hold back the warnings of managers built inside the block; on exit, ``report`` (default:
+    log) each broken plugin once, except one that the block failed to select with
+    :class:`BrokenPluginError` (its error says it all)."""
+    pending: list[BrokenPlugin] = []
+    token = _DEFERRED.set(pending)
+    selected: set[str] = set()
+    try:
+        yield
+    except BrokenPluginError as exc:
+        selected.add(exc.plugin.name)
+        raise
+    finally:
+        _DEFERRED.reset(token)
+        seen: set[tuple[str, str, str]] = set()
+        for broken in pending:
+            key = (broken.name, broken.distribution, broken.error)
+            if broken.name in selected or key in seen:
+                continue
+            seen.add(key)
+            (report or _report_broken)(broken)
 
 
 class PluginManager:
@@ -78,46 +209,114 @@ class PluginManager:
         self._sources: dict[str, SourcePlugin] = {}
         self._registries: dict[str, RegistryPlugin] = {}
         self._proxies: dict[str, ProxyPlugin] = {}
+        self._owners: dict[tuple[Kind, str], str] = {}
 
     # -- loading ---------------------------------------------------------------------------
-    def add(self, plugin: object, name: str, distribution: str = "", version: str = "") -> None:
-        """Register a plugin object (module or instance) and collect its records."""
+    def add(
+        self,
+        plugin: object,
+        name: str,
+        distribution: str = "",
+        version: str = "",
+        *,
+        strict: bool = True,
+    ) -> None:
+        """Register a plugin object (module or instance).
+
+        pluggy refuses a hook with a wrong signature. With ``strict=False`` (entry points), a hook
+        that no spec declares (a typo) is refused here too, so the plugin can be set aside alone;
+        with ``strict=True`` it is left for ``collect`` to reject (``check_pending``)."""
         self.pm.register(plugin, name=name)
+        callers = self.pm.get_hookcallers(plugin) or []
+        if not strict:
+            unknown = sorted(
+                caller.name
+                for caller in callers
+                if not caller.has_spec()
+                and any(i.plugin is plugin and not i.optionalhook for i in caller.get_hookimpls())
+            )
+            if unknown:
+                self.pm.unregister(plugin)
+                raise pluggy.PluginValidationError(
+                    plugin, f"unknown hook {', '.join(unknown)} (no such discoverd hook)"
+                )
         info = PluginInfo(name=name, distribution=distribution, version=version)
-        info.hooks = sorted(
-            caller.name
-            for caller in self.pm.get_hookcallers(plugin) or []
-            if caller.name.startswith("discoverd_")
-        )
+        info.hooks = sorted(c.name for c in callers if c.name.startswith("discoverd_"))
         self.infos.append(info)
 
+    def set_aside(self, broken: BrokenPlugin) -> None:
+        """Record a plugin that failed, and warn about it (see ``deferred_plugin_warnings``)."""
+        self.broken.append(broken)
+        _report_broken(broken)
+
     def collect(self) -> None:
-        """Call the registration hooks once and index the records; duplicates fail loudly."""
+        """Call the registration hooks once and index the records; duplicates fail loudly.
+
+        A plugin whose registration hook raises, or returns something else than records of the
+        right type, is set aside as broken (with everything it registered)."""
         self.pm.check_pending()
         by_plugin = {id(p): n for n, p in self.pm.list_name_plugin()}
-        info_by_name = {i.name: i for i in self.infos}
-        for hook, table, attr in (
-            (self.pm.hook.discoverd_register_sources, self._sources, "sources"),
-            (self.pm.hook.discoverd_register_registries, self._registries, "registries"),
-            (self.pm.hook.discoverd_register_proxies, self._proxies, "proxies"),
-        ):
-            providers: dict[str, list[str]] = {}
+        hooks: tuple[tuple[Kind, Any, type], ...] = (
+            ("source", self.pm.hook.discoverd_register_sources, SourcePlugin),
+            ("registry", self.pm.hook.discoverd_register_registries, RegistryPlugin),
+            ("proxy", self.pm.hook.discoverd_register_proxies, ProxyPlugin),
+        )
+        found: list[tuple[str, Kind, Any]] = []
+        failed: dict[str, str] = {}
+        for kind, hook, record_type in hooks:
             for impl in hook.get_hookimpls():
                 owner = by_plugin.get(id(impl.plugin), impl.plugin_name)
-                records: Sequence[Any] = impl.function() or ()  # type: ignore[assignment]
-                for record in records:
-                    providers.setdefault(record.name, []).append(owner)
-                    table[record.name] = record
-                    if owner in info_by_name:
-                        getattr(info_by_name[owner], attr).append(record.name)
-            clashes = {n: p for n, p in providers.items() if len(p) > 1}
-            if clashes:
-                name, owners = sorted(clashes.items())[0]
-                raise PluginLoadError(
-                    f"{attr[:-1] if attr != 'registries' else 'registry'} name {name!r} is "
-                    f"provided by several plugins: {', '.join(owners)}. "
-                    f"Disable one with {DISABLE_ENV}."
+                try:
+                    records = list(impl.function() or ())
+                except Exception as exc:  # a third-party hook must not break the others
+                    failed.setdefault(owner, f"{hook.name} raised {_describe(exc)}")
+                    continue
+                wrong = [r for r in records if not isinstance(r, record_type)]
+                if wrong:
+                    failed.setdefault(
+                        owner,
+                        f"{hook.name} returned {type(wrong[0]).__name__}, "
+                        f"not {record_type.__name__}",
+                    )
+                    continue
+                found.extend((owner, kind, record) for record in records)
+        for owner, error in failed.items():
+            info = next((i for i in self.infos if i.name == owner), None)
+            self.pm.unregister(name=owner)
+            if info is not None:
+                self.infos.remove(info)
+            self.set_aside(
+                BrokenPlugin(
+                    owner,
+                    info.distribution if info else "",
+                    error,
+                    info.version if info else "",
+                    stage="load",
                 )
+            )
+        info_by_name = {i.name: i for i in self.infos}
+        tables: dict[Kind, dict[str, Any]] = {
+            "source": self._sources,
+            "registry": self._registries,
+            "proxy": self._proxies,
+        }
+        lists = {"source": "sources", "registry": "registries", "proxy": "proxies"}
+        providers: dict[tuple[Kind, str], list[str]] = {}
+        for owner, kind, record in found:
+            if owner in failed:
+                continue
+            providers.setdefault((kind, record.name), []).append(owner)
+            tables[kind][record.name] = record
+            self._owners[(kind, record.name)] = owner
+            if owner in info_by_name:
+                getattr(info_by_name[owner], lists[kind]).append(record.name)
+        clashes = sorted((k, p) for k, p in providers.items() if len(p) > 1)
+        if clashes:
+            (kind, name), owners = clashes[0]
+            raise PluginLoadError(
+                f"{kind} name {name!r} is provided by several plugins: {', '.join(owners)}. "
+                f"Disable one with {DISABLE_ENV}."
+            )
 
     # -- lookup ----------------------------------------------------------------------------
     def sources(self) -> dict[str, SourcePlugin]:
@@ -138,13 +337,41 @@ class PluginManager:
     def proxy(self, name: str) -> ProxyPlugin:
         return self._lookup("proxy", name, self._proxies)
 
-    def _lookup(self, kind: str, name: str, table: dict[str, R]) -> R:
+    def backends(self) -> list[Backend]:
+        """Every selectable record, by kind (source, registry, proxy) then name."""
+        by_name = {i.name: i for i in self.infos}
+        rows: list[Backend] = []
+        tables: tuple[tuple[Kind, dict[str, Any]], ...] = (
+            ("source", self._sources),
+            ("registry", self._registries),
+            ("proxy", self._proxies),
+        )
+        for kind, table in tables:
+            for name, record in sorted(table.items()):
+                owner = self._owners.get((kind, name), "")
+                info = by_name.get(owner)
+                rows.append(
+                    Backend(
+                        kind=kind,
+                        name=name,
+                        description=record.description,
+                        plugin=owner,
+                        distribution=info.distribution if info else "",
+                        version=info.version if info else "",
+                    )
+                )
+        return rows
+
+    def _lookup(self, kind: Kind, name: str, table: dict[str, R]) -> R:
         if name in table:
             return table[name]
+        for broken in self.broken:
+            if broken.name == name:  # the entry point is named like what it provides
+                raise BrokenPluginError(kind, broken)
         available = ", ".join(sorted(table)) or "none"
         message = f"Unknown {kind} {name!r}. Available: {available}. Is the plugin installed?"
         if self.broken:
-            failed = "; ".join(f"{b.name} ({b.error})" for b in self.broken)
+            failed = "; ".join(f"{b.name} ({b.origin}: {b.error})" for b in self.broken)
             message += f" Plugins that failed to load: {failed}"
         raise UnknownPluginError(message)
 
@@ -161,6 +388,10 @@ class PluginManager:
             hook(**kwargs)
         except Exception:  # an observer must never break the data plane
             log.exception("an observer hook (%s) failed; continuing", hook.name)
+
+
+def _describe(exc: BaseException) -> str:
+    return _one_line(f"{type(exc).__name__}: {exc}")
 
 
 def _disabled_from_env() -> set[str]:
@@ -186,16 +417,20 @@ def get_plugin_manager(
             if ep.name in blocked:
                 log.info("plugin %s disabled by %s", ep.name, DISABLE_ENV)
                 continue
-            if pm.has_plugin(ep.name):
+            if pm.has_plugin(ep.name) or any(b.name == ep.name for b in manager.broken):
                 continue  # the same distribution seen twice on sys.path
             try:
                 plugin = ep.load()
             except Exception as exc:  # any import failure of a third-party package
-                error = f"{type(exc).__name__}: {exc}"
-                manager.broken.append(BrokenPlugin(ep.name, dist, error))
-                log.warning("plugin %s (%s) failed to load: %s", ep.name, dist or "?", error)
+                manager.set_aside(BrokenPlugin(ep.name, dist, _describe(exc), version))
                 continue
-            manager.add(plugin, ep.name, dist, version)
+            try:
+                manager.add(plugin, ep.name, dist, version, strict=False)
+            except (pluggy.PluginValidationError, ValueError) as exc:
+                if pm.has_plugin(ep.name):  # pluggy keeps what it registered before the error
+                    pm.unregister(name=ep.name)
+                error = _one_line(str(exc))
+                manager.set_aside(BrokenPlugin(ep.name, dist, error, version, stage="load"))
     for name, plugin in extra_plugins:
         manager.add(plugin, name)
     manager.collect()
