@@ -336,3 +336,18 @@ def test_agent_shutdown_leaves_the_proxy_with_this_hosts_instances() -> None:
     agent.shutdown()
     assert registry.entries == {}  # deregistered
     assert "30001" in proxy.applied[-1]  # but the proxy still serves the instance
+
+
+def test_waker_acts_at_once_on_a_lone_event_and_batches_the_burst_after_it() -> None:
+    waker = Waker(min_wait=1.0, max_wait=3.0, calm=0.05)
+    stop = threading.Event()
+    time.sleep(0.06)  # calm
+    started = time.monotonic()
+    waker.notify("first")
+    assert waker.wait(stop) == ["first"]
+    assert time.monotonic() - started < 1.0  # not held for the quiescence window
+    waker.notify("second")  # right after a pass: part of a burst, batched
+    waker.notify("third")
+    started = time.monotonic()
+    assert waker.wait(stop) == ["second", "third"]
+    assert time.monotonic() - started >= 0.99  # the window is kept for the burst

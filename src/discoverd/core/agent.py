@@ -32,14 +32,23 @@ RESYNC = "periodic resync"
 
 
 class Waker:
-    """Coalesces wake-ups: ``notify`` from any thread, ``wait`` in the loop that acts."""
+    """Coalesces wake-ups: ``notify`` from any thread, ``wait`` in the loop that acts.
 
-    def __init__(self, min_wait: float, max_wait: float) -> None:
+    A batch is ready after ``min_wait`` seconds without a new event, and at most ``max_wait``
+    after its first event. The first event after a calm period (``calm`` seconds without events
+    or passes) is acted on at once: a lone change (a container starting) is not delayed, and the
+    events that follow it in a burst are batched into the next pass.
+    """
+
+    def __init__(self, min_wait: float, max_wait: float, calm: float = 0.1) -> None:
         self.min_wait = min_wait
         self.max_wait = max_wait
+        self.calm = calm
         self._cond = threading.Condition()
         self._first: float | None = None
         self._last = 0.0
+        self._leading = False
+        self._quiet_since = -float("inf")  # the last event or pass
         self._due: float | None = None  # a retry scheduled for later
         self._due_reason = ""
         self._reasons: list[str] = []
@@ -49,7 +58,9 @@ class Waker:
             now = time.monotonic()
             if self._first is None:
                 self._first = now
+                self._leading = self.calm > 0 and now - self._quiet_since >= self.calm
             self._last = now
+            self._quiet_since = now
             if len(self._reasons) < 20:
                 self._reasons.append(reason)
             self._cond.notify_all()
@@ -73,6 +84,8 @@ class Waker:
                 now = time.monotonic()
                 if self._first is not None:
                     ready_at = min(self._last + self.min_wait, self._first + self.max_wait)
+                    if self._leading:
+                        ready_at = self._first
                     if now >= ready_at:
                         return self._take()
                     self._cond.wait(ready_at - now)
@@ -90,6 +103,8 @@ class Waker:
         reasons, self._reasons = self._reasons, []
         self._first = None
         self._due = None
+        self._leading = False
+        self._quiet_since = time.monotonic()
         return reasons
 
 
