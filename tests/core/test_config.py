@@ -137,3 +137,33 @@ def test_state_dir_defaults_for_root_and_users(
     assert load_settings(SCHEMAS, env={}).state_dir == tmp_path / ".local/state/discoverd"
     explicit = load_settings(SCHEMAS, env={"DISCOVERD_STATE_DIR": "/srv/dd"})
     assert explicit.state_dir == Path("/srv/dd")
+
+
+def test_a_plugin_refusing_a_value_names_where_it_was_set(tmp_path: Path) -> None:
+    from discoverd.core.interfaces import PluginContext, PluginError, RegistryPlugin
+    from discoverd.core.manager import get_plugin_manager
+    from discoverd.core.runtime import make_registry
+
+    def factory(ctx: PluginContext) -> object:
+        raise PluginError(f"picky: ttl {ctx.options['ttl']} is too short")
+
+    class Hooks:
+        from discoverd import hookimpl
+
+        @hookimpl
+        def discoverd_register_registries(self) -> list[RegistryPlugin]:
+            options = (Option("ttl", int, 15, "lease TTL"), Option("name", str, "x", "a name"))
+            return [RegistryPlugin("picky", factory, "refuses everything", options)]  # type: ignore[arg-type]
+
+    config = tmp_path / "d.toml"
+    config.write_text('registry = "picky"\n[picky]\nttl = 1\nname = "ttl-free"\n')
+    manager = get_plugin_manager(extra_plugins=[("picky", Hooks())], entry_points=False)
+    settings = load_settings({"picky": manager.registry("picky").options}, config_file=config,
+                             env={})  # fmt: skip
+    with pytest.raises(PluginError) as caught:
+        make_registry(manager, settings, create=False)
+    assert str(caught.value) == f"picky: ttl 1 is too short (ttl: config file {config})"
+    settings = load_settings({"picky": manager.registry("picky").options}, config_file=config,
+                             env={"DISCOVERD_PICKY_TTL": "2"})  # fmt: skip
+    with pytest.raises(PluginError, match="ttl: environment variable DISCOVERD_PICKY_TTL"):
+        make_registry(manager, settings, create=False)

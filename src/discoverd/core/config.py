@@ -9,6 +9,7 @@ environment variable, or flag) and what was expected.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -96,6 +97,19 @@ class Settings:
     core: dict[str, Any]
     plugins: dict[str, dict[str, Any]] = field(default_factory=dict)
     source_file: Path | None = None
+    #: Where each value that is not a default came from: ``(section, key) -> origin``
+    #: ("config file x.toml", "environment variable DISCOVERD_ETCD_TTL", ...).
+    origins: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    def origin_hint(self, section: str, message: str) -> str:
+        """Where the keys of ``section`` that ``message`` names were set, e.g.
+        ``" (ttl: config file discoverd.toml)"``; empty when it names none."""
+        named = [
+            f"{key}: {origin}"
+            for (sect, key), origin in sorted(self.origins.items())
+            if sect == section and re.search(rf"\b{re.escape(key)}\b", message)
+        ]
+        return f" ({'; '.join(named)})" if named else ""
 
     def __getitem__(self, key: str) -> Any:
         return self.core[key]
@@ -210,6 +224,7 @@ def load_settings(
     values: dict[str, dict[str, Any]] = {
         section: {o.name: o.default for o in opts} for section, opts in tables.items()
     }
+    origins: dict[tuple[str, str], str] = {}
 
     if config_file is None and env.get("DISCOVERD_CONFIG"):
         config_file = Path(env["DISCOVERD_CONFIG"])
@@ -225,9 +240,9 @@ def load_settings(
                         f"Sections of installed plugins: {known}."
                     )
                 for sub, subvalue in value.items():
-                    _assign(tables, values, key, sub, subvalue, origin)
+                    _assign(tables, values, key, sub, subvalue, origin, origins)
             else:
-                _assign(tables, values, CORE_SECTION, key, value, origin)
+                _assign(tables, values, CORE_SECTION, key, value, origin, origins)
 
     for section, opts in tables.items():
         for option in opts:
@@ -236,22 +251,23 @@ def load_settings(
                     values[section][option.name] = convert(
                         option, env[name], f"environment variable {name}"
                     )
+                    origins[(section, option.name)] = f"environment variable {name}"
                     break
 
     for key, value in (flags or {}).items():
         if value is not None:
-            _assign(tables, values, CORE_SECTION, key, value, "command line")
+            _assign(tables, values, CORE_SECTION, key, value, "command line", origins)
 
     for item in sets:
         target, sep, raw = item.partition("=")
         section, _, key = target.strip().rpartition(".")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. etcd.ttl=30")
-        _assign(tables, values, section or CORE_SECTION, key, raw, f"--set {item!r}")
+        _assign(tables, values, section or CORE_SECTION, key, raw, f"--set {item!r}", origins)
 
     core = values.pop(CORE_SECTION)
     _check_core(core)
-    return Settings(core=core, plugins=values, source_file=config_file)
+    return Settings(core=core, plugins=values, source_file=config_file, origins=origins)
 
 
 def _assign(
@@ -261,6 +277,7 @@ def _assign(
     key: str,
     value: Any,
     origin: str,
+    origins: dict[tuple[str, str], str],
 ) -> None:
     if section not in tables:
         known = ", ".join(sorted(tables))
@@ -272,6 +289,7 @@ def _assign(
         where = f"[{section}]" if section != CORE_SECTION else "the top level"
         raise ConfigError(f"{origin}: unknown key {label!r} in {where}. Known keys: {known}.")
     values[section][key] = convert(option, value, f"{origin}: key {label!r}")
+    origins[(section, key)] = origin
 
 
 def _check_core(core: dict[str, Any]) -> None:

@@ -15,7 +15,14 @@ from typing import Any, TypeVar, cast
 from discoverd.core.agent import DiscoverRole, RegisterRole, Role
 from discoverd.core.config import ConfigError, Settings
 from discoverd.core.health import CheckSpec
-from discoverd.core.interfaces import PluginContext, Proxy, Registry, Source
+from discoverd.core.interfaces import (
+    PluginContext,
+    PluginError,
+    Proxy,
+    Registry,
+    Source,
+    Unavailable,
+)
 from discoverd.core.manager import PluginManager
 from discoverd.core.model import Mode
 
@@ -68,7 +75,17 @@ def context_for(settings: Settings, plugin: str, *, create: bool = True) -> Plug
 
 
 def _build(factory: Callable[[PluginContext], T], settings: Settings, name: str, create: bool) -> T:
-    return factory(context_for(settings, name, create=create))
+    ctx = context_for(settings, name, create=create)
+    try:
+        return factory(ctx)
+    except Unavailable:
+        raise
+    except PluginError as exc:
+        # A refused option value: say where the operator set it.
+        hint = settings.origin_hint(name, str(exc))
+        if not hint:
+            raise
+        raise PluginError(f"{exc}{hint}") from None
 
 
 def make_source(manager: PluginManager, settings: Settings, *, create: bool = True) -> Source:
