@@ -167,3 +167,12 @@ def test_a_plugin_refusing_a_value_names_where_it_was_set(tmp_path: Path) -> Non
                              env={"DISCOVERD_PICKY_TTL": "2"})  # fmt: skip
     with pytest.raises(PluginError, match="ttl: environment variable DISCOVERD_PICKY_TTL"):
         make_registry(manager, settings, create=False)
+
+
+def test_a_refused_core_value_names_where_it_was_set(tmp_path: Path) -> None:
+    config = write(tmp_path, "min_wait = 2.0\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(SCHEMAS, config_file=config, env={"DISCOVERD_MAX_WAIT": "1"})
+    message = str(caught.value)
+    assert f"min_wait: config file {config}" in message
+    assert "max_wait: environment variable DISCOVERD_MAX_WAIT" in message

@@ -266,8 +266,12 @@ def load_settings(
         _assign(tables, values, section or CORE_SECTION, key, raw, f"--set {item!r}", origins)
 
     core = values.pop(CORE_SECTION)
-    _check_core(core)
-    return Settings(core=core, plugins=values, source_file=config_file, origins=origins)
+    settings = Settings(core=core, plugins=values, source_file=config_file, origins=origins)
+    try:
+        _check_core(core)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}{settings.origin_hint(CORE_SECTION, str(exc))}") from None
+    return settings
 
 
 def _assign(
