@@ -6,11 +6,14 @@ import json
 import os
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import pytest
 
+from discoverd.core.manager import get_plugin_manager
 from discoverd.testing.services import Etcd, free_port
+from tests.plugins.jsonfile.packaging import install_package, write_package
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,32 +43,115 @@ def one_line_error(result: subprocess.CompletedProcess[str], code: int) -> str:
 def test_unknown_registry_is_one_line_and_exit_2(tmp_path: Path) -> None:
     result = discoverd("--registry", "etcdd", "--proxy", "haproxy", "--state-dir", str(tmp_path))
     line = one_line_error(result, 2)
-    assert line == "discoverd: Unknown registry 'etcdd'. Available: etcd. Is the plugin installed?"
+    available = ", ".join(get_plugin_manager().registries())  # etcd, and consul once it lands
+    assert "etcd" in available
+    assert line == (
+        f"discoverd: Unknown registry 'etcdd'. Available: {available}. Is the plugin installed?"
+    )
 
 
 def test_unknown_proxy_in_a_subcommand(tmp_path: Path) -> None:
     result = discoverd("discover", "--proxy", "nginxx", "--state-dir", str(tmp_path))
-    assert "Unknown proxy 'nginxx'. Available: haproxy." in one_line_error(result, 2)
+    available = ", ".join(get_plugin_manager().proxies())
+    assert f"Unknown proxy 'nginxx'. Available: {available}." in one_line_error(result, 2)
 
 
 def test_plugins_table_and_json() -> None:
     table = discoverd("plugins")
     assert table.returncode == 0, table.stderr
-    rows = {line.split()[0]: line.split() for line in table.stdout.splitlines()[1:]}
-    assert rows["etcd"][1] == "discoverd" and "etcd" in rows["etcd"]
-    assert "haproxy" in rows["haproxy"] and "docker" in rows["docker"]
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == ["KIND", "NAME", "DISTRIBUTION", "VERSION", "PLUGIN", "DESCRIPTION"]
+    rows = {tuple(line.split()[:2]): line.split(None, 5) for line in lines[1:]}
+    version = metadata.version("discoverd")
+    for kind, name in [("source", "docker"), ("registry", "etcd"), ("proxy", "haproxy")]:
+        row = rows[(kind, name)]
+        assert row[2:5] == ["discoverd", version, name]
+        assert len(row[5]) > 10  # the record's description
     data = json.loads(discoverd("plugins", "--json").stdout)
     by_name = {p["name"]: p for p in data["plugins"]}
     assert by_name["docker"]["sources"] == ["docker"]
     assert by_name["etcd"]["registries"] == ["etcd"]
     assert by_name["haproxy"]["proxies"] == ["haproxy"]
-    assert by_name["haproxy"]["version"]
+    assert by_name["haproxy"]["version"] == version and by_name["haproxy"]["error"] is None
+    backends = {(b["kind"], b["name"]): b for b in data["backends"]}
+    assert backends[("registry", "etcd")]["distribution"] == "discoverd"
+    assert backends[("registry", "etcd")]["description"] == rows[("registry", "etcd")][5]
+
+
+@pytest.fixture
+def broken_site(tmp_path: Path) -> Path:
+    """A package whose plugin module imports a module that does not exist, installed by pip."""
+    source = write_package(
+        tmp_path / "broken-src",
+        "broken-plugin",
+        "1.0",
+        {"broken": "broken_plugin_mod"},
+        {"broken_plugin_mod": "import nope\n"},
+    )
+    return install_package(source, tmp_path / "broken-site")
+
+
+BROKEN_CAUSE = "ModuleNotFoundError: No module named 'nope'"
+BROKEN_WARNING = (
+    "discoverd: warning: plugin entry point 'broken' (from distribution broken-plugin 1.0) "
+    f"failed to import and is ignored: {BROKEN_CAUSE}"
+)
+
+
+def test_a_broken_plugin_warns_unless_selected(broken_site: Path, tmp_path: Path) -> None:
+    env = {"PYTHONPATH": str(broken_site), "DISCOVERD_STATE_DIR": str(tmp_path / "state")}
+
+    # Listed, with its error; the command works and warns once.
+    listing = discoverd("plugins", env=env)
+    assert listing.returncode == 0, listing.stderr
+    assert listing.stderr.splitlines() == [BROKEN_WARNING]
+    row = next(line for line in listing.stdout.splitlines() if line.split()[1] == "broken")
+    assert row.split(None, 5) == [
+        "failed", "broken", "broken-plugin", "1.0", "broken", f"failed to import: {BROKEN_CAUSE}"
+    ]  # fmt: skip
+    assert "haproxy" in listing.stdout
+    data = json.loads(discoverd("plugins", "--json", env=env).stdout)
+    entry = next(p for p in data["plugins"] if p["name"] == "broken")
+    assert entry["distribution"] == "broken-plugin" and entry["version"] == "1.0"
+    assert entry["error"] == f"failed to import: {BROKEN_CAUSE}"
+
+    # Commands that do not select it: a warning, then business as usual.
+    good = tmp_path / "good.toml"
+    good.write_text("[etcd]\nttl = 20\n")
+    checked = discoverd("check", str(good), env=env)
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stderr.splitlines() == [BROKEN_WARNING]
+    unreachable = discoverd("render", env={**env, "ETCD_HOST": f"127.0.0.1:{free_port()}"})
+    assert unreachable.returncode == 1
+    assert unreachable.stderr.splitlines()[0] == BROKEN_WARNING
+    assert "unreachable" in unreachable.stderr.splitlines()[1]
+    assert discoverd("--help", env=env).returncode == 0
+
+    # Commands that select it: exit 2, one line with the cause, no warning besides.
+    for args, kind in [
+        (("render", "--proxy", "broken"), "proxy"),
+        (("discover", "--proxy", "broken"), "proxy"),
+        (("--registry", "broken"), "registry"),
+        (("register", "--source", "broken"), "source"),
+    ]:
+        line = one_line_error(discoverd(*args, env=env), 2)
+        assert line == (
+            f"discoverd: {kind} plugin 'broken' (from distribution broken-plugin 1.0) "
+            f"failed to import: {BROKEN_CAUSE}"
+        ), args
+    selecting = tmp_path / "selecting.toml"
+    selecting.write_text('proxy = "broken"\n')
+    line = one_line_error(discoverd("check", str(selecting), env=env), 2)
+    assert line.endswith(f"proxy plugin 'broken' (from distribution broken-plugin 1.0) "
+                         f"failed to import: {BROKEN_CAUSE}")  # fmt: skip
+    assert not (tmp_path / "state").exists()  # nothing was started
 
 
 def test_help_lists_installed_plugins() -> None:
     result = discoverd("--help")
     assert result.returncode == 0
-    assert "Installed: etcd." in " ".join(result.stdout.split())
+    registries = ", ".join(get_plugin_manager().registries())
+    assert f"Installed: {registries}." in " ".join(result.stdout.split())
 
 
 def test_check_shipped_example() -> None:

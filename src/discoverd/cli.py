@@ -17,7 +17,7 @@ import click
 
 if TYPE_CHECKING:
     from discoverd.core.config import Settings
-    from discoverd.core.manager import PluginManager
+    from discoverd.core.manager import BrokenPlugin, PluginManager
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -30,16 +30,30 @@ def operator_errors() -> Iterator[None]:
     """Turn the errors meant for the operator into one line and an exit status, no traceback."""
     from discoverd.core.config import ConfigError
     from discoverd.core.interfaces import PluginError, Unavailable
-    from discoverd.core.manager import PluginLoadError, UnknownPluginError
+    from discoverd.core.manager import (
+        BrokenPluginError,
+        PluginLoadError,
+        UnknownPluginError,
+        deferred_plugin_warnings,
+    )
 
     try:
-        yield
+        # A plugin that failed to import is one warning line, unless this command selects it:
+        # then the command fails with the cause instead (and no warning repeats it).
+        with deferred_plugin_warnings(_warn_broken):
+            yield
+    except BrokenPluginError as exc:
+        fail(str(exc), 2)
     except (ConfigError, UnknownPluginError, PluginLoadError) as exc:
         fail(str(exc).strip("'\""), 2)
     except Unavailable as exc:
         fail(str(exc), 1)
     except PluginError as exc:
         fail(str(exc), 2)
+
+
+def _warn_broken(broken: BrokenPlugin) -> None:
+    click.echo(f"discoverd: warning: {broken.warning()}", err=True)
 
 
 def _names(kind: str) -> str:
@@ -261,33 +275,39 @@ def _print_table(rows: Sequence[tuple[str, ...]]) -> None:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def plugins(as_json: bool) -> None:
-    """List the installed plugins and what each provides."""
+    """List the installed plugins: every source, registry and proxy they provide, with the
+    distribution and version it comes from, and the plugins that failed to load."""
     from discoverd.core.manager import get_plugin_manager
 
     with operator_errors():
         manager = get_plugin_manager()
+    backends = manager.backends()
     if as_json:
         data = {
-            "plugins": [i.as_dict() for i in manager.infos],
-            "failed": [b.__dict__ for b in manager.broken],
+            "backends": [b.as_dict() for b in backends],
+            "plugins": sorted(
+                [i.as_dict() for i in manager.infos] + [b.as_dict() for b in manager.broken],
+                key=lambda p: str(p["name"]),
+            ),
         }
         click.echo(json.dumps(data, indent=2))
         return
-    table = [("PLUGIN", "DISTRIBUTION", "VERSION", "SOURCES", "REGISTRIES", "PROXIES")]
-    for info in manager.infos:
+    table = [("KIND", "NAME", "DISTRIBUTION", "VERSION", "PLUGIN", "DESCRIPTION")]
+    for b in backends:
         table.append(
-            (
-                info.name,
-                info.distribution or "-",
-                info.version or "-",
-                ",".join(info.sources) or "-",
-                ",".join(info.registries) or "-",
-                ",".join(info.proxies) or "-",
-            )
+            (b.kind, b.name, b.distribution or "-", b.version or "-", b.plugin, b.description)
         )
-    _print_table(table)
+    providing = {b.plugin for b in backends}
+    for info in manager.infos:  # plugins that only observe (or provide nothing)
+        if info.name not in providing:
+            what = f"hooks: {', '.join(info.hooks)}" if info.hooks else "provides nothing"
+            dist, version = info.distribution or "-", info.version or "-"
+            table.append(("hooks", info.name, dist, version, info.name, what))
     for broken in manager.broken:
-        click.echo(f"warning: plugin {broken.name} failed to load: {broken.error}", err=True)
+        dist, version = broken.distribution or "-", broken.version or "-"
+        what = f"failed to {broken.stage}: {broken.error}"
+        table.append(("failed", broken.name, dist, version, broken.name, what))
+    _print_table(table)
 
 
 @cli.command()

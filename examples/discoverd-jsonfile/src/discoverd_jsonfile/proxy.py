@@ -1,0 +1,208 @@
+"""The proxy: render the services to JSON, check a document's shape, replace the file atomically.
+
+The document (``FORMAT`` names its version)::
+
+    {
+      "format": "discoverd-services/1",
+      "services": [
+        {"name": "whoami", "frontend_port": 8000, "protocol": "tcp", "mode": "http", "meta": {},
+         "instances": [{"id": "...", "address": "10.0.0.5", "port": 49153, "protocol": "tcp",
+                        "host_id": "host-a", "tags": [], "meta": {}}]}
+      ]
+    }
+
+Services are sorted by name, instances by id, keys alphabetically: the same services always give
+the same bytes, so the core (and this proxy) can tell an unchanged map from a new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from discoverd import PluginError, Proxy, ProxyConfigError, Service, ServiceInstance
+
+FORMAT = "discoverd-services/1"
+FILE_MODE = 0o644
+PROTOCOLS = ("tcp", "udp")
+MODES = ("http", "tcp")
+
+
+def instance_dict(instance: ServiceInstance) -> dict[str, Any]:
+    return {
+        "id": instance.id,
+        "address": instance.address,
+        "port": instance.port,
+        "protocol": instance.protocol,
+        "host_id": instance.host_id,
+        "tags": list(instance.tags),
+        "meta": instance.meta_dict,
+    }
+
+
+def service_dict(service: Service) -> dict[str, Any]:
+    return {
+        "name": service.name,
+        "frontend_port": service.frontend_port,
+        "protocol": service.protocol,
+        "mode": service.mode,
+        "meta": service.meta_dict,
+        "instances": [instance_dict(i) for i in sorted(service.instances, key=lambda i: i.id)],
+    }
+
+
+class JsonFileProxy(Proxy):
+    """Writes the service map to ``path``. There is no process to start or reload: "started"
+    means the file was created, "reloaded" that it was replaced."""
+
+    def __init__(self, path: Path, *, indent: int = 2) -> None:
+        self.path = path
+        self.indent = indent
+
+    # -- render ----------------------------------------------------------------------------
+    def render(self, services: Sequence[Service]) -> str:
+        ordered = sorted(services, key=lambda s: (s.name, s.frontend_port, s.protocol))
+        document = {"format": FORMAT, "services": [service_dict(s) for s in ordered]}
+        if self.indent:
+            return json.dumps(document, indent=self.indent, sort_keys=True) + "\n"
+        return json.dumps(document, sort_keys=True, separators=(",", ":")) + "\n"
+
+    # -- validate --------------------------------------------------------------------------
+    def validate(self, config: str) -> None:
+        try:
+            document = json.loads(config)
+        except ValueError as exc:
+            raise ProxyConfigError(f"json-file: not valid JSON: {exc}") from None
+        check_document(document)
+
+    # -- apply -----------------------------------------------------------------------------
+    def apply(self, config: str, services: Sequence[Service]) -> str:
+        try:
+            current: str | None = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            current = None
+        except (OSError, UnicodeDecodeError):
+            current = ""  # unreadable or garbage: replace it
+        if current == config:
+            return "unchanged"
+        try:
+            write_atomically(self.path, config)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise PluginError(f"json-file: cannot write {self.path}: {reason}") from None
+        return "started" if current is None else "reloaded"
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``: readers
+    see the old document or the new one, never half of one. The file gets mode 0644."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fchmod(handle.fileno(), FILE_MODE)  # mkstemp creates 0600
+            os.fsync(handle.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # make the rename itself durable
+    finally:
+        os.close(directory)
+
+
+# -- the document's shape ------------------------------------------------------------------------
+
+
+def _fail(where: str, expected: str, value: object) -> ProxyConfigError:
+    shown = json.dumps(value)[:60] if not isinstance(value, dict | list) else type(value).__name__
+    return ProxyConfigError(f"json-file: {where}: expected {expected}, got {shown}")
+
+
+def _object(value: object, where: str, keys: Sequence[str]) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        raise _fail(where, "an object", value)
+    missing = [k for k in keys if k not in value]
+    if missing:
+        raise ProxyConfigError(f"json-file: {where}: missing key {missing[0]!r}")
+    unknown = sorted(set(value) - set(keys))
+    if unknown:
+        raise ProxyConfigError(f"json-file: {where}: unknown key {unknown[0]!r}")
+    return value
+
+
+def _string(value: object, where: str, *, choices: Sequence[str] = (), empty: bool = False) -> str:
+    if not isinstance(value, str) or (not value and not empty):
+        raise _fail(where, "a non-empty string", value)
+    if choices and value not in choices:
+        raise _fail(where, " or ".join(choices), value)
+    return value
+
+
+def _port(value: object, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise _fail(where, "a port number (1-65535)", value)
+    return value
+
+
+def _meta(value: object, where: str) -> None:
+    if not isinstance(value, dict):
+        raise _fail(where, "an object of strings", value)
+    for key, item in value.items():
+        _string(item, f"{where}.{key}", empty=True)
+
+
+def check_document(document: object) -> None:
+    """Raise ``ProxyConfigError`` naming the first place where ``document`` is not a service map
+    as :meth:`JsonFileProxy.render` writes it."""
+    top = _object(document, "the document", ("format", "services"))
+    if top["format"] != FORMAT:
+        raise _fail("format", repr(FORMAT), top["format"])
+    services = top["services"]
+    if not isinstance(services, list):
+        raise _fail("services", "a list", services)
+    names: set[str] = set()
+    frontends: set[tuple[int, str]] = set()
+    service_keys = ("frontend_port", "instances", "meta", "mode", "name", "protocol")
+    instance_keys = ("address", "host_id", "id", "meta", "port", "protocol", "tags")
+    for s, raw in enumerate(services):
+        where = f"services[{s}]"
+        service = _object(raw, where, service_keys)
+        name = _string(service["name"], f"{where}.name")
+        if name in names:
+            raise ProxyConfigError(f"json-file: {where}: service {name!r} appears twice")
+        names.add(name)
+        port = _port(service["frontend_port"], f"{where}.frontend_port")
+        protocol = _string(service["protocol"], f"{where}.protocol", choices=PROTOCOLS)
+        if (port, protocol) in frontends:
+            raise ProxyConfigError(
+                f"json-file: {where}: frontend port {port}/{protocol} is used twice"
+            )
+        frontends.add((port, protocol))
+        _string(service["mode"], f"{where}.mode", choices=MODES)
+        _meta(service["meta"], f"{where}.meta")
+        instances = service["instances"]
+        if not isinstance(instances, list):
+            raise _fail(f"{where}.instances", "a list", instances)
+        for i, raw_instance in enumerate(instances):
+            at = f"{where}.instances[{i}]"
+            instance = _object(raw_instance, at, instance_keys)
+            _string(instance["id"], f"{at}.id")
+            _string(instance["address"], f"{at}.address")
+            _port(instance["port"], f"{at}.port")
+            _string(instance["protocol"], f"{at}.protocol", choices=PROTOCOLS)
+            _string(instance["host_id"], f"{at}.host_id", empty=True)
+            tags = instance["tags"]
+            if not isinstance(tags, list):
+                raise _fail(f"{at}.tags", "a list of strings", tags)
+            for t, tag in enumerate(tags):
+                _string(tag, f"{at}.tags[{t}]")
+            _meta(instance["meta"], f"{at}.meta")
