@@ -1,7 +1,10 @@
-"""The seed's walkthrough, end to end, with real Docker daemons, etcd and HAProxy.
+"""The seed's walkthrough, end to end, with real Docker daemons, registries and proxies.
 
 Two backend "hosts" (each its own Docker daemon, its own HOST_IP on loopback and its own register
-agent), one etcd, one discover agent with HAProxy; whoami containers come and go.
+agent), one registry, one discover agent with its proxy; whoami containers come and go. The
+walkthrough runs with each of the four combinations etcd or Consul x HAProxy or nginx, chosen
+the way an operator chooses them (``--registry``/``--proxy`` and environment); the other
+scenarios run with the defaults (etcd and HAProxy).
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ from typing import Any
 
 import pytest
 
+from discoverd.testing.consul import Consul
 from discoverd.testing.services import (
     DockerDaemon,
     Etcd,
     http_get,
     run_whoami,
 )
+from tests.conftest import service_unavailable
 from tests.e2e.agents import DiscoverdProcess, free_port, requests_through, until
 
 pytestmark = pytest.mark.services
@@ -34,10 +39,21 @@ HOST_A, HOST_B = "127.0.0.2", "127.0.0.3"
 
 
 class Cluster:
-    def __init__(self, root: Path, etcd: Etcd, daemons: dict[str, DockerDaemon]) -> None:
+    def __init__(
+        self,
+        root: Path,
+        etcd: Etcd,
+        daemons: dict[str, DockerDaemon],
+        registry: str = "etcd",
+        proxy: str = "haproxy",
+        consul: Consul | None = None,
+    ) -> None:
         self.root = root
         self.etcd = etcd
         self.daemons = daemons
+        self.registry = registry
+        self.proxy = proxy
+        self.consul = consul
         self.frontend = free_port()
         self.stats = free_port()
         self.agents: dict[str, DiscoverdProcess] = {}
@@ -45,10 +61,17 @@ class Cluster:
         self.containers: list[Any] = []
 
     def env(self, **extra: str) -> dict[str, str]:
-        return {"ETCD_HOST": self.etcd.endpoint, "DISCOVERD_ETCD_PREFIX": self.prefix, **extra}
+        env = {"DISCOVERD_REGISTRY": self.registry, "DISCOVERD_PROXY": self.proxy}
+        if self.registry == "consul":
+            assert self.consul is not None
+            env["CONSUL_HTTP_ADDR"] = self.consul.address
+        else:
+            env.update(ETCD_HOST=self.etcd.endpoint, DISCOVERD_ETCD_PREFIX=self.prefix)
+        return {**env, **extra}
 
     def start_register(self, host_ip: str) -> DiscoverdProcess:
         name = f"register-{host_ip}"
+        ttl = {"DISCOVERD_CONSUL_TTL": "5"} if self.registry == "consul" else {}
         agent = DiscoverdProcess(
             self.root / name,
             ["register", "--host-id", f"host{host_ip.rsplit('.', 1)[1]}", "--log-level", "debug"],
@@ -57,22 +80,26 @@ class Cluster:
                 DOCKER_HOST=self.daemons[host_ip].host,
                 DISCOVERD_STATE_DIR=str(self.root / name / "state"),
                 DISCOVERD_ETCD_TTL="5",
+                **ttl,
             ),
         ).start()
         self.agents[name] = agent
         return agent
 
     def start_discover(self) -> DiscoverdProcess:
+        if self.proxy == "nginx":
+            settings = ["nginx.bind=127.0.0.1", f"nginx.status_port={self.stats}"]
+        else:
+            settings = [
+                "haproxy.bind=127.0.0.1",
+                f"haproxy.stats_port={self.stats}",
+                "haproxy.check_interval=500ms",
+            ]
         agent = DiscoverdProcess(
             self.root / "discover",
             [
                 "discover",
-                "--set",
-                "haproxy.bind=127.0.0.1",
-                "--set",
-                f"haproxy.stats_port={self.stats}",
-                "--set",
-                "haproxy.check_interval=500ms",
+                *itertools.chain.from_iterable(("--set", item) for item in settings),
                 "--log-level",
                 "debug",
             ],
@@ -80,6 +107,9 @@ class Cluster:
         ).start()
         self.agents["discover"] = agent
         return agent
+
+    def stats_page(self) -> str:
+        return http_get(f"http://127.0.0.1:{self.stats}/")
 
     def whoami(self, host_ip: str) -> Any:
         container = run_whoami(
@@ -96,27 +126,56 @@ class Cluster:
     def logs(self) -> str:
         return "\n".join(f"--- {n}\n{a.log()[-4000:]}" for n, a in self.agents.items())
 
-    def stop_haproxy(self) -> None:
-        """Stop every HAProxy a discover agent of this cluster started (they outlive agents)."""
+    def stop_proxies(self) -> None:
+        """Stop every proxy a discover agent of this cluster started (they outlive agents)."""
         for pid_file in self.root.glob("*/state/haproxy/haproxy.pid"):
             subprocess.run(["kill", "-USR1", pid_file.read_text().split()[0]], check=False)
+        for pid_file in self.root.glob("*/state/nginx/nginx.pid"):
+            subprocess.run(["kill", "-TERM", pid_file.read_text().split()[0]], check=False)
+
+
+STACKS = [
+    pytest.param(("etcd", "haproxy"), id="etcd-haproxy"),
+    pytest.param(("etcd", "nginx"), id="etcd-nginx"),
+    pytest.param(("consul", "haproxy"), id="consul-haproxy"),
+    pytest.param(("consul", "nginx"), id="consul-nginx"),
+]
 
 
 @pytest.fixture
 def cluster(
+    request: pytest.FixtureRequest,
     etcd: Etcd,
     docker_daemon: DockerDaemon,
     docker_daemon2: DockerDaemon,
     haproxy_binary: str,
 ) -> Iterator[Cluster]:
-    # A short root: HAProxy's unix sockets live below it (at most ~100 bytes per path).
+    registry, proxy = getattr(request, "param", ("etcd", "haproxy"))
+    if (
+        proxy == "nginx"
+        and shutil.which("nginx", path=f"{os.environ.get('PATH', '')}:/usr/sbin") is None
+    ):
+        service_unavailable("nginx is not installed (run scripts/install-deps.sh)")
+    # A short root: HAProxy's unix sockets live below it (at most ~100 bytes per path). nginx's
+    # workers drop root's privileges and must be able to walk down to their temp folders.
     root = Path(tempfile.mkdtemp(prefix="dde2e"))
-    c = Cluster(root, etcd, {HOST_A: docker_daemon, HOST_B: docker_daemon2})
+    root.chmod(0o755)
+    consul: Consul | None = None
+    if registry == "consul":
+        if shutil.which("consul") is None:
+            service_unavailable("consul is not installed (run scripts/install-deps.sh)")
+        consul = Consul(root / "consul")
+        consul.start()
+    c = Cluster(
+        root, etcd, {HOST_A: docker_daemon, HOST_B: docker_daemon2}, registry, proxy, consul
+    )
     yield c
     for agent in c.agents.values():
         if agent.alive():
             agent.terminate()
-    c.stop_haproxy()
+    c.stop_proxies()
+    if consul is not None:
+        consul.stop()
     for container in c.containers:
         with contextlib.suppress(Exception):
             container.remove(force=True)
@@ -127,6 +186,7 @@ def whoami_name(container: Any) -> str:
     return f"I am {container.id[:12]}"
 
 
+@pytest.mark.parametrize("cluster", STACKS, indirect=True)
 def test_seed_walkthrough(cluster: Cluster) -> None:
     cluster.start_register(HOST_A)
     cluster.start_register(HOST_B)
@@ -138,7 +198,12 @@ def test_seed_walkthrough(cluster: Cluster) -> None:
     until(lambda: cluster.answers() == expected, 30, "both whoami answer\n" + cluster.logs())
     answers = requests_through(cluster.frontend, 10)
     assert set(answers) == expected
-    assert all(a != b for a, b in itertools.pairwise(answers)), answers
+    if cluster.proxy == "haproxy":
+        assert all(a != b for a, b in itertools.pairwise(answers)), answers
+    else:
+        # Each nginx worker keeps its own round-robin position: balanced, not strictly
+        # alternating when requests land on different workers.
+        assert all(answers.count(name) >= 3 for name in expected), answers
 
     # Two more on the second host (the seed's whoami-2 and whoami-3): all four answer.
     more = [cluster.whoami(HOST_B), cluster.whoami(HOST_B)]
@@ -154,8 +219,9 @@ def test_seed_walkthrough(cluster: Cluster) -> None:
     steady = requests_through(cluster.frontend, 200)
     assert set(steady) == survivor, [a for a in steady if a not in survivor][:5]
 
-    # The stats page answers on its (loopback) port.
-    assert "Statistics Report" in http_get(f"http://127.0.0.1:{cluster.stats}/")
+    # The stats (status) page answers on its loopback port.
+    page = cluster.stats_page()
+    assert ("Statistics Report" in page) if cluster.proxy == "haproxy" else ("whoami" in page)
 
     # What the registry holds, as the CLI shows it, in the seed's layout.
     listing = subprocess.run(
