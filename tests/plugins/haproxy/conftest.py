@@ -24,14 +24,27 @@ from discoverd.plugins.haproxy.runtime import read_pid, show_proc
 
 
 class NameServer:
-    """A tiny HTTP server on 127.0.0.1 answering ``I am <name>`` to every GET."""
+    """A tiny HTTP server on 127.0.0.1 answering ``I am <name>`` to every GET.
 
-    def __init__(self, name: str) -> None:
+    ``GET /sleep/<seconds>`` answers after that long (``slow`` is set while one waits). With
+    ``keep_alive`` it speaks HTTP/1.1 and keeps connections open between requests.
+    """
+
+    def __init__(self, name: str, keep_alive: bool = False) -> None:
         self.name = name
         body = f"I am {name}\n".encode()
+        self.slow = threading.Event()
+        self.stopped = threading.Event()
+        owner = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1" if keep_alive else "HTTP/1.0"
+            timeout = 30  # an idle keep-alive connection does not hold its thread forever
+
             def do_GET(self) -> None:
+                if self.path.startswith("/sleep/"):
+                    owner.slow.set()
+                    owner.stopped.wait(float(self.path.rsplit("/", 1)[1]))
                 self.send_response(200)
                 self.send_header("Content-Type", "text/plain")
                 self.send_header("Content-Length", str(len(body)))
@@ -51,28 +64,32 @@ class NameServer:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
-    def instance(self, service: str, frontend_port: int) -> ServiceInstance:
+    def instance(self, service: str, frontend_port: int, **meta: str) -> ServiceInstance:
         return ServiceInstance(
             service=service,
             id=f"host1:{self.name}:8000:tcp",
             address="127.0.0.1",
             port=self.port,
             frontend_port=frontend_port,
+            meta=tuple(meta.items()),
             host_id="host1",
         )
 
     def stop(self) -> None:
+        if self.stopped.is_set():
+            return
+        self.stopped.set()
         self.server.shutdown()
         self.server.server_close()
 
 
 @pytest.fixture
-def backends() -> Iterator[Callable[[str], NameServer]]:
+def backends() -> Iterator[Callable[..., NameServer]]:
     """``backends("a")`` starts a backend answering ``I am a``; all stop at teardown."""
     started: list[NameServer] = []
 
-    def start(name: str) -> NameServer:
-        server = NameServer(name)
+    def start(name: str, keep_alive: bool = False) -> NameServer:
+        server = NameServer(name, keep_alive)
         started.append(server)
         return server
 

@@ -191,8 +191,12 @@ def test_plugin_is_registered_with_its_options() -> None:
         "timeout_client",
         "timeout_server",
         "maxconn",
+        "drain_timeout",
+        "reload_interval",
     ]
     defaults = {o.name: o.default for o in plugin.options}
+    assert defaults["drain_timeout"] == 10.0
+    assert defaults["reload_interval"] == 0.5
     assert defaults["stats_port"] == 1936
     assert defaults["stats_bind"] == "127.0.0.1"
     assert defaults["bind"] == ""
@@ -214,6 +218,10 @@ def test_plugin_is_registered_with_its_options() -> None:
         ({"binary": ""}, "binary"),
         ({"template_dir": "/nonexistent/templates"}, "template_dir"),
         ({"colour": "blue"}, "colour"),
+        ({"drain_timeout": -1}, "drain_timeout"),
+        ({"drain_timeout": "soon"}, "drain_timeout"),
+        ({"drain_timeout": float("nan")}, "drain_timeout"),
+        ({"reload_interval": 7200}, "reload_interval"),
     ],
 )
 def test_bad_options_are_refused_at_factory_time(options: dict[str, object], words: str) -> None:

@@ -22,6 +22,16 @@ outcome. A reload succeeded when the master's ``show proc`` counts one more relo
 one, and lists a worker pid it did not list before. When the new configuration cannot start
 (``haproxy -c`` does not bind ports), the master keeps the old worker serving and counts a failed
 reload; the previous file is then put back, so the file on disk always is what runs.
+
+Most changes need no reload at all. When a candidate differs from the running configuration only
+in the plain server lines of its backends (:mod:`.layout`), ``apply`` sends runtime API commands on
+the admin socket instead: ``add server`` (+ ``enable health``, ``set server ... state ready``) for
+a new instance, ``set server ... addr`` for one that moved, ``set server ... state drain`` for one
+that left (:mod:`.drain` frees it later), then writes the new file. Should HAProxy refuse a
+command, the same candidate is applied by a verified reload instead, and the logs say so.
+``validate`` skips ``haproxy -c`` for such a candidate when its server lines only use options a
+checked configuration already had; ``apply_delay`` keeps reloads (never runtime changes) at most
+one per ``reload_interval``.
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -42,18 +53,29 @@ from pathlib import Path
 from discoverd import PluginError, Proxy, ProxyConfigError, Service, Unavailable
 from discoverd.core.process import pid_alive
 from discoverd.plugins.haproxy import render as rendering
+from discoverd.plugins.haproxy.drain import Drain, Drainer
+from discoverd.plugins.haproxy.layout import (
+    Changes,
+    Layout,
+    checked_without_haproxy,
+    parse_layout,
+    runtime_changes,
+)
 from discoverd.plugins.haproxy.runtime import (
+    CommandError,
     ProcStatus,
+    admin,
     alerts,
     cli,
     command_line,
     filter_server_state,
     read_pid,
     send_only,
+    server_names,
     show_proc,
     wait_gone,
 )
-from discoverd.plugins.haproxy.settings import Settings, check_state_dir
+from discoverd.plugins.haproxy.settings import Settings, check_state_dir, drain_seconds
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +83,8 @@ _SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 _LOG_MAX_BYTES = 1 << 20
 # Generic trailers of `haproxy -c` that say nothing the lines before them do not.
 _GENERIC_ALERTS = ("Error(s) found in configuration file", "Fatal errors found in configuration")
+#: Instance metadata key holding the drain period of an instance (label SERVICE_DRAIN=10s).
+DRAIN_KEY = "drain"
 
 
 class HAProxy(Proxy):
@@ -88,6 +112,21 @@ class HAProxy(Proxy):
         self._binary_path: str | None = None
         self._child: subprocess.Popen[bytes] | None = None
         self._udp_warned: set[str] = set()
+        # One apply or drain step at a time within this process (the file lock is for others).
+        self._lock = threading.RLock()
+        self._drainer = Drainer(self.admin_socket, self._lock, timeout=self.answer_timeout)
+        self._parsed: tuple[str, Layout] | None = None  # the last candidate split, cached
+        self._running_layout: tuple[bytes, Layout] | None = None  # what the file on disk holds
+        self._validated: Layout | None = None  # the last layout haproxy -c (or HAProxy) accepted
+        self._drain_periods: dict[tuple[str, str], float] = {}
+        self._bad_drain_warned: set[tuple[str, str]] = set()
+        self._swept = False  # leftover servers of an adopted HAProxy looked for
+        self._last_reload: float | None = None
+        #: Reloads this object did (fallbacks included), and changes applied at run time.
+        self.reloads = 0
+        self.runtime_applies = 0
+        #: Runtime changes HAProxy refused, each applied by a reload instead.
+        self.fallbacks = 0
 
     # -- Proxy interface ---------------------------------------------------------------------
 
@@ -105,14 +144,33 @@ class HAProxy(Proxy):
         return rendering.render_config(self._template, self.settings, self.dir, services)
 
     def validate(self, config: str) -> None:
+        layout = self._layout(config)
+        if checked_without_haproxy(layout, self._validated):
+            log.debug("haproxy: candidate differs only in server lines; haproxy -c skipped")
+            return
         try:
             self._validate(config)
         except OSError as exc:  # a full disk, a state dir removed under us, ...
             raise PluginError(f"haproxy: cannot stage the candidate configuration: {exc}") from None
+        self._validated = layout
+
+    def apply_delay(self, config: str, services: Sequence[Service]) -> float:
+        """Time left before a reload is allowed; always 0 for a change of servers only."""
+        interval = self.settings.reload_interval
+        if interval <= 0 or self._last_reload is None:
+            return 0.0
+        left = self._last_reload + interval - time.monotonic()
+        if left <= 0 or not self._needs_reload(config):
+            return 0.0
+        return left
 
     def apply(self, config: str, services: Sequence[Service]) -> str:
         try:
-            return self._apply(config, services)
+            with self._lock:
+                try:
+                    return self._apply(config, services)
+                finally:
+                    self._drain_periods = self._periods_of(services)
         except OSError as exc:
             raise PluginError(f"haproxy: cannot apply the configuration: {exc}") from None
 
@@ -159,15 +217,28 @@ class HAProxy(Proxy):
         with self._locked():
             status = self._running()
             previous = _read_bytes(self.config_file)
-            if (
+            running = (
                 status is not None
                 and status.failed == 0
-                and previous == data
-                and _read_text(self.marker_file) == digest
-            ):
+                and previous is not None
+                and _read_text(self.marker_file) == hashlib.sha256(previous).hexdigest()
+            )
+            if running and previous == data:
                 return "unchanged"
             self._trim_log()
+            if running and previous is not None:
+                changes = runtime_changes(self._file_layout(previous), self._layout(config))
+                if changes is not None and self._apply_runtime(changes):
+                    # Renamed into place but not flushed to disk (that costs more than the
+                    # change itself): after a power loss HAProxy is not running either, and
+                    # discoverd applies the registry's state again when it starts.
+                    _write_atomic(self.config_file, data, durable=False)
+                    _write_atomic(self.marker_file, digest.encode(), durable=False)
+                    self._running_layout = (data, self._layout(config))
+                    self.runtime_applies += 1
+                    return "runtime"
             _write_atomic(self.config_file, data)
+            self._last_reload = time.monotonic()  # a failed attempt counts too
             try:
                 if status is None:
                     self._start()
@@ -175,18 +246,166 @@ class HAProxy(Proxy):
                 else:
                     self._save_server_state(services)
                     self._reload(status)
+                    self.reloads += 1
                     result = "reloaded"
             except BaseException:
+                self._running_layout = None
                 self._restore(previous)
                 raise
+            # The new worker has none of the servers that were draining: the old worker keeps
+            # their connections until they end.
+            self._drainer.clear()
+            self._swept = True
             _write_atomic(self.marker_file, digest.encode())
+            self._running_layout = (data, self._layout(config))
+            self._validated = self._validated or self._layout(config)  # HAProxy loaded it
             return result
+
+    def _apply_runtime(self, changes: Changes) -> bool:
+        """Apply ``changes`` with runtime commands; False (and a log line) if HAProxy refused
+        one, the caller then reloads. Added servers first: a backend never runs empty."""
+        if not changes:
+            return True
+        started = time.monotonic()
+        try:
+            self._sweep()
+            for server in changes.added:
+                back = self._drainer.take(server.section, server.name)
+                path = f"{server.section}/{server.name}"
+                if back is not None and back.args != server.args:
+                    raise CommandError(f"{path} is draining with other options")
+                if back is None:
+                    command = f"add server {path} {server.endpoint} {server.args}"
+                    self._admin(command.rstrip(), expect="New server registered")
+                    if server.checked:
+                        self._admin(f"enable health {path}")
+                    if server.agent_checked:
+                        self._admin(f"enable agent {path}")
+                elif (back.address, back.port) != (server.address, server.port):
+                    self._set_addr(path, server.address, server.port)
+                self._admin(f"set server {path} state ready")
+            for server in changes.moved:
+                self._set_addr(f"{server.section}/{server.name}", server.address, server.port)
+            now = time.monotonic()
+            for server in changes.removed:
+                path = f"{server.section}/{server.name}"
+                period = self._drain_periods.get(
+                    (server.section, server.name), self.settings.drain_timeout
+                )
+                self._admin(f"set server {path} state drain")
+                self._drainer.add(
+                    Drain(
+                        server.section,
+                        server.name,
+                        server.address,
+                        server.port,
+                        server.args,
+                        deadline=now + period,
+                    )
+                )
+        except CommandError as exc:
+            self.fallbacks += 1
+            with contextlib.suppress(FileNotFoundError):
+                self.marker_file.unlink()  # some commands may have gone through: reload
+            log.warning("haproxy: runtime change refused (%s); reloading instead", exc)
+            return False
+        log.debug(
+            "haproxy: runtime change (+%d -%d ~%d servers) in %.1f ms",
+            len(changes.added),
+            len(changes.removed),
+            len(changes.moved),
+            (time.monotonic() - started) * 1000,
+        )
+        return True
+
+    def _admin(self, command: str, expect: str = "") -> str:
+        return admin(self.admin_socket, command, expect=expect, timeout=self.answer_timeout)
+
+    def _set_addr(self, path: str, address: str, port: int) -> None:
+        self._admin(f"set server {path} addr {address} port {port}", expect="change")
+
+    def _sweep(self) -> None:
+        """Once per adopted HAProxy: drain servers it runs that its file does not name (left
+        draining by a discoverd that exited), so that they are freed and their names reusable."""
+        if self._swept or self._running_layout is None:
+            return
+        self._swept = True
+        try:
+            dump = cli(self.admin_socket, "show servers state", timeout=self.answer_timeout)
+        except OSError as exc:
+            raise CommandError(f"'show servers state': {exc}") from None
+        layout = self._running_layout[1]
+        now = time.monotonic()
+        for backend, names in server_names(dump).items():
+            known = layout.servers.get(backend, {})
+            for name in sorted(names - set(known)):
+                if layout.structure.find(f"server {name} ") >= 0:
+                    continue  # a server line of another shape: part of the structure
+                log.info("haproxy: server %s/%s is not in haproxy.cfg; draining it", backend, name)
+                self._admin(f"set server {backend}/{name} state drain")
+                self._drainer.add(
+                    Drain(backend, name, "", 0, "", deadline=now + self.settings.drain_timeout)
+                )
+
+    def _layout(self, config: str) -> Layout:
+        cached = self._parsed
+        if cached is not None and (cached[0] is config or cached[0] == config):
+            return cached[1]
+        layout = parse_layout(config)
+        self._parsed = (config, layout)
+        return layout
+
+    def _file_layout(self, data: bytes) -> Layout:
+        cached = self._running_layout
+        if cached is not None and cached[0] == data:
+            return cached[1]
+        layout = parse_layout(data.decode("utf-8", errors="replace"))
+        self._running_layout = (data, layout)
+        return layout
+
+    def _needs_reload(self, config: str) -> bool:
+        """Cheap: does ``config`` take a reload (or a start) rather than runtime commands?"""
+        running = self._running_layout
+        if running is None:
+            data = _read_bytes(self.config_file)
+            if data is None:
+                return True
+            running = (data, self._file_layout(data))
+        return runtime_changes(running[1], self._layout(config)) is None
+
+    def _periods_of(self, services: Sequence[Service]) -> dict[tuple[str, str], float]:
+        """Drain periods asked for by instances (metadata ``drain``), by (backend, server)."""
+        periods: dict[tuple[str, str], float] = {}
+        for service in services:
+            for instance in service.instances:
+                value = instance.meta_dict.get(DRAIN_KEY)
+                if value is None:
+                    continue
+                seconds = drain_seconds(value)
+                key = (service.name, instance.id)
+                if seconds is not None:
+                    periods[key] = seconds
+                elif key not in self._bad_drain_warned:
+                    self._bad_drain_warned.add(key)
+                    log.warning(
+                        "haproxy: instance %s of %s has drain=%r, not a number of seconds; "
+                        "using drain_timeout (%gs)",
+                        instance.id,
+                        service.name,
+                        value[:40],
+                        self.settings.drain_timeout,
+                    )
+        return periods
 
     def reserved_ports(self) -> frozenset[int]:
         return frozenset({self.settings.stats_port}) if self.settings.stats_port else frozenset()
 
     def close(self) -> None:
-        """Leave HAProxy running with its last good configuration (see ``stop_process``)."""
+        """Leave HAProxy running with its last good configuration (see ``stop_process``).
+
+        Servers still draining stay in drain in HAProxy (no new connections); a later discoverd
+        on the same state directory frees them (see ``_sweep``)."""
+        self._drainer.close()
         if self._child is not None:
             self._child.poll()  # reap it if it already ended; never stop it here
 
@@ -196,6 +415,10 @@ class HAProxy(Proxy):
         """What the master says of itself and its workers, or ``None`` if none runs."""
         return self._running()
 
+    def draining(self) -> list[tuple[str, str]]:
+        """(backend, server) of the servers being drained now."""
+        return sorted(drain.key for drain in self._drainer.pending())
+
     def stop_process(self, *, graceful: bool = False, timeout: float | None = None) -> bool:
         """Stop the HAProxy master of this state directory and its workers; wait for them.
 
@@ -203,6 +426,8 @@ class HAProxy(Proxy):
         (SIGTERM). Returns ``False`` if no HAProxy was running.
         """
         timeout = self.stop_timeout if timeout is None else timeout
+        with self._lock:
+            self._drainer.clear()  # nothing left to drain in a stopped HAProxy
         status = show_proc(self.master_socket, timeout=1.0)
         pid = read_pid(self.pid_file)
         if (pid is None or not pid_alive(pid)) and status is not None:
@@ -458,20 +683,24 @@ def _read_text(path: Path) -> str:
     return data.decode(errors="replace").strip() if data is not None else ""
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write a temporary file next to ``path``, flush it to disk, rename it over ``path``."""
+def _write_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Write a temporary file next to ``path``, flush it to disk (with ``durable``), rename it
+    over ``path``: readers see the old file or the new one, never a part of it."""
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         os.chmod(name, 0o600)
         os.replace(name, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(name)
         raise
+    if not durable:
+        return
     directory = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(directory)

@@ -183,3 +183,75 @@ def filter_server_state(dump: str, servers: Mapping[tuple[str, str], tuple[str, 
         if _same_address(fields[addr], wanted[0]) and int(fields[port]) == wanted[1]:
             kept.append(line)
     return "\n".join(kept) + "\n"
+
+
+def master_reload_count(state_dir: Path | str) -> int | None:
+    """How many reloads the HAProxy master of a discoverd state directory has done since it
+    started (its ``show proc`` count), or ``None`` if no master answers.
+
+    ``state_dir`` is the agent's state directory (the one holding ``haproxy/``) or the plugin's
+    own ``haproxy`` folder. For tests and benchmarks: pure membership churn must leave it as is.
+    """
+    base = Path(state_dir)
+    folder = base if (base / "master.sock").exists() else base / "haproxy"
+    status = show_proc(folder / "master.sock")
+    return None if status is None else status.reloads
+
+
+class CommandError(Exception):
+    """A runtime API command failed: HAProxy refused it, or the socket could not be used."""
+
+
+def admin(path: Path, command: str, *, expect: str = "", timeout: float = 2.0) -> str:
+    """Run one command on the admin socket; raise ``CommandError`` unless it succeeded.
+
+    HAProxy answers most commands that succeed with nothing, and the others with a known
+    sentence: ``expect`` is a part of that sentence (empty: the answer must be empty).
+    """
+    try:
+        answer = cli(path, command, timeout).strip()
+    except OSError as exc:
+        raise CommandError(f"{command!r}: {exc}") from None
+    if (expect and expect not in answer) or (not expect and answer):
+        raise CommandError(f"{command!r}: HAProxy answered {answer[:200]!r}")
+    return answer
+
+
+def server_ids(dump: str) -> dict[str, tuple[int, int]]:
+    """``show servers state <backend>`` -> {server name: (backend id, server id)}."""
+    found: dict[str, tuple[int, int]] = {}
+    for line in dump.splitlines():
+        fields = line.split()
+        numbered = len(fields) > 4 and fields[0].isdigit() and fields[2].isdigit()
+        if numbered and not line.startswith("#"):
+            found[fields[3]] = (int(fields[0]), int(fields[2]))
+    return found
+
+
+def server_names(dump: str) -> dict[str, set[str]]:
+    """``show servers state`` -> {backend name: its server names}."""
+    found: dict[str, set[str]] = {}
+    for line in dump.splitlines():
+        fields = line.split()
+        if len(fields) > 4 and not line.startswith("#") and fields[0].isdigit():
+            found.setdefault(fields[1], set()).add(fields[3])
+    return found
+
+
+def sessions(stat_csv: str) -> dict[str, int]:
+    """``show stat <backend id> 4 -1`` (CSV) -> {server name: current plus queued sessions}."""
+    lines = stat_csv.splitlines()
+    if not lines or not lines[0].startswith("# "):
+        return {}
+    columns = lines[0][2:].split(",")
+    try:
+        name, queued, current = (columns.index(c) for c in ("svname", "qcur", "scur"))
+    except ValueError:
+        return {}
+    found: dict[str, int] = {}
+    for line in lines[1:]:
+        fields = line.split(",")
+        if len(fields) > max(name, queued, current):
+            count = sum(int(fields[i]) for i in (queued, current) if fields[i].isdigit())
+            found[fields[name]] = count
+    return found

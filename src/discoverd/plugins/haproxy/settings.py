@@ -34,6 +34,20 @@ OPTIONS: tuple[Option, ...] = (
     Option("timeout_client", str, "30s", "Inactivity timeout on the client side."),
     Option("timeout_server", str, "30s", "Inactivity timeout on the server side."),
     Option("maxconn", int, 4096, "Maximum concurrent connections of the HAProxy process."),
+    Option(
+        "drain_timeout",
+        float,
+        10.0,
+        "Seconds a removed server keeps its established connections (no new ones) before they "
+        "are cut; an instance's metadata drain (label SERVICE_DRAIN) overrides it.",
+    ),
+    Option(
+        "reload_interval",
+        float,
+        0.5,
+        "At most one reload per this many seconds (changes of servers only are applied at "
+        "once, without a reload); 0: no limit.",
+    ),
 )
 
 # HAProxy's time format: a number and an optional unit (milliseconds without one).
@@ -43,6 +57,8 @@ _TIME_RE = re.compile(r"[0-9]{1,9}(us|ms|s|m|h|d)?")
 _BAD_PATH_CHARS = frozenset("'\n\r\0,")
 # A unix socket path holds at most 107 bytes; HAProxy binds "<path>.<pid>.tmp" and renames it.
 _SOCKET_PATH_MAX = 107 - len(".4194304.tmp")
+#: Longest drain period accepted, in seconds (a day).
+MAX_DRAIN = 86400.0
 
 
 @dataclass(frozen=True)
@@ -60,6 +76,8 @@ class Settings:
     timeout_client: str = "30s"
     timeout_server: str = "30s"
     maxconn: int = 4096
+    drain_timeout: float = 10.0
+    reload_interval: float = 0.5
 
 
 def _fail(name: str, value: object, rule: str) -> PluginError:
@@ -82,6 +100,20 @@ def _number(options: Mapping[str, Any], name: str, default: int, low: int, high:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise _fail(name, value, f"must be a whole number from {low} to {high}")
     return value
+
+
+def _seconds(options: Mapping[str, Any], name: str, default: float, high: float) -> float:
+    value = options.get(name, default)
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise _fail(name, value, "must be a number of seconds") from None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _fail(name, value, "must be a number of seconds")
+    if not 0 <= value <= high:  # also refuses NaN
+        raise _fail(name, value, f"must be from 0 to {high:g} seconds")
+    return float(value)
 
 
 def _address(options: Mapping[str, Any], name: str, default: str) -> str:
@@ -130,7 +162,23 @@ def parse_settings(options: Mapping[str, Any]) -> Settings:
         timeout_client=_time(options, "timeout_client", "30s", positive=True),
         timeout_server=_time(options, "timeout_server", "30s", positive=True),
         maxconn=_number(options, "maxconn", 4096, 1, 10_000_000),
+        drain_timeout=_seconds(options, "drain_timeout", 10.0, MAX_DRAIN),
+        reload_interval=_seconds(options, "reload_interval", 0.5, 3600.0),
     )
+
+
+def drain_seconds(value: str) -> float | None:
+    """A drain period from instance metadata ("10", "2.5"; "10s" and "500ms" are accepted too),
+    or ``None`` if it is not a number of seconds from 0 to ``MAX_DRAIN``."""
+    text = value.strip().lower()
+    scale = 1.0
+    if text.endswith("ms"):
+        text, scale = text[:-2], 0.001
+    try:
+        seconds = float(text.removesuffix("s")) * scale
+    except ValueError:
+        return None
+    return seconds if 0 <= seconds <= MAX_DRAIN else None
 
 
 def check_state_dir(path: Path) -> Path:

@@ -1,0 +1,652 @@
+"""Changes without reloads, drain instead of drop, and the reload rate limit, against the real
+haproxy binary. Backends are small Python HTTP servers on 127.0.0.1 (see conftest)."""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+
+from discoverd import ProxyConfigError, Service, ServiceInstance
+from discoverd.plugins.haproxy.layout import (
+    checked_without_haproxy,
+    parse_layout,
+    runtime_changes,
+)
+from discoverd.plugins.haproxy.proxy import HAProxy
+from discoverd.plugins.haproxy.runtime import (
+    cli,
+    master_reload_count,
+    server_ids,
+    server_names,
+    sessions,
+)
+from discoverd.plugins.haproxy.settings import drain_seconds
+from discoverd.testing.services import free_port, http_get, wait_for
+from tests.plugins.haproxy.conftest import NameServer
+
+GOLDEN = Path(__file__).parent / "golden" / "haproxy.cfg"
+MakeHAProxy = Callable[..., HAProxy]
+Backends = Callable[..., NameServer]
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+
+
+def web(port: int, *members: NameServer | ServiceInstance, mode: str = "http") -> Service:
+    instances = tuple(
+        m if isinstance(m, ServiceInstance) else m.instance("web", port) for m in members
+    )
+    return Service("web", port, mode="http" if mode == "http" else "tcp", instances=instances)
+
+
+def push(proxy: HAProxy, services: Sequence[Service]) -> str:
+    """What the discover role does: render, validate, apply."""
+    config = proxy.render(services)
+    proxy.validate(config)
+    return proxy.apply(config, services)
+
+
+def reloads(proxy: HAProxy) -> int:
+    count = master_reload_count(proxy.dir.parent)
+    assert count is not None
+    return count
+
+
+def running_servers(proxy: HAProxy) -> dict[tuple[str, str], tuple[str, str, str]]:
+    """(backend, server) -> (address, port, admin state) from ``show servers state``."""
+    found = {}
+    for line in cli(proxy.admin_socket, "show servers state", 5.0).splitlines()[2:]:
+        f = line.split()
+        if len(f) > 18:
+            found[(f[1], f[3])] = (f[4], f[18], f[6])
+    return found
+
+
+def file_servers(proxy: HAProxy) -> dict[tuple[str, str], tuple[str, str]]:
+    layout = parse_layout(proxy.config_file.read_text())
+    return {
+        (section, name): (s.address, str(s.port))
+        for section, servers in layout.servers.items()
+        for name, s in servers.items()
+    }
+
+
+def names_seen(port: int, count: int = 8) -> set[str]:
+    return {http_get(f"http://127.0.0.1:{port}/").strip() for _ in range(count)}
+
+
+def i_am(*servers: NameServer) -> set[str]:
+    return {f"I am {s.name}" for s in servers}
+
+
+class Getter(threading.Thread):
+    """One GET through the proxy in the background; keeps the answer or the error."""
+
+    def __init__(self, port: int, path: str) -> None:
+        super().__init__(daemon=True)
+        self.port, self.path = port, path
+        self.answer: str | None = None
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        try:
+            conn.request("GET", self.path)
+            response = conn.getresponse()
+            self.answer = f"{response.status} {response.read().decode().strip()}"
+        except (OSError, http.client.HTTPException) as exc:
+            self.error = exc
+        finally:
+            conn.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Pure parts
+
+
+def test_layout_splits_server_lines_from_the_structure() -> None:
+    text = GOLDEN.read_text()
+    layout = parse_layout(text)
+    assert sorted(layout.servers) == ["api", "redis", "whoami"]
+    server = layout.servers["api"]["host1:e5f6a1b2c3d4:8000:tcp"]
+    assert (server.address, server.port, server.endpoint) == ("fd00::12", 32772, "[fd00::12]:32772")
+    assert server.args == "check inter 1s fall 2 rise 1" and server.checked
+    assert "    server " not in layout.structure
+    assert "backend billing" in layout.structure
+    assert not layout.duplicates and not layout.default_server
+
+    # Servers only: runtime changes, no reload.
+    fewer = text.replace(
+        "    server host1:a1b2c3d4e5f6:8000:tcp 127.0.0.1:32768 check inter 1s fall 2 rise 1\n", ""
+    )
+    moved = fewer.replace("127.0.0.1:32773", "127.0.0.1:40000")
+    added = moved.replace(
+        "    # Replays failed requests on another server; only GET, HEAD and OPTIONS once sent.\n"
+        "    retry-on all-retryable-errors\n"
+        "    http-request disable-l7-retry unless METH_GET || METH_OPTIONS\n\n",
+        "    # Replays failed requests on another server; only GET, HEAD and OPTIONS once sent.\n"
+        "    retry-on all-retryable-errors\n"
+        "    http-request disable-l7-retry unless METH_GET || METH_OPTIONS\n"
+        "    server host1:new:9000:tcp 10.0.0.9:31000 check inter 1s fall 2 rise 1\n\n",
+        1,
+    )
+    assert added != moved
+    changes = runtime_changes(layout, parse_layout(added))
+    assert changes is not None
+    assert [s.name for s in changes.removed] == ["host1:a1b2c3d4e5f6:8000:tcp"]
+    assert [(s.section, s.port) for s in changes.moved] == [("redis", 40000)]
+    assert [(s.section, s.name) for s in changes.added] == [("billing", "host1:new:9000:tcp")]
+    assert checked_without_haproxy(parse_layout(added), layout)
+
+    # Anything else takes a reload.
+    assert (
+        runtime_changes(
+            layout, parse_layout(text.replace("balance roundrobin", "balance first", 1))
+        )
+        is None
+    )
+    assert (
+        runtime_changes(layout, parse_layout(text.replace("fall 2 rise 1", "fall 3 rise 1", 1)))
+        is None
+    )
+    assert runtime_changes(layout, parse_layout(text.replace("bind *:8080", "bind *:8081"))) is None
+    # New options, a duplicate name or an odd server line: haproxy -c must judge it.
+    odd = parse_layout(text.replace("fall 2 rise 1", "fall 2 rise 1 frobnicate", 1))
+    assert not checked_without_haproxy(odd, layout)
+    twice = text.replace(
+        "    server host1:f6a1b2c3d4e5:8000:tcp 127.0.0.1:32773 check inter 1s fall 2 rise 1\n",
+        "    server host1:f6a1b2c3d4e5:8000:tcp 127.0.0.1:32773 check inter 1s fall 2 rise 1\n" * 2,
+    )
+    assert parse_layout(twice).duplicates and not checked_without_haproxy(
+        parse_layout(twice), layout
+    )
+    quoted = parse_layout(text.replace("fall 2 rise 1", "fall 2 rise 1 ; disable server", 1))
+    assert quoted.structure != layout.structure  # not plain: kept in the structure
+    hostname = parse_layout(text.replace("127.0.0.1:32773", "redis.local:32773"))
+    assert runtime_changes(layout, hostname) is None
+    with_default = parse_layout(
+        added.replace("defaults\n", "defaults\n    default-server maxconn 10\n")
+    )
+    assert with_default.default_server
+    assert (
+        runtime_changes(
+            parse_layout(moved.replace("defaults\n", "defaults\n    default-server maxconn 10\n")),
+            with_default,
+        )
+        is None
+    )
+
+
+def test_drain_seconds_parsing() -> None:
+    assert drain_seconds("10") == 10.0
+    assert drain_seconds("2.5") == 2.5
+    assert drain_seconds("10s") == 10.0
+    assert drain_seconds("0") == 0.0
+    assert drain_seconds(" 500ms ") == 0.5
+    for bad in ("", "soon", "-1", "nan", "inf", "1e9", "10m", "5mss", "ms"):
+        assert drain_seconds(bad) is None, bad
+
+
+def test_runtime_answers_are_parsed() -> None:
+    dump = (
+        "1\n# be_id be_name srv_id srv_name srv_addr srv_op_state\n"
+        "3 web 1 host1:a:8000:tcp 127.0.0.1 2 0 1 1 0 6 3 2 6 0 0 0 - 18001 - 0 0 - - 0\n"
+        "3 web 7 b 127.0.0.1 2 0 1 1 0 6 3 2 6 0 0 0 - 18002 - 0 0 - - 0\n"
+        "4 api 1 c 127.0.0.1 2 0 1 1 0 6 3 2 6 0 0 0 - 18003 - 0 0 - - 0\n"
+    )
+    assert server_ids(dump) == {"host1:a:8000:tcp": (3, 1), "b": (3, 7), "c": (4, 1)}
+    assert server_names(dump) == {"web": {"host1:a:8000:tcp", "b"}, "api": {"c"}}
+    stat = "# pxname,svname,qcur,qmax,scur,smax\nweb,a,1,0,2,5\nweb,b,0,0,0,1\n"
+    assert sessions(stat) == {"a": 3, "b": 0}
+    assert sessions("") == {}
+
+
+def test_a_bad_drain_value_is_warned_once(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    from tests.plugins.haproxy.test_proxy import offline_proxy
+
+    proxy = offline_proxy()
+    instance = ServiceInstance(
+        "web", "host1:a:8000:tcp", "127.0.0.1", 1000, meta=(("drain", "a while"),)
+    )
+    good = ServiceInstance("web", "host1:b:8000:tcp", "127.0.0.1", 1001, meta=(("drain", "3"),))
+    services = [Service("web", 8000, instances=(instance, good))]
+    with caplog.at_level(logging.WARNING):
+        periods = proxy._periods_of(services)
+        proxy._periods_of(services)
+    assert periods == {("web", "host1:b:8000:tcp"): 3.0}
+    warned = [r for r in caplog.records if "a while" in r.getMessage()]
+    assert len(warned) == 1 and "drain_timeout" in warned[0].getMessage()
+
+
+# --------------------------------------------------------------------------------------------
+# Changes without reloads
+
+
+def test_membership_changes_apply_at_runtime_without_a_reload(
+    make_haproxy: MakeHAProxy, backends: Backends
+) -> None:
+    proxy = make_haproxy(drain_timeout=0)
+    a, b, c, d = (backends(n) for n in "abcd")
+    port = free_port()
+    assert push(proxy, [web(port, a, b)]) == "started"
+    wait_for(lambda: names_seen(port) == i_am(a, b), 10, what="a and b")
+    before = reloads(proxy)
+
+    assert push(proxy, [web(port, a, b, c)]) == "runtime"
+    assert names_seen(port, 9) == i_am(a, b, c)
+
+    assert push(proxy, [web(port, b, c)]) == "runtime"
+    assert names_seen(port, 9) == i_am(b, c)
+
+    # c moves to d's port (same instance id, new address): set server addr.
+    moved = ServiceInstance("web", c.instance("web", port).id, "127.0.0.1", d.port)
+    assert push(proxy, [web(port, b, moved)]) == "runtime"
+    assert names_seen(port, 9) == {"I am b", "I am d"}
+
+    assert reloads(proxy) == before
+    assert proxy.reloads == 0 and proxy.runtime_applies == 3 and proxy.fallbacks == 0
+    assert proxy.config_file.read_text() == proxy.render([web(port, b, moved)])
+    wait_for(lambda: not proxy.draining(), 10, what="a to be freed")
+    assert set(running_servers(proxy)) == {("web", b.instance("web", port).id), ("web", moved.id)}
+
+
+def test_a_new_service_a_port_or_a_mode_change_reloads_once(
+    make_haproxy: MakeHAProxy, backends: Backends
+) -> None:
+    proxy = make_haproxy(reload_interval=0)
+    a, b = backends("a"), backends("b")
+    port, other = free_port(), free_port()
+    push(proxy, [web(port, a)])
+    count = reloads(proxy)
+    two = Service("two", other, mode="http", instances=(b.instance("two", other),))
+    assert push(proxy, [web(port, a), two]) == "reloaded"
+    assert reloads(proxy) == count + 1
+    moved_port = free_port()
+    two = Service("two", moved_port, mode="http", instances=(b.instance("two", moved_port),))
+    assert push(proxy, [web(port, a), two]) == "reloaded"
+    assert reloads(proxy) == count + 2
+    assert push(proxy, [web(port, a, mode="tcp"), two]) == "reloaded"
+    assert reloads(proxy) == count + 3
+    assert http_get(f"http://127.0.0.1:{moved_port}/") == "I am b\n"
+    assert http_get(f"http://127.0.0.1:{port}/") == "I am a\n"
+    assert proxy.reloads == 3
+
+
+def test_operator_maintenance_survives_a_reload(
+    make_haproxy: MakeHAProxy, backends: Backends
+) -> None:
+    proxy = make_haproxy(reload_interval=0)
+    a, b, c = backends("a"), backends("b"), backends("c")
+    port = free_port()
+    push(proxy, [web(port, a, b)])
+    assert push(proxy, [web(port, a, b, c)]) == "runtime"  # c is a server added at run time
+    a_id, c_id = a.instance("web", port).id, c.instance("web", port).id
+    for server in (a_id, c_id):
+        assert cli(proxy.admin_socket, f"set server web/{server} state maint").strip() == ""
+    assert names_seen(port) == {"I am b"}
+
+    other = free_port()
+    more = [web(port, a, b, c), Service("two", other, instances=(b.instance("two", other),))]
+    assert push(proxy, more) == "reloaded"
+    servers = running_servers(proxy)
+    assert int(servers[("web", a_id)][2]) & 1  # srv_admin_state: forced maintenance
+    assert int(servers[("web", c_id)][2]) & 1
+    assert names_seen(port) == {"I am b"}
+
+
+def test_the_file_on_disk_is_what_runs_after_runtime_changes(
+    make_haproxy: MakeHAProxy, backends: Backends
+) -> None:
+    proxy = make_haproxy(drain_timeout=0)
+    members = [backends(n) for n in ("a", "b", "c", "d", "e")]
+    port = free_port()
+    push(proxy, [web(port, *members[:2])])
+    push(proxy, [web(port, *members[1:4])])
+    moved = ServiceInstance(
+        "web", members[3].instance("web", port).id, "127.0.0.1", members[4].port
+    )
+    final = [web(port, members[1], members[2], moved)]
+    assert push(proxy, final) == "runtime"
+    wait_for(lambda: not proxy.draining(), 10, what="a to be freed")
+
+    def live() -> dict[tuple[str, str], tuple[str, str]]:
+        return {key: value[:2] for key, value in running_servers(proxy).items()}
+
+    assert live() == file_servers(proxy)
+    text = proxy.config_file.read_text()
+    assert proxy.stop_process()
+    # A new discoverd, or HAProxy started again from the file alone, runs the same servers.
+    again = make_haproxy(stats_port=proxy.settings.stats_port)
+    assert again.apply(text, []) == "started"
+    assert live() == file_servers(proxy)
+    assert names_seen(port, 9) == {"I am b", "I am c", "I am e"}
+
+
+def test_many_changes_converge(make_haproxy: MakeHAProxy, backends: Backends) -> None:
+    proxy = make_haproxy(drain_timeout=0)
+    pool = [backends(f"n{i}") for i in range(24)]
+    port = free_port()
+    push(proxy, [web(port, pool[0])])
+    before = reloads(proxy)
+    for i in range(1, 12):  # one at a time
+        assert push(proxy, [web(port, *pool[: i + 1])]) == "runtime"
+    assert push(proxy, [web(port, *pool[6:])]) == "runtime"  # a burst: -6 +12
+    expected = {("web", s.instance("web", port).id) for s in pool[6:]}
+    wait_for(lambda: set(running_servers(proxy)) == expected, 10, what="the old servers to go")
+    assert reloads(proxy) == before
+    assert names_seen(port, 36) == i_am(*pool[6:])
+
+
+def test_a_refused_runtime_command_falls_back_to_a_reload(
+    make_haproxy: MakeHAProxy, backends: Backends, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Sticky sessions: HAProxy 2.6 refuses 'cookie' on a server added at run time."""
+    (tmp_path / "haproxy.cfg.j2").write_text(
+        '{% extends "default:haproxy.cfg.j2" %}\n'
+        "{% block service_extra %}\n    cookie SRV insert indirect nocache\n{% endblock %}\n"
+        "{% block server %}\n"
+        "    server {{ instance.id }} {{ instance.endpoint }} cookie s{{ instance.port }} check\n"
+        "{% endblock %}\n"
+    )
+    proxy = make_haproxy(template_dir=str(tmp_path), reload_interval=0)
+    a, b = backends("a"), backends("b")
+    port = free_port()
+    push(proxy, [web(port, a)])
+    before = reloads(proxy)
+    with caplog.at_level(logging.WARNING):
+        assert push(proxy, [web(port, a, b)]) == "reloaded"
+    assert reloads(proxy) == before + 1
+    assert proxy.fallbacks == 1 and proxy.runtime_applies == 0
+    assert any(
+        "reloading instead" in r.getMessage() and "cookie" in r.getMessage() for r in caplog.records
+    )
+    assert names_seen(port) == i_am(a, b)
+    assert proxy.config_file.read_text() == proxy.render([web(port, a, b)])
+
+
+def test_a_lost_admin_socket_falls_back_to_a_reload(
+    make_haproxy: MakeHAProxy, backends: Backends
+) -> None:
+    """The admin socket file removed under HAProxy (a careless cleanup of the state directory):
+    the runtime API cannot be reached, so every change goes through a verified reload on the
+    master socket instead. (Reloads hand the listening socket over, so the file stays missing
+    until HAProxy is started again.)"""
+    proxy = make_haproxy(reload_interval=0)
+    a, b = backends("a"), backends("b")
+    port = free_port()
+    push(proxy, [web(port, a)])
+    before = reloads(proxy)
+    proxy.admin_socket.unlink()
+    assert push(proxy, [web(port, a, b)]) == "reloaded"
+    assert reloads(proxy) == before + 1 and proxy.fallbacks == 1
+    assert names_seen(port) == i_am(a, b)
+    assert push(proxy, [web(port, b)]) == "reloaded"
+    assert names_seen(port) == {"I am b"}
+    assert proxy.fallbacks == 2
+
+
+# --------------------------------------------------------------------------------------------
+# Validation fast path and the reload rate limit
+
+
+def test_validate_skips_haproxy_c_only_for_server_changes(
+    make_haproxy: MakeHAProxy, backends: Backends, caplog: pytest.LogCaptureFixture
+) -> None:
+    proxy = make_haproxy()
+    a, b = backends("a"), backends("b")
+    port = free_port()
+    push(proxy, [web(port, a)])
+    good = proxy.render([web(port, a, b)])
+    with caplog.at_level(logging.DEBUG, logger="discoverd.plugins.haproxy.proxy"):
+        proxy.validate(good)
+    assert any("haproxy -c skipped" in r.getMessage() for r in caplog.records)
+
+    # The same server change with a bad structural line: haproxy -c runs and refuses it.
+    with pytest.raises(ProxyConfigError, match="balance"):
+        proxy.validate(good.replace("balance roundrobin", "balance frobnicate"))
+    # A server option never checked before: haproxy -c runs and refuses it.
+    bad_option = good.replace("fall 2 rise 1", "fall 2 rise 1 frobnicate", 1)
+    with pytest.raises(ProxyConfigError, match="frobnicate"):
+        proxy.validate(bad_option)
+    # Two servers of one name.
+    line = next(x for x in good.splitlines() if x.strip().startswith("server "))
+    with pytest.raises(ProxyConfigError):
+        proxy.validate(good.replace(line, f"{line}\n{line}"))
+
+
+def test_apply_delay_limits_reloads_but_never_runtime_changes(
+    make_haproxy: MakeHAProxy, backends: Backends
+) -> None:
+    proxy = make_haproxy(reload_interval=60)
+    a, b = backends("a"), backends("b")
+    port, other = free_port(), free_port()
+    first = [web(port, a)]
+    config = proxy.render(first)
+    assert proxy.apply_delay(config, first) == 0  # nothing ran yet
+    push(proxy, first)
+
+    membership = [web(port, a, b)]
+    assert proxy.apply_delay(proxy.render(membership), membership) == 0
+    new_service = [web(port, a), Service("two", other, instances=(b.instance("two", other),))]
+    delay = proxy.apply_delay(proxy.render(new_service), new_service)
+    assert 0 < delay <= 60
+    assert push(proxy, membership) == "runtime"
+    assert 0 < proxy.apply_delay(proxy.render(new_service), new_service) <= delay
+
+    short = make_haproxy(state_dir=proxy.dir.parent / "short", reload_interval=0.2)
+    push(short, first)
+    delayed = short.apply_delay(short.render(new_service), new_service)
+    wait_for(
+        lambda: short.apply_delay(short.render(new_service), new_service) == 0, 10, what="delay"
+    )
+    assert delayed >= 0
+    assert push(short, new_service) == "reloaded"
+    unlimited = make_haproxy(state_dir=proxy.dir.parent / "free", reload_interval=0)
+    push(unlimited, first)
+    assert unlimited.apply_delay(unlimited.render(new_service), new_service) == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Drain instead of drop
+
+
+def test_a_removed_server_finishes_its_request_then_is_freed(
+    make_haproxy: MakeHAProxy, backends: Backends
+) -> None:
+    proxy = make_haproxy()
+    a, b = backends("a"), backends("b")
+    port = free_port()
+    a_inst = a.instance("web", port, drain="600")  # long: freed because idle, not by the timer
+    push(proxy, [web(port, a_inst)])
+    wait_for(lambda: names_seen(port, 2) == {"I am a"}, 10, what="a")
+    slow = Getter(port, "/sleep/1.5")
+    assert a.slow.wait(10)
+    assert push(proxy, [web(port, b)]) == "runtime"
+    assert ("web", a_inst.id) in proxy.draining()
+    assert int(running_servers(proxy)[("web", a_inst.id)][2]) & 0x08  # forced drain
+    assert names_seen(port, 6) == {"I am b"}  # new requests go elsewhere
+    slow.join(30)
+    assert slow.answer == "200 I am a", slow.error
+    wait_for(lambda: ("web", a_inst.id) not in running_servers(proxy), 20, what="a to be freed")
+    assert not proxy.draining()
+
+
+def test_a_drained_tcp_connection_keeps_working(
+    make_haproxy: MakeHAProxy, backends: Backends
+) -> None:
+    proxy = make_haproxy()
+    a, b = backends("a", keep_alive=True), backends("b", keep_alive=True)
+    port = free_port()
+    a_inst = a.instance("web", port, drain="600")
+    push(proxy, [web(port, a_inst, mode="tcp")])
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        wait_for(lambda: http_get(f"http://127.0.0.1:{port}/") == "I am a\n", 10, what="a")
+        conn.request("GET", "/")
+        assert conn.getresponse().read() == b"I am a\n"
+        assert push(proxy, [web(port, b, mode="tcp")]) == "runtime"
+        assert names_seen(port, 4) == {"I am b"}
+        for _ in range(3):  # the established connection still reaches a
+            conn.request("GET", "/")
+            assert conn.getresponse().read() == b"I am a\n"
+        assert ("web", a_inst.id) in running_servers(proxy)
+    finally:
+        conn.close()
+    wait_for(lambda: ("web", a_inst.id) not in running_servers(proxy), 20, what="a to be freed")
+
+
+def test_the_drain_period_cuts_what_is_left(make_haproxy: MakeHAProxy, backends: Backends) -> None:
+    """A tcp connection still open on a drained server at the end of its drain period is cut."""
+    proxy = make_haproxy()
+    a, b = backends("a", keep_alive=True), backends("b", keep_alive=True)
+    port = free_port()
+    a_inst = a.instance("web", port, drain="0.3")
+    push(proxy, [web(port, a_inst, mode="tcp")])
+    wait_for(lambda: http_get(f"http://127.0.0.1:{port}/") == "I am a\n", 10, what="a")
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", "/")
+        assert conn.getresponse().read() == b"I am a\n"
+        assert push(proxy, [web(port, b, mode="tcp")]) == "runtime"
+        wait_for(lambda: ("web", a_inst.id) not in running_servers(proxy), 20, what="a freed")
+        with pytest.raises((OSError, http.client.HTTPException)):
+            conn.request("GET", "/")
+            conn.getresponse().read()
+    finally:
+        conn.close()
+    assert not proxy.draining()
+    assert names_seen(port, 4) == {"I am b"}
+
+
+def test_a_server_that_comes_back_while_draining_is_ready_again(
+    make_haproxy: MakeHAProxy, backends: Backends
+) -> None:
+    proxy = make_haproxy()
+    a, b = backends("a"), backends("b")
+    port = free_port()
+    a_inst = a.instance("web", port, drain="600")
+    push(proxy, [web(port, a_inst)])
+    wait_for(lambda: names_seen(port, 2) == {"I am a"}, 10, what="a")
+    slow = Getter(port, "/sleep/1")  # a session keeps a draining
+    assert a.slow.wait(10)
+    assert push(proxy, [web(port, b)]) == "runtime"
+    assert ("web", a_inst.id) in proxy.draining()
+    assert push(proxy, [web(port, a_inst, b)]) == "runtime"
+    assert not proxy.draining()
+    assert names_seen(port) == i_am(a, b)
+    slow.join(30)
+    assert slow.answer == "200 I am a"
+    assert ("web", a_inst.id) in running_servers(proxy)
+
+
+def test_no_request_fails_while_backends_come_and_go(
+    make_haproxy: MakeHAProxy, backends: Backends
+) -> None:
+    proxy = make_haproxy(drain_timeout=5)
+    port = free_port()
+    live = [backends(f"s{i}") for i in range(2)]
+    push(proxy, [web(port, *live)])
+    wait_for(lambda: names_seen(port, 4) == i_am(*live), 10, what="the first servers")
+    before = reloads(proxy)
+    stop = threading.Event()
+    results: dict[str, list[str]] = {"keep-alive": [], "close": []}
+
+    def keep_alive() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        while not stop.is_set():
+            try:
+                conn.request("GET", "/")
+                response = conn.getresponse()
+                body = response.read().decode()
+                results["keep-alive"].append(
+                    "ok" if response.status == 200 else f"{response.status} {body}"
+                )
+            except (OSError, http.client.HTTPException) as exc:
+                results["keep-alive"].append(repr(exc))
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.close()
+
+    def close() -> None:
+        while not stop.is_set():
+            try:
+                body = http_get(f"http://127.0.0.1:{port}/")
+                results["close"].append("ok" if body.startswith("I am") else body)
+            except OSError as exc:
+                results["close"].append(repr(exc))
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (keep_alive, close)]
+    for thread in threads:
+        thread.start()
+    try:
+        for i in range(2, 12):
+            new = backends(f"s{i}")
+            live.append(new)
+            assert push(proxy, [web(port, *live)]) == "runtime"
+            gone = live.pop(0)
+            assert push(proxy, [web(port, *live)]) == "runtime"
+            time.sleep(0.05)  # the container's process exits a moment after the stop event
+            gone.stop()
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    for kind, outcomes in results.items():
+        failures = [x for x in outcomes if x != "ok"]
+        assert len(outcomes) > 20, kind
+        assert failures == [], (kind, failures[:5])
+    assert reloads(proxy) == before
+
+
+def test_a_server_added_at_run_time_is_health_checked(
+    make_haproxy: MakeHAProxy, backends: Backends
+) -> None:
+    proxy = make_haproxy(check_interval="100ms")
+    a = backends("a")
+    port = free_port()
+    push(proxy, [web(port, a)])
+    dead = ServiceInstance("web", "host1:dead:8000:tcp", "127.0.0.1", free_port())  # no listener
+    assert push(proxy, [web(port, a, dead)]) == "runtime"
+
+    def op_state() -> str:
+        for line in cli(proxy.admin_socket, "show servers state web", 5.0).splitlines():
+            fields = line.split()
+            if len(fields) > 5 and fields[3] == dead.id:
+                return fields[5]  # srv_op_state: 0 stopped, 2 running
+        return "?"
+
+    wait_for(lambda: op_state() == "0", 10, what="the check to mark the dead server down")
+    assert names_seen(port, 6) == {"I am a"}
+
+
+def test_a_new_discoverd_frees_servers_left_draining(
+    make_haproxy: MakeHAProxy, backends: Backends
+) -> None:
+    first = make_haproxy()
+    a, b, c = backends("a"), backends("b"), backends("c")
+    port = free_port()
+    a_inst = a.instance("web", port, drain="600")
+    push(first, [web(port, a_inst)])
+    wait_for(lambda: names_seen(port, 2) == {"I am a"}, 10, what="a")
+    slow = Getter(port, "/sleep/1")
+    assert a.slow.wait(10)
+    assert push(first, [web(port, b)]) == "runtime"
+    first.close()  # discoverd exits while a drains
+    assert ("web", a_inst.id) in running_servers(first)
+
+    second = make_haproxy(stats_port=first.settings.stats_port)
+    assert push(second, [web(port, b, c)]) == "runtime"
+    assert ("web", a_inst.id) in second.draining()
+    slow.join(30)
+    assert slow.answer == "200 I am a"
+    wait_for(lambda: ("web", a_inst.id) not in running_servers(second), 20, what="a freed")
+    assert names_seen(port) == i_am(b, c)
