@@ -1,101 +1,73 @@
-"""Time from `docker run` returning to the first request answered by the new container through
-the proxy, with discoverd (both roles, etcd + HAProxy) on one host.
+"""1. Time to routable: from `docker run` returning to the first request answered by the new
+container through the proxy (etcd + HAProxy, both roles in one discoverd process).
 
-    .venv/bin/python bench/time_to_routable.py [--runs 10]
+    .venv/bin/python -m bench.time_to_routable [--runs 10] [--json OUT]
 
-Starts its own etcd, Docker daemon and discoverd on loopback ports, keeps one whoami running so
-the service exists, then starts `--runs` more, one at a time, and for each polls the frontend
-(a new connection per request) until the new container answers. Prints min, median, p90, max.
+Starts its own etcd, Docker daemon (own bridge) and discoverd, keeps one whoami running so the
+service exists, then starts `--runs` more, one at a time, and for each polls the frontend (a new
+connection per request) until the new container answers. Reports min, median, p99 and max.
+Targets: median <= 60 ms, p99 <= 300 ms.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-from discoverd.testing.services import DockerDaemon, Etcd, ensure_images, free_port, run_whoami
+if __package__ in (None, ""):  # run as a file: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.stack import (
+    Figure,
+    Report,
+    Stack,
+    Target,
+    main_guard,
+    parser,
+    runs_of,
+    wait_answer,
+    whoami_labels,
+)
+from discoverd.testing.services import free_port
 
 
-def get(url: str) -> str:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as response:
-            return str(response.read().decode())
-    except Exception:
-        return ""
+def measure(stack: Stack, runs: int, mode: str, report: Report) -> Figure:
+    frontend = free_port()
+    labels = whoami_labels(frontend, mode)
+    agent = stack.agent()
+    base = stack.run_containers(1, labels=labels)[0]
+    wait_answer(frontend, base.id[:12], 90)
+    print(f"first container routable {time.monotonic() - agent.started:.1f} s after start")
+    samples: list[float] = []
+    for n in range(runs):
+        container = stack.run_containers(1, labels=labels)[0]
+        start = time.monotonic()
+        routable = wait_answer(frontend, container.id[:12], 30)
+        samples.append((routable - start) * 1000)
+        print(f"run {n + 1}: {samples[-1]:.0f} ms", flush=True)
+    return report.add(
+        Figure(
+            "time to routable",
+            "ms",
+            samples=samples,
+            targets=[Target("median", "<=", 60), Target("p99", "<=", 300)],
+            note=f"{mode} mode",
+        )
+    )
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--runs", type=int, default=10)
-    parser.add_argument("--log-level", default="warning", help="discoverd's log level")
-    args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="dbench"))
-    etcd, daemon = Etcd(root / "etcd"), DockerDaemon(root / "docker")
-    frontend, stats = free_port(), free_port()
-    state = root / "state"
-    agent = None
-    samples: list[float] = []
-    try:
-        etcd.start()
-        daemon.start()
-        client = daemon.client()
-        ensure_images(client)
-        labels = {"SERVICE_8000_PORT": str(frontend), "SERVICE_MODE": "http"}
-        env = {**os.environ, "DOCKER_HOST": daemon.host, "ETCD_HOST": etcd.endpoint}
-        agent = subprocess.Popen(
-            [
-                sys.executable, "-m", "discoverd", "--host-ip", "127.0.0.1",
-                "--state-dir", str(state), "--set", "haproxy.bind=127.0.0.1",
-                "--set", f"haproxy.stats_port={stats}", "--log-level", args.log_level,
-            ],
-            env=env,
-        )  # fmt: skip
-        url = f"http://127.0.0.1:{frontend}/"
-        base = run_whoami(client, host_ip="127.0.0.1", labels=labels)
-        deadline = time.monotonic() + 60
-        while base.id[:12] not in get(url):
-            if time.monotonic() > deadline:
-                raise SystemExit("the first container never became routable")
-            time.sleep(0.05)
-        for n in range(args.runs):
-            container = run_whoami(client, host_ip="127.0.0.1", labels=labels)
-            start = time.monotonic()
-            wanted = f"I am {container.id[:12]}"
-            while wanted not in get(url):
-                if time.monotonic() - start > 30:
-                    raise SystemExit(f"run {n}: not routable after 30 s")
-            samples.append((time.monotonic() - start) * 1000)
-            print(f"run {n + 1}: {samples[-1]:.0f} ms", flush=True)
-        samples.sort()
-        p90 = samples[min(len(samples) - 1, round(0.9 * (len(samples) - 1)))]
-        median = statistics.median(samples)
-        print(
-            f"time to routable over {len(samples)} runs: min {samples[0]:.0f} ms, "
-            f"median {median:.0f} ms, p90 {p90:.0f} ms, max {samples[-1]:.0f} ms"
-        )
-        return 0
-    finally:
-        if agent is not None:
-            agent.terminate()
-            agent.wait(15)
-        pid = state / "haproxy" / "haproxy.pid"
-        if pid.exists():
-            subprocess.run(["kill", "-USR1", pid.read_text().split()[0]], check=False)
-        try:
-            for container in daemon.client().containers.list(all=True):
-                container.remove(force=True)
-        except Exception:
-            pass
-        daemon.stop()
-        etcd.stop()
+    p = parser(__doc__, runs=10, quick_runs=5)
+    p.add_argument("--mode", default="http", choices=("http", "tcp"), help="service mode")
+    args = p.parse_args()
+    runs = runs_of(args)
+    report = Report("time_to_routable", {"runs": runs, "mode": args.mode})
+    with Stack(keep=args.keep, log_level=args.log_level) as stack:
+        measure(stack, runs, args.mode, report)
+    report.write(args.json)
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main_guard(main))

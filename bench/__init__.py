@@ -1,0 +1,1 @@
+"""discoverd's benchmark suite: one script per figure, run them all with scripts/bench.sh."""

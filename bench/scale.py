@@ -1,0 +1,218 @@
+"""6. Scale: the discover role (etcd + HAProxy) with 1,000 services x 10 instances in etcd.
+
+    .venv/bin/python -m bench.scale [--services 1000] [--instances 10] [--json OUT]
+
+Writes the registry straight into etcd in discoverd's key layout (the etcd plugin's `Layout` and
+metadata encoding, instances spread over a few fake hosts; addresses 127.0.X.Y where nothing
+listens, so HAProxy's health checks mark them down; frontend ports from `--port-base`, 20000).
+Then measures, for `discoverd discover`:
+
+- cold start: from starting the process to its log line saying the proxy applied the whole
+  registry (`discover: haproxy started (1000 services, 10000 instances)`); target <= 2 s;
+- one instance change applied: from the etcd put moving one instance to a new address to that
+  address showing in `show servers state` on HAProxy's admin socket; target <= 300 ms;
+- RSS of the discoverd process (VmRSS, and its peak VmHWM); target <= 100 MB;
+- idle CPU of the discoverd process over `--idle` seconds (60); target < 1 % of one core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.stack import (
+    Figure,
+    Report,
+    Stack,
+    Target,
+    etcd_put_many,
+    haproxy_cli,
+    haproxy_pids,
+    idle_cpu_percent,
+    main_guard,
+    parser,
+    rss_kib,
+    runs_of,
+)
+from discoverd import ServiceInstance
+from discoverd.plugins.etcd.layout import Layout, encode_metadata
+
+HOSTS = ("bench-host-1", "bench-host-2", "bench-host-3", "bench-host-4", "bench-host-5")
+
+
+def service_name(index: int) -> str:
+    return f"svc{index:04d}"
+
+
+def address(index: int) -> str:
+    return f"127.0.{2 + index // 250}.{1 + index % 250}"
+
+
+def registry_items(services: int, instances: int, port_base: int) -> list[tuple[str, str]]:
+    """Every key of the fake registry, in the etcd plugin's layout."""
+    layout = Layout()
+    items: list[tuple[str, str]] = []
+    for s in range(services):
+        name = service_name(s)
+        items.append((layout.port_key(name), str(port_base + s)))
+        for i in range(instances):
+            host = HOSTS[(s * instances + i) % len(HOSTS)]
+            instance = ServiceInstance(
+                service=name,
+                id=f"{host}-{name}-{i:02d}",
+                address=address(s),
+                port=9000 + i,
+                frontend_port=port_base + s,
+                host_id=host,
+            )
+            items.append((layout.backend_key(name, instance.id), instance.endpoint))
+            items.append((layout.meta_key(name, instance.id), encode_metadata(instance)))
+    return items
+
+
+def ports_free(first: int, count: int) -> bool:
+    for port in range(first, first + count):
+        with socket.socket() as sock:
+            # As HAProxy binds: a port that only has connections in TIME_WAIT is free.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
+
+def measure(stack: Stack, args: argparse.Namespace, runs: int, report: Report) -> None:
+    services: int = args.services
+    instances: int = args.instances
+    port_base: int = args.port_base
+    if not ports_free(port_base, services):
+        raise SystemExit(f"ports {port_base}-{port_base + services - 1} are not all free")
+    items = registry_items(services, instances, port_base)
+    begin = time.monotonic()
+    etcd_put_many(stack.etcd, items)
+    print(f"wrote {len(items)} keys to etcd in {time.monotonic() - begin:.1f} s", flush=True)
+
+    sets = [f"haproxy.check_interval={args.check_interval}"]
+    agent = stack.agent("discover", sets=sets)
+    state = Path(agent.cmd[agent.cmd.index("--state-dir") + 1])
+    pattern = rf"discover: haproxy \S+ \({services} services, {services * instances} instances\)"
+    applied, _ = agent.wait_line(pattern, timeout=300)
+    cold = applied - agent.started
+    servers = sum(
+        1
+        for row in haproxy_cli(state, "show servers state").splitlines()
+        if row[:1].isdigit() and len(row.split()) > 5
+    )
+    report.add(
+        Figure(
+            "scale: cold start to applied config",
+            "s",
+            value=cold,
+            targets=[Target("value", "<=", 2)],
+            note=f"{services} services x {instances} instances; HAProxy reports {servers} servers",
+        )
+    )
+
+    layout = Layout()
+    samples: list[float] = []
+    for n in range(runs):
+        time.sleep(1.0)
+        s = (n * 97 + 13) % services
+        name = service_name(s)
+        host = HOSTS[(s * instances) % len(HOSTS)]
+        iid = f"{host}-{name}-00"
+        new_address, new_port = f"127.0.9.{1 + n % 250}", 9500 + n
+        mark = len(agent.lines)
+        start = time.monotonic()
+        etcd_put_many(stack.etcd, [(layout.backend_key(name, iid), f"{new_address}:{new_port}")])
+        deadline = start + 60
+        while True:
+            text = haproxy_cli(state, f"show servers state {name}")
+            if any(
+                f" {iid} {new_address} " in row and f" {new_port} " in row
+                for row in text.splitlines()
+            ):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"change {n + 1}: {iid} never moved to {new_address}")
+            time.sleep(0.005)
+        samples.append((time.monotonic() - start) * 1000)
+        _, how = agent.wait_line(r"discover: haproxy \S+ \(", timeout=30, since=mark)
+        print(f"change {n + 1}: {samples[-1]:.0f} ms ({how.split('discover: ')[-1]})", flush=True)
+    report.add(
+        Figure(
+            "scale: one instance change applied",
+            "ms",
+            samples=samples,
+            targets=[Target("p99", "<=", 300)],
+            note="etcd put to the address in show servers state",
+        )
+    )
+
+    rss, hwm = rss_kib(agent.pid)
+    report.add(
+        Figure(
+            "scale: discover RSS",
+            "MB",
+            value=rss / 1024,
+            targets=[Target("value", "<=", 100)],
+            note=f"VmHWM (peak) {hwm / 1024:.0f} MB",
+        )
+    )
+    idle: float = args.idle
+    print(f"measuring idle CPU over {idle:g} s", flush=True)
+    cpu = idle_cpu_percent(agent.pid, idle)
+    report.add(
+        Figure(
+            "scale: discover idle CPU",
+            "% of a core",
+            value=cpu,
+            targets=[Target("value", "<", 1)],
+            note=f"over {idle:g} s, resync every 30 s",
+        )
+    )
+    proxy_rss = [rss_kib(pid)[0] / 1024 for pid in haproxy_pids(state)]
+    report.note(
+        "HAProxy RSS (master, workers): " + ", ".join(f"{value:.0f} MB" for value in proxy_rss)
+    )
+
+
+def main() -> int:
+    p = parser(__doc__, runs=10, quick_runs=3)
+    p.add_argument("--services", type=int, default=1000, help="services (1000)")
+    p.add_argument("--instances", type=int, default=10, help="instances per service (10)")
+    p.add_argument("--port-base", type=int, default=20000, help="first frontend port (20000)")
+    p.add_argument("--idle", type=float, default=None, help="seconds of idle CPU (60; quick 15)")
+    p.add_argument(
+        "--check-interval",
+        default="10s",
+        help="HAProxy health check interval (10s: 10,000 "
+        "servers checked every second would load a small machine)",
+    )
+    args = p.parse_args()
+    if args.idle is None:
+        args.idle = 15.0 if args.quick else 60.0
+    runs = runs_of(args)
+    params = {
+        "services": args.services,
+        "instances": args.instances,
+        "runs": runs,
+        "idle_s": args.idle,
+        "check_interval": args.check_interval,
+    }
+    report = Report("scale", params)
+    with Stack(with_docker=False, keep=args.keep, log_level=args.log_level) as stack:
+        measure(stack, args, runs, report)
+    report.write(args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_guard(main))

@@ -1,0 +1,127 @@
+"""2. Time to unroutable, and failed requests while backends join and leave (etcd + HAProxy).
+
+    .venv/bin/python -m bench.time_to_unroutable [--runs 10] [--json OUT]
+
+One whoami stays up the whole time; a client loop sends requests through the proxy one after
+another, each on a fresh connection, and records which container answered (or that it failed).
+Each run starts a second container, waits until it answers, then calls `docker stop` on it (in a
+thread; the clock starts when the call is made) and keeps probing for `--settle` seconds after
+the container is gone. The time to unroutable is the last answer from the stopped container minus
+the moment `docker stop` was called (0 if it never answered again). Failed requests are counted
+from `docker run` to the stop (joins) and from the stop to the end of the run (removals).
+Targets: p99 <= 250 ms; 0 failed requests.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.stack import (
+    Figure,
+    Prober,
+    Report,
+    Stack,
+    Target,
+    main_guard,
+    parser,
+    runs_of,
+    wait_answer,
+    whoami_labels,
+)
+from discoverd.testing.services import free_port
+
+
+def measure(stack: Stack, runs: int, mode: str, settle: float, report: Report) -> None:
+    frontend = free_port()
+    labels = whoami_labels(frontend, mode)
+    stack.agent()
+    base = stack.run_containers(1, labels=labels)[0]
+    wait_answer(frontend, base.id[:12], 90)
+    unroutable: list[float] = []
+    stop_calls: list[float] = []
+    join_failures = removal_failures = requests = 0
+    with Prober(frontend) as prober:
+        for n in range(runs):
+            begin = len(prober.results)
+            started = time.monotonic()
+            container = stack.run_containers(1, labels=labels)[0]
+            host = container.id[:12]
+            deadline = time.monotonic() + 30
+            while prober.first_from(host, started) is None:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"run {n + 1}: {host} never answered through the proxy")
+                time.sleep(0.01)
+            time.sleep(0.5)  # a steady state with both containers answering
+            stopper = threading.Thread(target=container.stop, kwargs={"timeout": 10})
+            stopped_at = time.monotonic()
+            stopper.start()
+            stopper.join()
+            stop_calls.append((time.monotonic() - stopped_at) * 1000)
+            time.sleep(settle)
+            last = prober.last_from(host)
+            gone = 0.0 if last is None or last < stopped_at else (last - stopped_at) * 1000
+            unroutable.append(gone)
+            results = prober.results[begin:]
+            joins = sum(1 for t, who in results if who is None and t < stopped_at)
+            removals = sum(1 for t, who in results if who is None and t >= stopped_at)
+            join_failures += joins
+            removal_failures += removals
+            requests += len(results)
+            print(
+                f"run {n + 1}: unroutable after {gone:.0f} ms (docker stop took "
+                f"{stop_calls[-1]:.0f} ms); failed requests: {joins} joining, {removals} "
+                f"removing, of {len(results)}",
+                flush=True,
+            )
+            container.remove(force=True)
+    report.add(
+        Figure(
+            "time to unroutable",
+            "ms",
+            samples=unroutable,
+            targets=[Target("p99", "<=", 250)],
+            note=f"{mode} mode, fresh connection per request",
+        )
+    )
+    report.add(Figure("docker stop call duration", "ms", samples=stop_calls))
+    report.add(
+        Figure(
+            "failed requests during joins",
+            "requests",
+            value=join_failures,
+            targets=[Target("value", "==", 0)],
+            note=f"of {requests} in all runs",
+        )
+    )
+    report.add(
+        Figure(
+            "failed requests during removals",
+            "requests",
+            value=removal_failures,
+            targets=[Target("value", "==", 0)],
+            note=f"of {requests} in all runs",
+        )
+    )
+
+
+def main() -> int:
+    p = parser(__doc__, runs=10, quick_runs=3)
+    p.add_argument("--mode", default="http", choices=("http", "tcp"), help="service mode")
+    p.add_argument("--settle", type=float, default=2.0, help="seconds to keep probing after a stop")
+    args = p.parse_args()
+    runs = runs_of(args)
+    report = Report("time_to_unroutable", {"runs": runs, "mode": args.mode})
+    with Stack(keep=args.keep, log_level=args.log_level) as stack:
+        measure(stack, runs, args.mode, args.settle, report)
+    report.write(args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_guard(main))
