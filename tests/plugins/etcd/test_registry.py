@@ -769,3 +769,59 @@ def test_tls_with_client_certificates(
             anonymous.snapshot()
     finally:
         anonymous.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Incremental snapshots while the watch runs
+
+
+def test_snapshots_while_watching_read_only_what_changed_and_equal_a_full_read(
+    etcd: Etcd,
+    registries: Callable[..., EtcdRegistry],
+    watchers: Callable[[EtcdRegistry, int], WatchRunner],
+) -> None:
+    """With its watch running, a registry re-reads only the services the watch saw change;
+    after every kind of change its snapshot must equal a fresh registry's full read."""
+    raw = raw_client(etcd)
+    writer = registries(host_id="w")
+    for n in range(5):
+        writer.register(instance(f"svc{n}", f"w:c{n}:8000:tcp", port=30000 + n))
+    reader = registries()
+    runner = watchers(reader, reader.snapshot().revision)
+    wait_for(lambda: reader._mirror is not None and reader._mirror.live, 10, what="live mirror")
+
+    def change(what: str, action: Callable[[], object]) -> None:
+        count = len(runner.reasons)
+        action()
+        wait_for(lambda: len(runner.reasons) > count, 10, what=f"notification for {what}")
+        time.sleep(0.05)  # the rest of the events of that change
+        ours = reader.snapshot()
+        full = registries().snapshot()
+        assert (ours.instances, ours.problems) == (full.instances, full.problems), what
+        mirror = reader._mirror
+        assert mirror is not None and mirror.live and not mirror.dirty, what
+
+    change("a new instance", lambda: writer.register(instance("svc1", "w:c9:8000:tcp", port=3)))
+    change(
+        "a removed service",
+        lambda: writer.deregister(instance("svc2", "w:c2:8000:tcp", port=30002)),
+    )
+    change("a malformed value", lambda: raw.put("/backends/svc3/w:c3:8000:tcp", "not an endpoint"))
+    change("malformed metadata", lambda: raw.put(f"{META}/svc4/w:c4:8000:tcp", "{not json"))
+    change("a new frontend port", lambda: raw.put("/backends/svc1/port", "9999"))
+    change("a key outside any service", lambda: raw.put("/backends/stray-key", "x"))
+    change("a nested key", lambda: raw.put("/backends/svc0/a/b", "10.0.0.1:1"))
+    change("a deleted port key", lambda: raw.delete("/backends/svc0/port"))
+    assert {i.service for i in reader.snapshot().instances} >= {"svc0", "svc1"}
+
+
+def test_snapshot_reads_everything_again_without_a_live_watch(
+    etcd: Etcd, registries: Callable[..., EtcdRegistry]
+) -> None:
+    reader = registries()
+    assert reader.snapshot().instances == ()
+    raw_client(etcd).put("/backends/web/x", "10.0.0.1:80")
+    raw_client(etcd).put("/backends/web/port", "80")
+    # No watch ran: nothing marked the service, yet the snapshot must see it.
+    [found] = reader.snapshot().instances
+    assert found.service == "web" and found.endpoint == "10.0.0.1:80"

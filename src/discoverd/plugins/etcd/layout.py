@@ -129,14 +129,50 @@ def read_catalog(
     affects only that entry (or, for a bad service name or a service without any frontend port,
     only that service).
     """
+    grouped = group_entries(layout, backend_kvs, meta_kvs)
+    instances: list[ServiceInstance] = []
+    problems = list(grouped.problems)
+    for service in sorted(grouped.services):
+        found, trouble = read_service(layout, service, grouped.services[service], grouped.metadata)
+        instances.extend(found)
+        problems.extend(trouble)
+    return Catalog(instances=tuple(instances), problems=tuple(problems), revision=revision)
+
+
+@dataclass
+class Grouped:
+    """Keys sorted by service: ``services[service][name] = (key, value)`` with ``name`` an
+    instance id or ``port``; ``metadata[(service, id)] = (key, value)``; ``problems`` for keys
+    that belong to no service."""
+
+    services: dict[str, dict[str, tuple[str, bytes]]]
+    metadata: dict[tuple[str, str], tuple[str, bytes]]
+    problems: list[Problem]
+
+
+def service_of(layout: Layout, raw_key: bytes) -> str | None:
+    """The service a key of either prefix belongs to; ``None`` for a key outside any
+    ``<prefix>/<service>/`` directory."""
+    key = _text(raw_key)
+    for head in (layout.prefix + "/", layout.meta_prefix + "/"):
+        if key.startswith(head):
+            service, sep, _ = key[len(head) :].partition("/")
+            return service if sep else None
+    return None
+
+
+def group_entries(
+    layout: Layout,
+    backend_kvs: Iterable[tuple[bytes, bytes]],
+    meta_kvs: Iterable[tuple[bytes, bytes]],
+) -> Grouped:
     problems: list[Problem] = []
-    # service -> {instance id or "port": (key, value)}
     services: dict[str, dict[str, tuple[str, bytes]]] = {}
     head = layout.prefix + "/"
     for raw_key, value in sorted(backend_kvs):
         key = _text(raw_key)
         service, sep, name = key[len(head) :].partition("/")
-        if not sep or not name or "/" in name:
+        if not sep or not name:
             problems.append(
                 Problem(key, f"unexpected key: expected {head}<service>/<instance id>; ignored")
             )
@@ -150,45 +186,58 @@ def read_catalog(
         service, sep, name = key[len(meta_head) :].partition("/")
         if sep and name:
             metadata[(service, name)] = (key, value)
+    return Grouped(services, metadata, problems)
 
-    instances: list[ServiceInstance] = []
-    for service in sorted(services):
-        entries = services[service]
+
+def read_service(
+    layout: Layout,
+    service: str,
+    found_entries: dict[str, tuple[str, bytes]],
+    metadata: dict[tuple[str, str], tuple[str, bytes]],
+) -> tuple[list[ServiceInstance], list[Problem]]:
+    """The instances of one service directory, and the problems of its keys."""
+    head = layout.prefix + "/"
+    problems: list[Problem] = []
+    entries = dict(found_entries)
+    for name in [n for n in entries if "/" in n]:
+        key, _ = entries.pop(name)
+        problems.append(
+            Problem(key, f"unexpected key: expected {head}<service>/<instance id>; ignored")
+        )
+    try:
+        check_service_name(service)
+    except (ValidationError, ValueError) as exc:
+        problems.append(
+            Problem(f"{head}{service}", f"{exc}; its {len(entries)} key(s) are ignored")
+        )
+        return [], problems
+    port_entry = entries.pop(PORT_KEY, None)
+    port_key = layout.port_key(service)
+    port_from_key: int | None = None
+    port_problem = ""
+    if port_entry is not None:
         try:
-            check_service_name(service)
+            port_from_key = check_port(_text(port_entry[1]).strip(), "frontend port")
         except (ValidationError, ValueError) as exc:
-            problems.append(
-                Problem(f"{head}{service}", f"{exc}; its {len(entries)} key(s) are ignored")
+            port_problem = str(exc)
+    found = _read_service(service, entries, metadata, port_from_key, problems)
+    if not found:
+        return [], problems
+    if port_from_key is None and all(i.frontend_port is None for i in found):
+        what = f"invalid ({port_problem})" if port_problem else "missing"
+        problems.append(
+            Problem(
+                port_key,
+                f"{what}, and no instance's metadata names a frontend port; "
+                f"service {service} ({len(found)} instance(s)) is skipped",
             )
-            continue
-        port_entry = entries.pop(PORT_KEY, None)
-        port_key = layout.port_key(service)
-        port_from_key: int | None = None
-        port_problem = ""
-        if port_entry is not None:
-            try:
-                port_from_key = check_port(_text(port_entry[1]).strip(), "frontend port")
-            except (ValidationError, ValueError) as exc:
-                port_problem = str(exc)
-        found = _read_service(service, entries, metadata, port_from_key, problems)
-        if not found:
-            continue
-        if port_from_key is None and all(i.frontend_port is None for i in found):
-            what = f"invalid ({port_problem})" if port_problem else "missing"
-            problems.append(
-                Problem(
-                    port_key,
-                    f"{what}, and no instance's metadata names a frontend port; "
-                    f"service {service} ({len(found)} instance(s)) is skipped",
-                )
-            )
-            continue
-        if port_problem:
-            problems.append(
-                Problem(port_key, f"{port_problem}; using the frontend port from the metadata")
-            )
-        instances.extend(found)
-    return Catalog(instances=tuple(instances), problems=tuple(problems), revision=revision)
+        )
+        return [], problems
+    if port_problem:
+        problems.append(
+            Problem(port_key, f"{port_problem}; using the frontend port from the metadata")
+        )
+    return found, problems
 
 
 def _read_service(
