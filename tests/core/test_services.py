@@ -1,5 +1,5 @@
 from discoverd.core.model import Catalog, Problem, ServiceInstance
-from discoverd.core.services import build_services
+from discoverd.core.services import ServiceCache, build_services
 
 
 def inst(service: str, n: int, frontend: int | None = 8000, **kw: object) -> ServiceInstance:
@@ -54,3 +54,23 @@ def test_frontend_port_majority() -> None:
     catalog = Catalog(instances=(inst("a", 1, 8000), inst("a", 2, 8001), inst("a", 3, 8001)))
     [service] = build_services(catalog).services
     assert service.frontend_port == 8001
+
+
+def test_cache_gives_what_a_fresh_build_gives_and_reuses_unchanged_services() -> None:
+    cache = ServiceCache()
+    first = Catalog(instances=(inst("a", 1), inst("a", 2), inst("b", 1, frontend=9000)))
+    cached = build_services(first, cache=cache)
+    assert cached.services == build_services(first).services
+    # One instance of "a" changes; "b" is untouched and keeps its very object.
+    second = Catalog(instances=(inst("a", 1), inst("a", 3), inst("b", 1, frontend=9000)))
+    again = build_services(second, cache=cache)
+    assert again.services == build_services(second).services
+    assert again.services[1] is cached.services[1]
+    assert again.services[0] != cached.services[0]
+    # Another default mode is another result, not a stale one.
+    http = build_services(second, cache=cache, default_mode="http")
+    assert [s.mode for s in http.services] == ["http", "http"]
+    # Problems come back on every pass, not only on the first.
+    mixed = Catalog(instances=(inst("c", 1), inst("c", 2, protocol="udp")))
+    assert build_services(mixed, cache=cache).problems == build_services(mixed).problems
+    assert build_services(mixed, cache=cache).problems == build_services(mixed).problems

@@ -23,7 +23,7 @@ from discoverd.core.interfaces import (
 )
 from discoverd.core.manager import PluginManager
 from discoverd.core.model import Mode, Problem, Service, ServiceInstance
-from discoverd.core.services import build_services
+from discoverd.core.services import ServiceCache, build_services
 
 log = logging.getLogger("discoverd")
 
@@ -394,6 +394,7 @@ class DiscoverRole(Role):
         self.owners: dict[int, str] = {}
         self.first_snapshot = threading.Event()
         self.converged = threading.Event()
+        self._service_cache = ServiceCache()
         self._problems = ProblemLog(log)
 
     def start(self) -> None:
@@ -444,6 +445,7 @@ class DiscoverRole(Role):
             default_mode=self.default_mode,
             reserved_ports=self.proxy.reserved_ports(),
             previous_owners=self.owners,
+            cache=self._service_cache,
         )
         self._problems.update(assignment.problems)
         self.owners = assignment.owners

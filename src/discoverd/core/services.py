@@ -18,12 +18,79 @@ class Assignment:
     owners: dict[int, str] = field(default_factory=dict)
 
 
+class ServiceCache:
+    """Remembers each service built from the same instances, so a pass over a large registry
+    rebuilds only the services whose instances changed (the unchanged ones keep their very
+    ``Service`` objects, which also makes comparing and rendering them cheap downstream)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[
+            str, tuple[tuple[ServiceInstance, ...], Mode, Service | None, list[Problem]]
+        ] = {}
+
+    def get(
+        self, name: str, members: tuple[ServiceInstance, ...], default_mode: Mode
+    ) -> tuple[Service | None, list[Problem]] | None:
+        entry = self._entries.get(name)
+        if entry is not None and entry[1] == default_mode and entry[0] == members:
+            return entry[2], entry[3]
+        return None
+
+    def put(
+        self,
+        name: str,
+        members: tuple[ServiceInstance, ...],
+        default_mode: Mode,
+        result: tuple[Service | None, list[Problem]],
+    ) -> None:
+        self._entries[name] = (members, default_mode, result[0], result[1])
+
+    def keep_only(self, names: Iterable[str]) -> None:
+        wanted = set(names)
+        for name in [n for n in self._entries if n not in wanted]:
+            del self._entries[name]
+
+
+def _build_one(
+    name: str, members_in: Iterable[ServiceInstance], default_mode: Mode
+) -> tuple[Service | None, list[Problem]]:
+    problems: list[Problem] = []
+    members = sorted(set(members_in))
+    protocol = members[0].protocol
+    if any(m.protocol != protocol for m in members):
+        dropped = [m.id for m in members if m.protocol != protocol]
+        problems.append(
+            Problem(
+                f"service {name}",
+                f"mixes tcp and udp instances; {protocol} kept, refused: {', '.join(dropped)}",
+            )
+        )
+        members = [m for m in members if m.protocol == protocol]
+    ports = Counter(m.frontend_port for m in members if m.frontend_port is not None)
+    if not ports:
+        problems.append(Problem(f"service {name}", "no frontend port is known; skipped"))
+        return None, problems
+    top = max(ports.values())
+    frontend = min(p for p, n in ports.items() if n == top)
+    modes = sorted({m.meta_dict.get("mode", "") for m in members} - {""})
+    mode: Mode = "http" if (modes[0] if modes else default_mode) == "http" else "tcp"
+    service = Service(
+        name=name,
+        frontend_port=frontend,
+        protocol=protocol,
+        mode=mode,
+        instances=tuple(members),
+    )
+    return service, problems
+
+
 def build_services(
     catalog: Catalog,
     *,
     default_mode: Mode = "tcp",
     reserved_ports: Iterable[int] = (),
     previous_owners: Mapping[int, str] | None = None,
+    cache: ServiceCache | None = None,
 ) -> Assignment:
     """Group instances into services, pick each service's frontend port, settle conflicts.
 
@@ -43,32 +110,18 @@ def build_services(
 
     candidates: dict[str, Service] = {}
     for name in sorted(grouped):
-        members = sorted(set(grouped[name]))
-        protocol = members[0].protocol
-        if any(m.protocol != protocol for m in members):
-            dropped = [m.id for m in members if m.protocol != protocol]
-            problems.append(
-                Problem(
-                    f"service {name}",
-                    f"mixes tcp and udp instances; {protocol} kept, refused: {', '.join(dropped)}",
-                )
-            )
-            members = [m for m in members if m.protocol == protocol]
-        ports = Counter(m.frontend_port for m in members if m.frontend_port is not None)
-        if not ports:
-            problems.append(Problem(f"service {name}", "no frontend port is known; skipped"))
-            continue
-        top = max(ports.values())
-        frontend = min(p for p, n in ports.items() if n == top)
-        modes = sorted({m.meta_dict.get("mode", "") for m in members} - {""})
-        mode: Mode = "http" if (modes[0] if modes else default_mode) == "http" else "tcp"
-        candidates[name] = Service(
-            name=name,
-            frontend_port=frontend,
-            protocol=protocol,
-            mode=mode,
-            instances=tuple(members),
-        )
+        members_in = tuple(grouped[name])
+        result = cache.get(name, members_in, default_mode) if cache is not None else None
+        if result is None:
+            result = _build_one(name, members_in, default_mode)
+            if cache is not None:
+                cache.put(name, members_in, default_mode, result)
+        service, trouble = result
+        problems.extend(trouble)
+        if service is not None:
+            candidates[name] = service
+    if cache is not None:
+        cache.keep_only(grouped)
 
     owners: dict[int, str] = {}
     claims: dict[int, list[str]] = {}
