@@ -351,3 +351,23 @@ def test_waker_acts_at_once_on_a_lone_event_and_batches_the_burst_after_it() -> 
     started = time.monotonic()
     assert waker.wait(stop) == ["second", "third"]
     assert time.monotonic() - started >= 0.99  # the window is kept for the burst
+
+
+def test_register_hands_many_new_instances_over_at_once() -> None:
+    class Batching(FakeRegistry):
+        def __init__(self) -> None:
+            super().__init__()
+            self.batches: list[int] = []
+
+        def register_many(self, instances: Sequence[ServiceInstance]) -> None:
+            self.batches.append(len(instances))
+            super().register_many(instances)
+
+    source, registry = FakeSource(), Batching()
+    role = RegisterRole(source, registry, min_wait=0.0, max_wait=0.01, retry_max=0.05)
+    source.instances = [inst(n) for n in range(5)]
+    role.reconcile()
+    assert registry.batches == [5] and len(registry.entries) == 5
+    source.instances = [inst(n) for n in range(6)]
+    role.reconcile()  # one new instance: a plain register
+    assert registry.batches == [5] and len(registry.entries) == 6

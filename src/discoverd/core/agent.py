@@ -301,13 +301,17 @@ class RegisterRole(Role):
             desired = {iid: i for iid, i in desired.items() if iid in ready}
         self._remove(set(self.registered) - set(desired))
         with self.lock:
-            for iid in sorted(desired):
-                instance = desired[iid]
-                if self.registered.get(iid) != instance:
-                    self.registry.register(instance)
-                    self.registered[iid] = instance
-                    self.counters.inc("registered")
-                    log.info("register: added %s %s (%s)", instance.service, iid, instance.endpoint)
+            todo = [desired[i] for i in sorted(desired) if self.registered.get(i) != desired[i]]
+            if len(todo) == 1:
+                self.registry.register(todo[0])
+            elif todo:
+                self.registry.register_many(todo)
+            for instance in todo:
+                self.registered[instance.id] = instance
+                self.counters.inc("registered")
+                log.info(
+                    "register: added %s %s (%s)", instance.service, instance.id, instance.endpoint
+                )
         self.synced.set()
 
     def _remove(self, ids: set[str]) -> None:

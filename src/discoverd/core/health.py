@@ -45,6 +45,8 @@ FALL = 2
 #: becomes routable within this long of listening), starting fast and doubling.
 FIRST_RETRY = 0.02
 NOT_READY_MAX = 0.5
+#: The longest a register pass waits for the first checks of many new instances.
+FIRST_PASS_MAX = 3.0
 #: How long a TCP check through a forwarder waits for the connection to be dropped.
 FORWARDER_GRACE = 0.05
 
@@ -303,13 +305,22 @@ class Readiness:
                 else:
                     state.target = target
             self._cond.notify_all()
+            # Wait for the new instances to answer, up to ``first_wait``; and, when many are
+            # new at once (an agent starting on a busy host), until each was checked once
+            # (bounded), so they are registered in this pass rather than one pass at a time.
             deadline = now + first_wait
+            hard_deadline = now + max(first_wait, FIRST_PASS_MAX)
             while fresh and not self._stopped:
-                pending = [i for i in fresh if i in self._states and not self._states[i].ready]
-                left = deadline - time.monotonic()
-                if not pending or left <= 0:
+                states = [self._states[i] for i in fresh if i in self._states]
+                unchecked = any(not st.checked for st in states)
+                not_ready = any(not st.ready for st in states)
+                now_ = time.monotonic()
+                if unchecked and now_ < hard_deadline:
+                    self._cond.wait(hard_deadline - now_)
+                elif not_ready and now_ < deadline:
+                    self._cond.wait(deadline - now_)
+                else:
                     break
-                self._cond.wait(left)
             return {iid for iid, state in self._states.items() if state.ready}
 
     def reason(self, iid: str) -> str:

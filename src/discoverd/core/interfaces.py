@@ -116,6 +116,14 @@ class Registry(ABC):
         """Publish ``instance`` (owned by this host; it must expire when this host stops
         renewing). Idempotent."""
 
+    def register_many(self, instances: Sequence[ServiceInstance]) -> None:
+        """Publish several instances (an agent starting on a host with hundreds of
+        containers). The default calls ``register`` for each; a registry that can write many
+        entries in one round trip should. If it raises, the core registers them all again
+        later, so it must stay idempotent."""
+        for instance in instances:
+            self.register(instance)
+
     @abstractmethod
     def deregister(self, instance: ServiceInstance) -> None:
         """Remove an instance this host registered. Idempotent."""

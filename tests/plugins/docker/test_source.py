@@ -629,3 +629,17 @@ def test_check_target_reaches_the_application_not_docker_proxy(
     wait_for(lambda: run_check(tcp, target, forwarded=False) is None, 20, what="app listening")
     assert run_check(http, target, forwarded=False) is None
     assert run_check(tcp, published, forwarded=True) is None
+
+
+def test_many_new_containers_are_inspected_together(
+    new_source: SourceFactory, docker_client: docker.DockerClient
+) -> None:
+    """An agent starting on a busy host inspects the new containers several at a time; each
+    still gets its own environment (the service name below comes from the inspect)."""
+    containers = [whoami(docker_client, environment={"SERVICE_NAME": f"many{n}"}) for n in range(6)]
+    source = new_source()
+    snapshot = source.snapshot()
+    for n, container in enumerate(containers):
+        [found] = of(snapshot, container)
+        assert found.service == f"many{n}"
+        assert source.check_target(found) is not None

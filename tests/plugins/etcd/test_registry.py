@@ -825,3 +825,30 @@ def test_snapshot_reads_everything_again_without_a_live_watch(
     # No watch ran: nothing marked the service, yet the snapshot must see it.
     [found] = reader.snapshot().instances
     assert found.service == "web" and found.endpoint == "10.0.0.1:80"
+
+
+def test_register_many_writes_one_transaction_per_service(
+    etcd: Etcd, registries: Callable[..., EtcdRegistry]
+) -> None:
+    writer = registries(host_id="w")
+    reader = registries()
+    before = reader.snapshot().revision
+    batch = [
+        instance(
+            f"bulk{n % 3}",
+            f"w:c{n:03d}:8000:tcp",
+            port=31000 + n,
+            frontend_port=8000 + n % 3,
+            host_id="w",
+        )
+        for n in range(90)
+    ]
+    writer.register_many(batch)
+    after = reader.snapshot()
+    # Every write of a transaction shares one revision: 3 services of 30 -> 3 revisions.
+    assert after.revision - before == 3
+    assert sorted(after.instances) == sorted(batch)
+    leases = {lease for _, lease in keys_under(etcd, "/backends/").values()}
+    assert leases == {writer.lease_id}
+    writer.register_many(batch)  # idempotent
+    assert sorted(reader.snapshot().instances) == sorted(batch)

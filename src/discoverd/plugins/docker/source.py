@@ -19,6 +19,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +78,8 @@ _STOP_POLL = 0.2
 STOPPING_SIGNALS = frozenset({"2", "3", "9", "15", "SIGINT", "SIGQUIT", "SIGKILL", "SIGTERM"})
 #: A container still running this long after a stop signal is routed again (it ignored it).
 STOPPING_HOLD = 60.0
+#: Containers inspected at once when many are new (an agent starting on a busy host).
+INSPECT_WORKERS = 8
 
 
 @dataclass(frozen=True)
@@ -237,13 +240,14 @@ class DockerSource(Source):
                     )
                     del self._stopping[held]
             exited |= set(self._stopping)
+        fresh = self._inspect_new(client, listed)
         for entry in listed:
             if not isinstance(entry, Mapping):
                 continue
             cid = entry.get("Id")
             if not isinstance(cid, str) or not cid:
                 continue
-            inspected = self._cache.get(cid)
+            inspected = self._cache.get(cid) or fresh.get(cid)
             if inspected is None:
                 inspected = self._inspect(client, cid)
                 if inspected is None:
@@ -284,6 +288,27 @@ class DockerSource(Source):
         """The container's own network namespace and address: a check there reaches the
         application, not docker-proxy (which accepts before the application listens)."""
         return self._targets.get(instance.id)
+
+    def _inspect_new(self, client: docker.APIClient, listed: list[Any]) -> dict[str, _Inspected]:
+        """Inspect the containers not seen before, several at a time (an agent starting on a
+        host with hundreds of containers must not wait for hundreds of round trips in a row)."""
+        new = [
+            entry["Id"]
+            for entry in listed
+            if isinstance(entry, Mapping)
+            and isinstance(entry.get("Id"), str)
+            and entry["Id"]
+            and entry["Id"] not in self._cache
+        ]
+        if len(new) < 4:
+            return {}  # inspected one by one in the loop
+        found: dict[str, _Inspected] = {}
+        with ThreadPoolExecutor(INSPECT_WORKERS, thread_name_prefix="discoverd-inspect") as pool:
+            inspections = pool.map(lambda c: self._inspect(client, c), new)
+            for cid, inspected in zip(new, inspections, strict=True):
+                if inspected is not None:
+                    found[cid] = inspected
+        return found
 
     def _inspect(self, client: docker.APIClient, cid: str) -> _Inspected | None:
         try:
