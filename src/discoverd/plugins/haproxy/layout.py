@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 # Keywords that open a section of haproxy.cfg.
@@ -125,13 +125,35 @@ def _server_line(section: str, line: str) -> ServerLine | None:
     return ServerLine(section, fields[1], str(address), port, args)
 
 
-def parse_layout(text: str) -> Layout:
-    """Split ``text`` into structure and plain server lines."""
+@dataclass(frozen=True)
+class Piece:
+    """A part of a configuration (whole lines) split like :func:`parse_layout` splits the whole;
+    :func:`join_pieces` puts the parts of a configuration back together into its layout.
+
+    How a part splits depends on the section it starts in only when a ``server`` line comes
+    before its first section keyword (``uses_start``).
+    """
+
+    structure: str  # its structure lines, joined by "\n"
+    lines: int  # how many structure lines (0: none; a structure of one empty line is 1)
+    servers: Mapping[str, Mapping[str, ServerLine]]
+    other_names: Mapping[str, frozenset[str]]  # names of server lines kept in the structure
+    duplicates: bool
+    default_server: bool
+    args: frozenset[str]
+    start: str  # the section it was split in at its first line
+    end: str | None  # the section at its end; None: the one it started in
+    uses_start: bool
+
+
+def parse_piece(text: str, section: str = "") -> Piece:
+    """Split the whole lines of ``text``, starting inside ``section`` ("" outside a backend)."""
+    start = section
     structure: list[str] = []
     servers: dict[str, dict[str, ServerLine]] = {}
     other_names: dict[str, set[str]] = {}  # server names of lines kept in the structure
-    duplicates = default_server = False
-    section = ""  # the current backend or listen section, "" in any other section
+    duplicates = default_server = uses_start = False
+    keyword_seen = False
     for line in text.splitlines():
         fields = line.split()
         if not fields:
@@ -139,26 +161,71 @@ def parse_layout(text: str) -> Layout:
             continue
         keyword = fields[0]
         if keyword in _SECTIONS:
+            keyword_seen = True
             named = keyword in ("backend", "listen") and len(fields) == 2
             section = fields[1] if named and _NAME_RE.fullmatch(fields[1]) else ""
         elif keyword == "default-server":
             default_server = True
-        elif keyword == "server" and section:
-            server = _server_line(section, line)
-            if server is not None:
-                own = servers.setdefault(section, {})
-                if server.name in own:
-                    duplicates = True
-                own[server.name] = server
-                continue
-            if len(fields) > 1:
-                other_names.setdefault(section, set()).add(fields[1])
+        elif keyword == "server":
+            uses_start = uses_start or not keyword_seen
+            if section:
+                server = _server_line(section, line)
+                if server is not None:
+                    own = servers.setdefault(section, {})
+                    if server.name in own:
+                        duplicates = True
+                    own[server.name] = server
+                    continue
+                if len(fields) > 1:
+                    other_names.setdefault(section, set()).add(fields[1])
         structure.append(line)
-    for name, names in other_names.items():
-        if names & set(servers.get(name, {})):
+    return Piece(
+        structure="\n".join(structure),
+        lines=len(structure),
+        servers=servers,
+        other_names={name: frozenset(names) for name, names in other_names.items()},
+        duplicates=duplicates,
+        default_server=default_server,
+        args=frozenset(s.args for own in servers.values() for s in own.values()),
+        start=start,
+        end=section if keyword_seen else None,
+        uses_start=uses_start,
+    )
+
+
+def join_pieces(pieces: Sequence[Piece]) -> Layout:
+    """The layout of a configuration made of ``pieces`` (in order, each split in the section the
+    previous one ended in). The servers of a section that one piece holds are that piece's own
+    mapping (not a copy): :func:`runtime_changes` skips those that are the same object."""
+    servers: dict[str, Mapping[str, ServerLine]] = {}
+    other_names: dict[str, set[str]] = {}
+    duplicates = default_server = False
+    for piece in pieces:
+        duplicates = duplicates or piece.duplicates
+        default_server = default_server or piece.default_server
+        for section, own in piece.servers.items():
+            earlier = servers.get(section)
+            if earlier is None:
+                servers[section] = own
+                continue
+            if not own.keys().isdisjoint(earlier):
+                duplicates = True
+            servers[section] = {**earlier, **own}
+        for section, names in piece.other_names.items():
+            other_names.setdefault(section, set()).update(names)
+    for section, kept in other_names.items():
+        if not kept.isdisjoint(servers.get(section, {})):
             duplicates = True
-    args = frozenset(s.args for own in servers.values() for s in own.values())
-    return Layout("\n".join(structure), servers, duplicates, default_server, args)
+    structure = "\n".join(piece.structure for piece in pieces if piece.lines)
+    args: set[str] = set()
+    for piece in pieces:
+        args |= piece.args
+    return Layout(structure, servers, duplicates, default_server, frozenset(args))
+
+
+def parse_layout(text: str) -> Layout:
+    """Split ``text`` into structure and plain server lines."""
+    return join_pieces([parse_piece(text)])
 
 
 def runtime_changes(old: Layout, new: Layout) -> Changes | None:
@@ -171,6 +238,8 @@ def runtime_changes(old: Layout, new: Layout) -> Changes | None:
     for section in sorted(set(old.servers) | set(new.servers)):
         before = old.servers.get(section, {})
         after = new.servers.get(section, {})
+        if before is after:
+            continue  # the same piece of the same cached section: nothing changed
         for name, server in after.items():
             previous = before.get(name)
             if previous is None:

@@ -108,7 +108,8 @@ class HAProxy(Proxy):
         self.server_state = self.dir / "server-state"
         self.log_file = self.dir / "haproxy.log"
         self.marker_file = self.dir / "applied.sha256"
-        self._template = rendering.load_template(rendering.environment(settings.template_dir))
+        env = rendering.environment(settings.template_dir)
+        self._renderer = rendering.Renderer(env, rendering.load_template(env), settings, self.dir)
         self._binary_path: str | None = None
         self._child: subprocess.Popen[bytes] | None = None
         self._udp_warned: set[str] = set()
@@ -141,7 +142,7 @@ class HAProxy(Proxy):
                 port,
             )
         self._udp_warned = udp  # a service that leaves and comes back is reported again
-        return rendering.render_config(self._template, self.settings, self.dir, services)
+        return self._renderer.render(services)
 
     def validate(self, config: str) -> None:
         layout = self._layout(config)
@@ -351,7 +352,7 @@ class HAProxy(Proxy):
         cached = self._parsed
         if cached is not None and (cached[0] is config or cached[0] == config):
             return cached[1]
-        layout = parse_layout(config)
+        layout = self._renderer.layout(config)
         self._parsed = (config, layout)
         return layout
 
@@ -378,7 +379,9 @@ class HAProxy(Proxy):
         periods: dict[tuple[str, str], float] = {}
         for service in services:
             for instance in service.instances:
-                value = instance.meta_dict.get(DRAIN_KEY)
+                if not instance.meta:
+                    continue
+                value = dict(instance.meta).get(DRAIN_KEY)
                 if value is None:
                     continue
                 seconds = drain_seconds(value)
