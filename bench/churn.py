@@ -10,7 +10,9 @@ when its plugin is installed (`--runs` repeats each wrk run; the figures are sum
 also counts the reloads in the same window, from the master CLI (`show proc` on
 <state>/haproxy/master.sock), and, for every proxy, how the changes were applied (`reloaded`,
 `runtime`, ... from discoverd's log).
-Targets with HAProxy: 0 non-2xx, 0 socket errors, 0 reloads.
+Targets with HAProxy: 0 non-2xx, 0 socket errors, 0 reloads. `--backend graceful` (default) runs
+backends that finish their requests on TERM; `--backend abrupt` the plain whoami, which dies at
+once and cuts a response in flight mid-body (no proxy can replay half a response).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from bench.stack import (
     Report,
     Stack,
     Target,
+    graceful_whoami_command,
     haproxy_reloads,
     main_guard,
     parser,
@@ -103,7 +106,7 @@ def churn_run(
     tick = started + args.interval
     while tick < started + args.duration - 0.5 and wrk.poll() is None:
         time.sleep(max(0.0, tick - time.monotonic()))
-        backends.append(stack.run_containers(1, labels=labels)[0])
+        backends.append(stack.run_containers(1, labels=labels, command=backend_command(args))[0])
         oldest = backends.popleft()
         oldest.stop(timeout=10)
         oldest.remove(force=True)
@@ -123,12 +126,20 @@ def churn_run(
     return figures
 
 
+def backend_command(args: Any) -> list[str] | None:
+    """``--backend graceful`` (default): an application that finishes its requests on TERM;
+    ``abrupt``: the plain whoami, which dies at once and cuts responses in flight."""
+    return graceful_whoami_command() if args.backend == "graceful" else None
+
+
 def run_proxy(stack: Stack, proxy: str, args: Any, report: Report, results: dict[str, Any]) -> None:
     frontend = free_port()
     labels = whoami_labels(frontend, "http")
     sets = list(args.nginx_set) if proxy == "nginx" else []
     agent = stack.agent(proxy=proxy, sets=sets, name=f"agent-{proxy}")
-    backends = collections.deque(stack.run_containers(args.backends, labels=labels))
+    backends = collections.deque(
+        stack.run_containers(args.backends, labels=labels, command=backend_command(args))
+    )
     for container in backends:
         wait_answer(frontend, container.id[:12], 90)
     for variant in ("keepalive", "close"):
@@ -200,6 +211,13 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2, help="wrk threads (2)")
     p.add_argument("--proxies", default="haproxy,nginx", help="proxies to try (haproxy,nginx)")
     p.add_argument(
+        "--backend",
+        choices=("graceful", "abrupt"),
+        default="graceful",
+        help="graceful: backends finish their requests on TERM (default); abrupt: they die at "
+        "once, cutting responses mid-body (no proxy can repair those)",
+    )
+    p.add_argument(
         "--nginx-set",
         action="append",
         default=None,
@@ -214,7 +232,15 @@ def main() -> int:
         args.nginx_set = ["nginx.bind=127.0.0.1"]
     params = {
         k: getattr(args, k)
-        for k in ("duration", "interval", "backends", "connections", "threads", "proxies")
+        for k in (
+            "duration",
+            "interval",
+            "backends",
+            "connections",
+            "threads",
+            "proxies",
+            "backend",
+        )
     }
     report = Report("churn", params)
     results: dict[str, Any] = {}

@@ -594,6 +594,21 @@ def whoami_labels(frontend: int, mode: str = "http", name: str = "whoami") -> di
     return {"SERVICE_NAME": name, port_label: str(frontend), "SERVICE_MODE": mode}
 
 
+def graceful_whoami_command() -> list[str]:
+    """The whoami backend as a well-behaved application stops: on TERM it stops accepting
+    (httpd, the listener, exits) while the requests in flight finish (busybox httpd serves each
+    connection in a child of its own), and the container exits 0.3 s later. The default whoami
+    (`discoverd.testing.services`) exits at once on TERM and cuts its responses mid-body, which
+    no proxy can repair."""
+    return [
+        "/bin/sh",
+        "-c",
+        'mkdir -p /www; echo "I am $(hostname)" > /www/index.html; '
+        f"httpd -f -p {WHOAMI_PORT} -h /www & pid=$!; "
+        'trap "kill $pid; sleep 0.3; exit 0" TERM; wait',
+    ]
+
+
 def slow_whoami_command(delay: float) -> list[str]:
     """The whoami backend, but httpd starts listening only ``delay`` seconds after start."""
     return [
