@@ -339,18 +339,26 @@ def test_agent_shutdown_leaves_the_proxy_with_this_hosts_instances() -> None:
 
 
 def test_waker_acts_at_once_on_a_lone_event_and_batches_the_burst_after_it() -> None:
-    waker = Waker(min_wait=1.0, max_wait=3.0, calm=0.05)
+    # A quiescence window far longer than the test: only the leading edge can return at once.
+    waker = Waker(min_wait=60.0, max_wait=120.0, calm=5.0)
     stop = threading.Event()
-    time.sleep(0.06)  # calm
-    started = time.monotonic()
-    waker.notify("first")
-    assert waker.wait(stop) == ["first"]
-    assert time.monotonic() - started < 1.0  # not held for the quiescence window
-    waker.notify("second")  # right after a pass: part of a burst, batched
+    waker.notify("first")  # nothing happened before: a calm period
+    first: list[list[str] | None] = []
+    leading = threading.Thread(target=lambda: first.append(waker.wait(stop)), daemon=True)
+    leading.start()
+    leading.join(10)  # without the leading edge it would wait the 60 s window
+    assert first == [["first"]]
+    waker.notify("second")  # right after a pass: a burst, held for the window
     waker.notify("third")
-    started = time.monotonic()
-    assert waker.wait(stop) == ["second", "third"]
-    assert time.monotonic() - started >= 0.99  # the window is kept for the burst
+    got: list[list[str] | None] = []
+    waiter = threading.Thread(target=lambda: got.append(waker.wait(stop)), daemon=True)
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive() and got == []  # still batching (the window is 60 s)
+    stop.set()
+    waker.wake_all()
+    waiter.join(5)
+    assert got == [None]
 
 
 def test_register_hands_many_new_instances_over_at_once() -> None:

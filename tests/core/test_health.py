@@ -6,7 +6,6 @@ from __future__ import annotations
 import http.server
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -217,9 +216,7 @@ def test_first_check_of_a_listening_instance_is_waited_for(server: Server) -> No
     readiness = Readiness(CheckSpec("tcp"), lambda i: None, lambda reason: None)
     try:
         web = instance(server.port)
-        started = time.monotonic()
         assert readiness.update({web.id: web}, first_wait=5.0) == {web.id}
-        assert time.monotonic() - started < 5.0  # answered, not timed out
     finally:
         readiness.close()
 

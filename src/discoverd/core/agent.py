@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from discoverd.core.health import CheckSpec, Readiness
+from discoverd.core.health import FIRST_PASS_MAX, CheckSpec, Readiness
 from discoverd.core.interfaces import (
     PluginError,
     Proxy,
@@ -289,7 +289,10 @@ class RegisterRole(Role):
         if self.checks is not None:
             if self.readiness is None:
                 self.readiness = Readiness(self.checks, self.source.check_target, self.waker.notify)
-            ready = self.readiness.update(desired, self.first_check_wait)
+            # Only the first pass waits for every first check (an agent starting on a busy
+            # host); later passes must not hold a stopping container's removal for long.
+            settle = FIRST_PASS_MAX if not self.synced.is_set() else 0.0
+            ready = self.readiness.update(desired, self.first_check_wait, settle)
             waiting = set(desired) - ready
             for iid in sorted(waiting - self.waiting):
                 log.info(
@@ -454,11 +457,9 @@ class DiscoverRole(Role):
         self._problems.update(assignment.problems)
         self.owners = assignment.owners
         services = assignment.services
-        if services != self.services and self.manager is not None:
-            self.manager.services_changed(services)
-        self.services = services
         config = self.proxy.render(services)
         if config == self.applied:
+            self._publish(services)
             if force_apply:
                 result = self.proxy.apply(config, services)
                 if result != "unchanged":
@@ -474,7 +475,7 @@ class DiscoverRole(Role):
             self.counters.inc("deferred_applies")
             log.debug("discover: %s asks to wait %.3fs before applying", self.proxy_name, delay)
             self.waker.retry_in(delay, "deferred apply")
-            return "deferred"
+            return "deferred"  # observers hear of these services once they are applied
         try:
             self.proxy.validate(config)
         except ProxyConfigError as exc:
@@ -487,6 +488,7 @@ class DiscoverRole(Role):
             )
             return "rejected"
         result = self.proxy.apply(config, services)
+        self._publish(services)
         self.applied = config
         self.rejected = None
         self.counters.inc("applies")
@@ -501,6 +503,12 @@ class DiscoverRole(Role):
             self.manager.after_apply(self.proxy_name, config, result)
         self.converged.set()
         return "applied"
+
+    def _publish(self, services: tuple[Service, ...]) -> None:
+        """Remember ``services`` and tell the ``discoverd_services_changed`` observers."""
+        if services != self.services and self.manager is not None:
+            self.manager.services_changed(services)
+        self.services = services
 
     def shutdown(self) -> None:
         self.stop_event.set()

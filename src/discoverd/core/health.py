@@ -45,7 +45,7 @@ FALL = 2
 #: becomes routable within this long of listening), starting fast and doubling.
 FIRST_RETRY = 0.02
 NOT_READY_MAX = 0.5
-#: The longest a register pass waits for the first checks of many new instances.
+#: The longest the register role's first pass waits for the first check of every instance.
 FIRST_PASS_MAX = 3.0
 #: How long a TCP check through a forwarder waits for the connection to be dropped.
 FORWARDER_GRACE = 0.05
@@ -276,7 +276,12 @@ class Readiness:
         self._thread.start()
         self._netns_failed = False
 
-    def update(self, desired: Mapping[str, ServiceInstance], first_wait: float) -> set[str]:
+    def update(
+        self,
+        desired: Mapping[str, ServiceInstance],
+        first_wait: float,
+        check_all_within: float = 0.0,
+    ) -> set[str]:
         """Track ``desired``; wait up to ``first_wait`` seconds for new instances to answer
         (a container usually listens within milliseconds of its start event, and registering
         it in this pass saves a whole round); return the ids of the ready ones."""
@@ -305,11 +310,11 @@ class Readiness:
                 else:
                     state.target = target
             self._cond.notify_all()
-            # Wait for the new instances to answer, up to ``first_wait``; and, when many are
-            # new at once (an agent starting on a busy host), until each was checked once
-            # (bounded), so they are registered in this pass rather than one pass at a time.
+            # Wait for the new instances to answer, up to ``first_wait``; and, with
+            # ``check_all_within`` (the agent's first pass on a busy host), until each was
+            # checked once, so they are registered in this pass rather than one at a time.
             deadline = now + first_wait
-            hard_deadline = now + max(first_wait, FIRST_PASS_MAX)
+            hard_deadline = now + max(first_wait, check_all_within)
             while fresh and not self._stopped:
                 states = [self._states[i] for i in fresh if i in self._states]
                 unchecked = any(not st.checked for st in states)

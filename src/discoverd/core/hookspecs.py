@@ -49,8 +49,9 @@ def discoverd_register_proxies() -> Sequence[ProxyPlugin]:
 
 @hookspec
 def discoverd_services_changed(services: Sequence[Service]) -> None:
-    """Called by the discover role after it built a new set of services that differs from the
-    previous one, before rendering. Observers only: the return value is ignored."""
+    """Called by the discover role when the proxy serves a set of services that differs from
+    the previous one (after the apply, or when the new set renders the same configuration).
+    Observers only: the return value is ignored."""
 
 
 @hookspec

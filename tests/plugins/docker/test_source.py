@@ -643,3 +643,21 @@ def test_many_new_containers_are_inspected_together(
         [found] = of(snapshot, container)
         assert found.service == f"many{n}"
         assert source.check_target(found) is not None
+
+
+def test_the_images_own_stop_signal_drains_too(
+    new_source: SourceFactory, docker_client: docker.DockerClient
+) -> None:
+    """`docker stop` sends the image's StopSignal (httpd: WINCH, systemd: RTMIN+3), not
+    always TERM: that signal takes the container out as well, for that container only."""
+    source = new_source()
+    custom = run_plain(docker_client, stop_signal="SIGUSR2")
+    plain = whoami(docker_client)
+    snapshot = source.snapshot()
+    assert len(of(snapshot, custom)) == 1 and len(of(snapshot, plain)) == 1
+    for container in (custom, plain):
+        event = {"Action": "kill", "Actor": {"ID": container.id, "Attributes": {"signal": "12"}}}
+        source._note_exit(event, "kill")
+    snapshot = source.snapshot()
+    assert of(snapshot, custom) == []  # USR2 is how this one is stopped
+    assert len(of(snapshot, plain)) == 1  # for this one USR2 is just a signal

@@ -173,11 +173,15 @@ class ConsulRegistry(Registry):
 
     def deregister(self, instance: ServiceInstance) -> None:
         client = self._client
+
+        def deregister() -> None:
+            try:
+                client.agent.service.deregister(instance.id)
+            except consul.NotFound:
+                pass  # the agent no longer has it (it lost its state): already gone
+
         with self._lock:
-            self._call(
-                f"deregister {instance.id}",
-                lambda: client.agent.service.deregister(instance.id),
-            )
+            self._call(f"deregister {instance.id}", deregister)
             owned = self._owned.get(instance.id)
             if owned is not None and owned.service == instance.service:
                 del self._owned[instance.id]
@@ -219,7 +223,9 @@ class ConsulRegistry(Registry):
                 "list services", lambda: client.catalog.services()
             )
             checks_index, checks = self._call("read checks", lambda: client.health.state("any"))
-            revision = max(_index(services_index), _index(checks_index))
+            # The lower index: a watch resumed from it cannot miss a change that landed
+            # between the two reads (at worst it wakes once for nothing).
+            revision = min(_index(services_index), _index(checks_index))
             names = sorted(
                 name
                 for name, tags in (services or {}).items()

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import re
+import signal
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -92,6 +93,7 @@ class _Inspected:
     env: Mapping[str, str]
     pid: int = 0
     address: str = ""
+    stop_signal: int = 15  # the image's StopSignal: what `docker stop` sends first
 
 
 class _EventStream:
@@ -152,6 +154,9 @@ class DockerSource(Source):
         # is shutting down, and come back only if they are still running after STOPPING_HOLD.
         self._stopping: dict[str, float] = {}
         self._targets: dict[str, CheckTarget] = {}  # instance id -> where its app listens
+        # How many ``start`` events each container had: an inspect taken before a restart
+        # (old pid, maybe old address) must not be cached past it.
+        self._starts: dict[str, int] = {}
 
     # -- connection
 
@@ -230,6 +235,7 @@ class DockerSource(Source):
         now = time.monotonic()
         with self._lock:
             exited = set(self._exited)
+            starts = dict(self._starts)
             for held, since in list(self._stopping.items()):
                 if now - since > STOPPING_HOLD:
                     log.warning(
@@ -276,8 +282,13 @@ class DockerSource(Source):
                 target = _check_target(inspected, instance)
                 if target is not None:
                     targets[instance.id] = target
-        self._cache = seen
-        self._targets = targets
+        with self._lock:
+            for cid, count in self._starts.items():
+                if starts.get(cid, 0) != count and seen.pop(cid, None) is not None:
+                    # Restarted while this snapshot ran: inspect it again next time.
+                    targets = {k: v for k, v in targets.items() if f":{cid[:12]}:" not in k}
+            self._cache = seen
+            self._targets = targets
         with self._lock:  # a hint is needed only while the list still shows the container
             self._exited &= set(seen) | (self._exited - exited)
             for cid in set(self._stopping) - set(seen):
@@ -329,6 +340,7 @@ class DockerSource(Source):
             env=parse_env(env_list),
             pid=pid if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 else 0,
             address=_container_address(data.get("NetworkSettings")),
+            stop_signal=_signal_number(config.get("StopSignal")) or 15,
         )
 
     # -- watch
@@ -395,19 +407,24 @@ class DockerSource(Source):
             return
         if verb == "kill":
             attributes = actor.get("Attributes") if isinstance(actor, Mapping) else None
-            signal = attributes.get("signal") if isinstance(attributes, Mapping) else None
-            if str(signal).upper() not in STOPPING_SIGNALS:
+            sent = attributes.get("signal") if isinstance(attributes, Mapping) else None
+            known = self._cache.get(cid)
+            own_stop = known is not None and _signal_number(sent) == known.stop_signal
+            if str(sent).upper() not in STOPPING_SIGNALS and not own_stop:
                 return  # e.g. HUP to reload its configuration: stays in service
         with self._lock:
             if verb == "start":
                 self._exited.discard(cid)
                 self._stopping.pop(cid, None)
                 self._cache.pop(cid, None)  # a new process: new pid, maybe a new address
+                self._starts[cid] = self._starts.get(cid, 0) + 1
             elif verb in ("kill", "stop"):
                 self._stopping.setdefault(cid, time.monotonic())
             else:
                 self._exited.add(cid)
                 self._stopping.pop(cid, None)
+                if verb == "destroy":
+                    self._starts.pop(cid, None)
 
     def close(self) -> None:
         with self._lock:
@@ -440,6 +457,20 @@ def _watched_action(event: Any) -> str | None:
     if action.split(":", 1)[0].strip() not in WATCHED_ACTIONS:
         return None
     return _one_line(action)[:80]
+
+
+def _signal_number(value: Any) -> int | None:
+    """``"15"``, ``"SIGTERM"``, ``"TERM"``, ``"SIGRTMIN+3"`` -> a signal number, else None."""
+    text = str(value or "").strip().upper()
+    if text.isdigit():
+        return int(text)
+    name = text if text.startswith("SIG") else f"SIG{text}"
+    base, plus, offset = name.partition("+")
+    try:
+        number = int(signal.Signals[base]) if base != "SIGRTMIN" else signal.SIGRTMIN
+    except KeyError:
+        return None
+    return int(number) + (int(offset) if plus and offset.isdigit() else 0)
 
 
 def _container_address(settings: Any) -> str:

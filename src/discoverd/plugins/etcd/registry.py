@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from etcd3gw.lease import Lease
@@ -50,6 +51,8 @@ log = logging.getLogger("discoverd.etcd")
 WATCH_IDLE_TIMEOUT = 30.0
 #: Above this many changed services, a snapshot reads everything again instead of each one.
 PARTIAL_MAX = 64
+#: Even while the watch is live, a snapshot reads everything at least this often (seconds).
+FULL_READ_EVERY = 300.0
 
 
 @dataclass
@@ -68,6 +71,7 @@ class _Mirror:
     dirty: dict[str, int]
     everything: bool = False  # an event that no service owns: read everything again
     live: bool = False
+    read_at: float = field(default_factory=time.monotonic)  # when the last full read was
 
     def catalog(self) -> Catalog:
         instances: list[ServiceInstance] = []
@@ -312,6 +316,8 @@ class EtcdRegistry(Registry):
                 and len(mirror.dirty) <= PARTIAL_MAX
             )
             dirty = dict(mirror.dirty) if mirror is not None else {}
+        if partial and mirror is not None and time.monotonic() - mirror.read_at > FULL_READ_EVERY:
+            partial = False  # defence in depth: a full read now and then, even when live
         if partial and not dirty:
             assert mirror is not None
             with self._mirror_lock:
@@ -346,9 +352,13 @@ class EtcdRegistry(Registry):
             return mirror.catalog()
 
     def _partial_snapshot(self, services: list[str]) -> Catalog:
-        """Re-read only ``services`` (changed since the last snapshot, says the watch)."""
+        """Re-read only ``services`` (changed since the last snapshot, says the watch).
+
+        The catalog keeps the revision of the last full read: a partial read is current for
+        the services it read only, and the core resumes a lost watch from the catalog's
+        revision, so events of other services still in flight are delivered again."""
         fresh: dict[str, tuple[tuple[ServiceInstance, ...], tuple[Problem, ...]]] = {}
-        revision = 0
+        read_at: dict[str, int] = {}  # the revision each service was read at
         per_read = 60  # two ranges per service; etcd allows 128 operations per transaction
         for first in range(0, len(services), per_read):
             chunk = services[first : first + per_read]
@@ -358,7 +368,7 @@ class EtcdRegistry(Registry):
                 ranges.append(range_of(f"{self.layout.meta_prefix}/{service}"))
             reply = self._read("snapshot", ranges)
             try:
-                revision = max(revision, int(reply["header"]["revision"]))
+                revision = int(reply["header"]["revision"])
                 responses = [_kvs(r["response_range"]) for r in reply.get("responses", [])]
             except (KeyError, TypeError, ValueError) as exc:
                 raise PluginError(f"etcd: unexpected answer to a snapshot read ({exc!r})") from None
@@ -371,19 +381,19 @@ class EtcdRegistry(Registry):
                     fresh[service] = (tuple(found), tuple(trouble))
                 else:
                     fresh[service] = ((), ())
+                read_at[service] = revision
         with self._mirror_lock:
             mirror = self._mirror
-            if mirror is None:  # dropped meanwhile (the watch lost its stream)
-                return self._full_snapshot()
-            for service, result in fresh.items():
-                if result == ((), ()):
-                    mirror.services.pop(service, None)
-                else:
-                    mirror.services[service] = result
-                if mirror.dirty.get(service, 0) <= revision:
-                    mirror.dirty.pop(service, None)
-            mirror.revision = max(mirror.revision, revision)
-            return mirror.catalog()
+            if mirror is not None:
+                for service, result in fresh.items():
+                    if result == ((), ()):
+                        mirror.services.pop(service, None)
+                    else:
+                        mirror.services[service] = result
+                    if mirror.dirty.get(service, 0) <= read_at[service]:
+                        mirror.dirty.pop(service, None)
+                return mirror.catalog()
+        return self._full_snapshot()  # dropped meanwhile
 
     def _read(self, what: str, ranges: list[tuple[bytes, bytes]]) -> Mapping[str, Any]:
         success = [
@@ -394,9 +404,9 @@ class EtcdRegistry(Registry):
     def _mirror_live(self, live: bool) -> None:
         """The watch is (or is no longer) delivering every change after the mirror's base.
 
-        A watch that stops and starts again resumes from the revision the core passes, which
-        is never after what the mirror holds, so no change is lost in between; while no watch
-        runs, snapshots read everything."""
+        A watch that stops and starts again resumes from the revision the core passes: the
+        catalog's, which is the mirror's last full read (partial reads do not move it), so no
+        change is lost in between; while no watch runs, snapshots read everything."""
         with self._mirror_lock:
             if self._mirror is not None:
                 self._mirror.live = live
