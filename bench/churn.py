@@ -34,7 +34,8 @@ from bench.stack import (
     Report,
     Stack,
     Target,
-    graceful_whoami_command,
+    add_backend_argument,
+    graceful_command,
     haproxy_reloads,
     main_guard,
     parser,
@@ -127,9 +128,7 @@ def churn_run(
 
 
 def backend_command(args: Any) -> list[str] | None:
-    """``--backend graceful`` (default): an application that finishes its requests on TERM;
-    ``abrupt``: the plain whoami, which dies at once and cuts responses in flight."""
-    return graceful_whoami_command() if args.backend == "graceful" else None
+    return graceful_command(args.backend)
 
 
 def run_proxy(stack: Stack, proxy: str, args: Any, report: Report, results: dict[str, Any]) -> None:
@@ -210,13 +209,7 @@ def main() -> int:
     p.add_argument("--connections", type=int, default=20, help="wrk connections (20)")
     p.add_argument("--threads", type=int, default=2, help="wrk threads (2)")
     p.add_argument("--proxies", default="haproxy,nginx", help="proxies to try (haproxy,nginx)")
-    p.add_argument(
-        "--backend",
-        choices=("graceful", "abrupt"),
-        default="graceful",
-        help="graceful: backends finish their requests on TERM (default); abrupt: they die at "
-        "once, cutting responses mid-body (no proxy can repair those)",
-    )
+    add_backend_argument(p)
     p.add_argument(
         "--nginx-set",
         action="append",

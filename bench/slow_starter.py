@@ -25,6 +25,7 @@ from bench.stack import (
     Report,
     Stack,
     Target,
+    graceful_command,
     main_guard,
     parser,
     runs_of,
@@ -41,7 +42,7 @@ def measure(
     frontend = free_port()
     labels = whoami_labels(frontend, mode)
     stack.agent()
-    base = stack.run_containers(1, labels=labels)[0]
+    base = stack.run_containers(1, labels=labels, command=graceful_command("graceful"))[0]
     wait_answer(frontend, base.id[:12], 90)
     failures: list[float] = []
     first_answers: list[float] = []
@@ -60,6 +61,8 @@ def measure(
             time.sleep(settle)
             results = prober.results[begin:]
             failed = sum(1 for _, who in results if who is None)
+            if failed:
+                report.note(f"run {n + 1} failures: {prober.why(results[0][0])}")
             failures.append(failed)
             first_answers.append(first - started)
             requests += len(results)
@@ -68,7 +71,11 @@ def measure(
                 f"first answered {first - started:.2f} s after docker run",
                 flush=True,
             )
+            # Out of the measured window: a graceful stop (drained first), then a pause so
+            # the next run starts from the steady state.
+            slow.stop(timeout=10)
             slow.remove(force=True)
+            time.sleep(1.0)
     report.add(
         Figure(
             "slow starter: failed requests",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import collections
 import concurrent.futures
 import contextlib
 import datetime
@@ -610,29 +611,53 @@ def graceful_whoami_command() -> list[str]:
 
 
 def slow_whoami_command(delay: float) -> list[str]:
-    """The whoami backend, but httpd starts listening only ``delay`` seconds after start."""
+    """The graceful whoami backend, but httpd starts listening only ``delay`` seconds after
+    the container starts."""
     return [
         "/bin/sh",
         "-c",
-        'mkdir -p /www; echo "I am $(hostname)" > /www/index.html; trap "exit 0" TERM; '
-        f"(sleep {delay:g}; exec httpd -f -p {WHOAMI_PORT} -h /www) & wait",
+        'mkdir -p /www; echo "I am $(hostname)" > /www/index.html; '
+        f"sleep {delay:g}; httpd -f -p {WHOAMI_PORT} -h /www & pid=$!; "
+        'trap "kill $pid; sleep 0.3; exit 0" TERM; wait',
     ]
 
 
 def ask(port: int, timeout: float = 2.0) -> str | None:
     """One GET on a fresh connection to 127.0.0.1:``port``; the answering host or ``None``."""
+    return ask_why(port, timeout)[0]
+
+
+def ask_why(port: int, timeout: float = 2.0) -> tuple[str | None, str]:
+    """Like ``ask``, with the reason of a failure (``""`` on success)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         conn.request("GET", "/", headers={"Connection": "close"})
         response = conn.getresponse()
         body = response.read().decode(errors="replace")
         if response.status != 200 or not body.startswith("I am "):
-            return None
-        return body[5:].strip()
-    except (OSError, http.client.HTTPException):
-        return None
+            return None, f"HTTP {response.status}"
+        return body[5:].strip(), ""
+    except (OSError, http.client.HTTPException) as exc:
+        return None, f"{type(exc).__name__}: {exc}"[:120]
     finally:
         conn.close()
+
+
+def graceful_command(kind: str) -> list[str] | None:
+    """The backend command for ``--backend``: ``graceful`` finishes its requests on TERM,
+    ``abrupt`` (``None``: the plain whoami) dies at once."""
+    return graceful_whoami_command() if kind == "graceful" else None
+
+
+def add_backend_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--backend",
+        choices=("graceful", "abrupt"),
+        default="graceful",
+        help="graceful: backends finish their requests in flight on TERM (default); abrupt: "
+        "the plain whoami, which dies at once and cuts a response mid-body (no proxy can "
+        "repair that)",
+    )
 
 
 def wait_answer(port: int, host: str, timeout: float) -> float:
@@ -650,6 +675,7 @@ class Prober:
     def __init__(self, port: int) -> None:
         self.port = port
         self.results: list[tuple[float, str | None]] = []
+        self.reasons: list[tuple[float, str]] = []  # why each failed request failed
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="prober", daemon=True)
 
@@ -662,12 +688,21 @@ class Prober:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            who = ask(self.port)
-            self.results.append((time.monotonic(), who))
+            who, why = ask_why(self.port)
+            moment = time.monotonic()
+            self.results.append((moment, who))
+            if who is None:
+                self.reasons.append((moment, why))
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(10)
+
+    def why(self, since: float = 0.0) -> dict[str, int]:
+        """The reasons of the failures since ``since``, counted."""
+        return dict(
+            collections.Counter(why for moment, why in list(self.reasons) if moment >= since)
+        )
 
     def failures(self, since: float = 0.0) -> int:
         return sum(1 for moment, who in list(self.results) if who is None and moment >= since)

@@ -28,6 +28,8 @@ from bench.stack import (
     Report,
     Stack,
     Target,
+    add_backend_argument,
+    graceful_command,
     main_guard,
     parser,
     runs_of,
@@ -37,11 +39,14 @@ from bench.stack import (
 from discoverd.testing.services import free_port
 
 
-def measure(stack: Stack, runs: int, mode: str, settle: float, report: Report) -> None:
+def measure(
+    stack: Stack, runs: int, mode: str, settle: float, backend: str, report: Report
+) -> None:
     frontend = free_port()
     labels = whoami_labels(frontend, mode)
     stack.agent()
-    base = stack.run_containers(1, labels=labels)[0]
+    command = graceful_command(backend)
+    base = stack.run_containers(1, labels=labels, command=command)[0]
     wait_answer(frontend, base.id[:12], 90)
     unroutable: list[float] = []
     stop_calls: list[float] = []
@@ -50,7 +55,7 @@ def measure(stack: Stack, runs: int, mode: str, settle: float, report: Report) -
         for n in range(runs):
             begin = len(prober.results)
             started = time.monotonic()
-            container = stack.run_containers(1, labels=labels)[0]
+            container = stack.run_containers(1, labels=labels, command=command)[0]
             host = container.id[:12]
             deadline = time.monotonic() + 30
             while prober.first_from(host, started) is None:
@@ -79,6 +84,8 @@ def measure(stack: Stack, runs: int, mode: str, settle: float, report: Report) -
                 f"removing, of {len(results)}",
                 flush=True,
             )
+            if joins or removals:
+                report.note(f"run {n + 1} failures: {prober.why(results[0][0])}")
             container.remove(force=True)
     report.add(
         Figure(
@@ -86,7 +93,7 @@ def measure(stack: Stack, runs: int, mode: str, settle: float, report: Report) -
             "ms",
             samples=unroutable,
             targets=[Target("p99", "<=", 250)],
-            note=f"{mode} mode, fresh connection per request",
+            note=f"{mode} mode, {backend} backends, fresh connection per request",
         )
     )
     report.add(Figure("docker stop call duration", "ms", samples=stop_calls))
@@ -114,11 +121,14 @@ def main() -> int:
     p = parser(__doc__, runs=10, quick_runs=3)
     p.add_argument("--mode", default="http", choices=("http", "tcp"), help="service mode")
     p.add_argument("--settle", type=float, default=2.0, help="seconds to keep probing after a stop")
+    add_backend_argument(p)
     args = p.parse_args()
     runs = runs_of(args)
-    report = Report("time_to_unroutable", {"runs": runs, "mode": args.mode})
+    report = Report(
+        "time_to_unroutable", {"runs": runs, "mode": args.mode, "backend": args.backend}
+    )
     with Stack(keep=args.keep, log_level=args.log_level) as stack:
-        measure(stack, runs, args.mode, args.settle, report)
+        measure(stack, runs, args.mode, args.settle, args.backend, report)
     report.write(args.json)
     return 0
 

@@ -6,6 +6,7 @@ configuration has passed these checks, whichever source or registry it came from
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
@@ -56,6 +57,18 @@ def check_port(port: object, what: str = "port") -> int:
 
 def check_address(address: str) -> str:
     """An IPv4 or IPv6 literal (host names are not accepted: proxies must not resolve them)."""
+    if isinstance(address, str):
+        return _checked_address(address)
+    return _check_address(address)
+
+
+@functools.lru_cache(maxsize=8192)
+def _checked_address(address: str) -> str:
+    # A registry of 10,000 instances holds few distinct host addresses: parse each once.
+    return _check_address(address)
+
+
+def _check_address(address: str) -> str:
     try:
         parsed = ipaddress.ip_address(address)
     except (ValueError, TypeError):

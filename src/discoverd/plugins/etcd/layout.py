@@ -252,13 +252,11 @@ def _read_service(
         key, value = entries[name]
         try:
             address, port = _parse_endpoint(_text(value))
-            plain = ServiceInstance(
-                service=service, id=name, address=address, port=port, frontend_port=port_from_key
-            )
         except (ValidationError, ValueError) as exc:
             problems.append(Problem(key, f"{exc}; entry ignored"))
             continue
-        instance = plain
+        instance: ServiceInstance | None = None
+        meta_problem: Problem | None = None
         meta_entry = metadata.get((service, name))
         if meta_entry is not None:
             meta_key, raw = meta_entry
@@ -278,8 +276,22 @@ def _read_service(
                     host_id=decoded.host_id,
                 )
             except (ValidationError, ValueError) as exc:
-                problems.append(
-                    Problem(meta_key, f"{exc}; metadata ignored, the plain entry {key} is used")
+                meta_problem = Problem(
+                    meta_key, f"{exc}; metadata ignored, the plain entry {key} is used"
                 )
+        if instance is None:
+            try:
+                instance = ServiceInstance(
+                    service=service,
+                    id=name,
+                    address=address,
+                    port=port,
+                    frontend_port=port_from_key,
+                )
+            except (ValidationError, ValueError) as exc:
+                problems.append(Problem(key, f"{exc}; entry ignored"))
+                continue
+            if meta_problem is not None:
+                problems.append(meta_problem)
         found.append(instance)
     return found
