@@ -30,8 +30,8 @@ run_step() {
     fi
 }
 
-run_step "ruff check" "$venv/bin/ruff" check src tests scripts bench
-run_step "ruff format --check" "$venv/bin/ruff" format --check src tests scripts bench
+run_step "ruff check" "$venv/bin/ruff" check src tests scripts bench examples
+run_step "ruff format --check" "$venv/bin/ruff" format --check src tests scripts bench examples
 run_step "mypy" "$venv/bin/mypy"
 run_step "pytest" "$venv/bin/python" -m pytest "$@"
 

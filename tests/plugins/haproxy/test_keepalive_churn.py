@@ -205,7 +205,11 @@ def test_keep_alive_clients_see_no_failure_while_backends_die(
         stop.set()
         for client in clients:
             client.join(30)
-    failures = [f for c in clients for f in c.failures]
+    # A body cut after its headers went out (IncompleteRead) is the one failure no proxy can
+    # replay; this fake backend can produce it when a stop races a request it has just read.
+    # Every other failure (a request sent on a connection the backend had reset, a 502) is a
+    # request HAProxy should have replayed.
+    failures = [f for c in clients for f in c.failures if not f.startswith("IncompleteRead")]
     ok = sum(c.ok for c in clients)
     assert ok > 100, ok
     assert failures == [], (len(failures), ok, failures[:5])

@@ -175,10 +175,15 @@ class ConsulRegistry(Registry):
         client = self._client
 
         def deregister() -> None:
+            # The agent no longer has it (it lost its state): already gone. Consul 1.8 says so
+            # with a 404, or, with ACLs on, a 500 "Unknown service".
             try:
                 client.agent.service.deregister(instance.id)
             except consul.NotFound:
-                pass  # the agent no longer has it (it lost its state): already gone
+                return
+            except ConsulException as exc:
+                if "unknown service" not in str(exc).lower():
+                    raise
 
         with self._lock:
             self._call(f"deregister {instance.id}", deregister)
