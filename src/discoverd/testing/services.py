@@ -545,7 +545,12 @@ class DockerDaemon(_Service):
         if self.bridge_cidr is None:
             raise ValueError(f"bridge {name!r} does not exist and no bridge_cidr was given")
         ip = require_binary("ip")
-        _run_checked([ip, "link", "add", name, "type", "bridge"])
+        # A fixed MAC address, as Docker gives docker0: a Linux bridge without one takes the
+        # lowest MAC of its ports, so it changes whenever a container's veth comes or goes, and
+        # the containers' ARP entries for the gateway go stale. docker-proxy's connections to
+        # a container then wait for SYN-ACK retransmissions: answers delayed by 1-3 s.
+        mac = "02:" + ":".join(f"{b:02x}" for b in os.urandom(5))
+        _run_checked([ip, "link", "add", name, "address", mac, "type", "bridge"])
         self._created_bridge = True
         _run_checked([ip, "addr", "add", self.bridge_cidr, "dev", name])
         _run_checked([ip, "link", "set", name, "up"])
