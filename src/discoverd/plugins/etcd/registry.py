@@ -452,7 +452,8 @@ class EtcdRegistry(Registry):
     ) -> None:
         reauthenticated = False
         while not stop.is_set() and not self._closed:
-            self._mirror_live(False)
+            # An idle stream re-established here resumes from each target's next revision, so
+            # the mirror stays live across it (no change can fall in between).
             for target in targets.values():
                 target.created = not tracked  # untracked: the mirror never goes live
             stream = self._open_watch([t.create_request() for t in targets.values()])
