@@ -33,6 +33,7 @@ from discoverd.core.model import (
     ValidationError,
     parse_endpoint,
 )
+from discoverd.core.options import OptionReader
 from discoverd.core.templating import template_environment
 
 __version__ = "0.1.0"
@@ -44,6 +45,7 @@ __all__ = [
     "HostInfo",
     "Notify",
     "Option",
+    "OptionReader",
     "PluginContext",
     "PluginError",
     "PortBinding",

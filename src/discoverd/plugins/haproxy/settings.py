@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from discoverd import Option, PluginError
+from discoverd import Option, OptionReader, PluginError
 
 OPTIONS: tuple[Option, ...] = (
     Option("binary", str, "haproxy", "The haproxy executable (a name on PATH or a path)."),
@@ -80,90 +79,40 @@ class Settings:
     reload_interval: float = 0.5
 
 
-def _fail(name: str, value: object, rule: str) -> PluginError:
-    return PluginError(f"haproxy option {name}={value!r}: {rule}")
-
-
-def _text(options: Mapping[str, Any], name: str, default: str) -> str:
-    value = options.get(name, default)
-    if not isinstance(value, str):
-        raise _fail(name, value, "must be text")
-    if not value.isprintable():
-        raise _fail(name, value, "must not contain line breaks or control characters")
-    return value.strip()
-
-
-def _number(options: Mapping[str, Any], name: str, default: int, low: int, high: int) -> int:
-    value = options.get(name, default)
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise _fail(name, value, f"must be a whole number from {low} to {high}")
-    return value
-
-
-def _seconds(options: Mapping[str, Any], name: str, default: float, high: float) -> float:
-    value = options.get(name, default)
-    if isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            raise _fail(name, value, "must be a number of seconds") from None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _fail(name, value, "must be a number of seconds")
-    if not 0 <= value <= high:  # also refuses NaN
-        raise _fail(name, value, f"must be from 0 to {high:g} seconds")
-    return float(value)
-
-
-def _address(options: Mapping[str, Any], name: str, default: str) -> str:
-    value = _text(options, name, default)
-    if not value:
-        return ""
-    try:
-        return str(ipaddress.ip_address(value))
-    except ValueError:
-        raise _fail(name, value, "must be an IP address (or empty for every interface)") from None
-
-
-def _time(options: Mapping[str, Any], name: str, default: str, *, positive: bool = False) -> str:
-    value = _text(options, name, default)
-    if not _TIME_RE.fullmatch(value):
-        raise _fail(name, value, "must be a duration in HAProxy's format, e.g. 500ms, 2s, 1m")
-    if positive and int(value.rstrip("usmhd")) == 0:
-        raise _fail(name, value, "must be longer than zero")
-    return value
+def _time(read: OptionReader, name: str, default: str, *, positive: bool = False) -> str:
+    return read.duration(name, default, _TIME_RE, "HAProxy's", positive)
 
 
 def parse_settings(options: Mapping[str, Any]) -> Settings:
     """Check every option; raise ``PluginError`` naming the first bad one and its rule."""
+    read = OptionReader("haproxy", options)
     known = {o.name for o in OPTIONS}
     unknown = sorted(set(options) - known)
     if unknown:
         raise PluginError(
             f"unknown haproxy option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
         )
-    binary = _text(options, "binary", "haproxy")
+    binary = read.text("binary", "haproxy")
     if not binary:
-        raise _fail("binary", binary, "must name the haproxy executable")
-    template_dir = _text(options, "template_dir", "")
+        raise read.fail("binary", binary, "must name the haproxy executable")
+    template_dir = read.text("template_dir", "")
     if template_dir and not Path(template_dir).is_dir():
-        raise _fail("template_dir", template_dir, "is not a directory")
-    stats_port = _number(options, "stats_port", 1936, 0, 65535)
+        raise read.fail("template_dir", template_dir, "is not a directory")
+    stats_port = read.number("stats_port", 1936, 0, 65535)
     return Settings(
         binary=binary,
-        bind=_address(options, "bind", ""),
-        stats_bind=_address(options, "stats_bind", "127.0.0.1"),
+        bind=read.address("bind", ""),
+        stats_bind=read.address("stats_bind", "127.0.0.1"),
         stats_port=stats_port,
         template_dir=template_dir,
-        check_interval=_time(options, "check_interval", "1s", positive=True),
-        retries=_number(options, "retries", 3, 0, 100),
-        timeout_connect=_time(options, "timeout_connect", "1s", positive=True),
-        timeout_client=_time(options, "timeout_client", "30s", positive=True),
-        timeout_server=_time(options, "timeout_server", "30s", positive=True),
-        maxconn=_number(options, "maxconn", 4096, 1, 10_000_000),
-        drain_timeout=_seconds(options, "drain_timeout", 10.0, MAX_DRAIN),
-        reload_interval=_seconds(options, "reload_interval", 0.5, 3600.0),
+        check_interval=_time(read, "check_interval", "1s", positive=True),
+        retries=read.number("retries", 3, 0, 100),
+        timeout_connect=_time(read, "timeout_connect", "1s", positive=True),
+        timeout_client=_time(read, "timeout_client", "30s", positive=True),
+        timeout_server=_time(read, "timeout_server", "30s", positive=True),
+        maxconn=read.number("maxconn", 4096, 1, 10_000_000),
+        drain_timeout=read.seconds("drain_timeout", 10.0, MAX_DRAIN),
+        reload_interval=read.seconds("reload_interval", 0.5, 3600.0),
     )
 
 

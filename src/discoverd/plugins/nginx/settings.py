@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import math
 import os
 import re
 import resource
@@ -13,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from discoverd import Option, PluginError
+from discoverd import Option, OptionReader, PluginError
 
 log = logging.getLogger(__name__)
 
@@ -121,73 +119,18 @@ class Settings:
     rlimit_nofile: int = 0
 
 
-def _fail(name: str, value: object, rule: str) -> PluginError:
-    return PluginError(f"nginx option {name}={value!r}: {rule}")
-
-
-def _text(options: Mapping[str, Any], name: str, default: str) -> str:
-    value = options.get(name, default)
-    if not isinstance(value, str):
-        raise _fail(name, value, "must be text")
-    if not value.isprintable():
-        raise _fail(name, value, "must not contain line breaks or control characters")
-    return value.strip()
-
-
-def _number(options: Mapping[str, Any], name: str, default: int, low: int, high: int) -> int:
-    value = options.get(name, default)
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise _fail(name, value, f"must be a whole number from {low} to {high}")
-    return value
-
-
-def _seconds(options: Mapping[str, Any], name: str, default: float, high: float) -> float:
-    value = options.get(name, default)
-    if isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            raise _fail(name, value, "must be a number of seconds") from None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _fail(name, value, "must be a number of seconds")
-    if not math.isfinite(value) or not 0 <= value <= high:
-        raise _fail(name, value, f"must be a number of seconds from 0 to {high:g}")
-    return float(value)
-
-
-def _address(options: Mapping[str, Any], name: str, default: str) -> str:
-    value = _text(options, name, default)
-    if not value:
-        return ""
-    try:
-        return str(ipaddress.ip_address(value))
-    except ValueError:
-        raise _fail(name, value, "must be an IP address (or empty for every interface)") from None
-
-
-def _time(options: Mapping[str, Any], name: str, default: str, *, positive: bool = True) -> str:
-    value = _text(options, name, default)
-    if not _TIME_RE.fullmatch(value):
-        raise _fail(name, value, "must be a duration in nginx's format, e.g. 500ms, 2s, 1m")
-    if positive and int(value.rstrip("mshd")) == 0:
-        raise _fail(name, value, "must be longer than zero")
-    return value
-
-
-def _path(options: Mapping[str, Any], name: str, default: str) -> str:
-    value = _text(options, name, default)
+def _path(read: OptionReader, name: str, default: str) -> str:
+    value = read.text(name, default)
     if value and (not value.startswith("/") or set(value) & _BAD_PATH_CHARS or " " in value):
-        raise _fail(name, value, "must be an absolute path without quotes, spaces, '$' or ';'")
+        raise read.fail(name, value, "must be an absolute path without quotes, spaces, '$' or ';'")
     return value
 
 
-def _user(options: Mapping[str, Any], is_root: bool) -> tuple[str, str]:
-    value = _text(options, "user", "")
+def _user(read: OptionReader, is_root: bool) -> tuple[str, str]:
+    value = read.text("user", "")
     parts = value.split()
     if len(parts) > 2 or not all(_USER_RE.fullmatch(p) for p in parts):
-        raise _fail("user", value, "must be a user name, optionally followed by a group name")
+        raise read.fail("user", value, "must be a user name, optionally followed by a group name")
     if parts and not is_root:
         log.warning(
             "nginx: option user=%r is ignored: discoverd does not run as root, so nginx's "
@@ -198,12 +141,12 @@ def _user(options: Mapping[str, Any], is_root: bool) -> tuple[str, str]:
     return (parts[0], parts[1] if len(parts) > 1 else "") if parts else ("", "")
 
 
-def _workers(options: Mapping[str, Any]) -> str:
-    value = _text(options, "worker_processes", "auto")
+def _workers(read: OptionReader) -> str:
+    value = read.text("worker_processes", "auto")
     if value == "auto":
         return value
     if not value.isdigit() or not 1 <= int(value) <= 1024:
-        raise _fail("worker_processes", value, "must be auto or a whole number from 1 to 1024")
+        raise read.fail("worker_processes", value, "must be auto or a whole number from 1 to 1024")
     return str(int(value))
 
 
@@ -222,8 +165,13 @@ def _rlimit_for(worker_connections: int, is_root: bool) -> int:
     return wanted if wanted > soft else 0
 
 
+def _time(read: OptionReader, name: str, default: str, *, positive: bool = True) -> str:
+    return read.duration(name, default, _TIME_RE, "nginx's", positive)
+
+
 def parse_settings(options: Mapping[str, Any], *, is_root: bool | None = None) -> Settings:
     """Check every option; raise ``PluginError`` naming the first bad one and its rule."""
+    read = OptionReader("nginx", options)
     known = {o.name for o in OPTIONS}
     unknown = sorted(set(options) - known)
     if unknown:
@@ -231,35 +179,35 @@ def parse_settings(options: Mapping[str, Any], *, is_root: bool | None = None) -
             f"unknown nginx option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
         )
     root = os.geteuid() == 0 if is_root is None else is_root
-    binary = _text(options, "binary", "nginx")
+    binary = read.text("binary", "nginx")
     if not binary:
-        raise _fail("binary", binary, "must name the nginx executable")
-    template_dir = _text(options, "template_dir", "")
+        raise read.fail("binary", binary, "must name the nginx executable")
+    template_dir = read.text("template_dir", "")
     if template_dir and not Path(template_dir).is_dir():
-        raise _fail("template_dir", template_dir, "is not a directory")
-    user, group = _user(options, root)
-    worker_connections = _number(options, "worker_connections", 4096, 16, 1_000_000)
+        raise read.fail("template_dir", template_dir, "is not a directory")
+    user, group = _user(read, root)
+    worker_connections = read.number("worker_connections", 4096, 16, 1_000_000)
     return Settings(
         binary=binary,
-        bind=_address(options, "bind", ""),
-        status_bind=_address(options, "status_bind", "127.0.0.1"),
-        status_port=_number(options, "status_port", 1937, 0, 65535),
+        bind=read.address("bind", ""),
+        status_bind=read.address("status_bind", "127.0.0.1"),
+        status_port=read.number("status_port", 1937, 0, 65535),
         template_dir=template_dir,
         user=user,
         group=group,
-        max_fails=_number(options, "max_fails", 1, 0, 1000),
-        fail_timeout=_time(options, "fail_timeout", "5s"),
-        connect_timeout=_time(options, "connect_timeout", "1s"),
-        next_upstream_tries=_number(options, "next_upstream_tries", 3, 0, 100),
-        proxy_timeout=_time(options, "proxy_timeout", "30s"),
-        client_timeout=_time(options, "client_timeout", "30s"),
-        keepalive_timeout=_time(options, "keepalive_timeout", "60s", positive=False),
-        upstream_keepalive=_number(options, "upstream_keepalive", 16, 0, 100_000),
-        worker_processes=_workers(options),
+        max_fails=read.number("max_fails", 1, 0, 1000),
+        fail_timeout=_time(read, "fail_timeout", "5s"),
+        connect_timeout=_time(read, "connect_timeout", "1s"),
+        next_upstream_tries=read.number("next_upstream_tries", 3, 0, 100),
+        proxy_timeout=_time(read, "proxy_timeout", "30s"),
+        client_timeout=_time(read, "client_timeout", "30s"),
+        keepalive_timeout=_time(read, "keepalive_timeout", "60s", positive=False),
+        upstream_keepalive=read.number("upstream_keepalive", 16, 0, 100_000),
+        worker_processes=_workers(read),
         worker_connections=worker_connections,
-        reload_interval=_seconds(options, "reload_interval", 1.0, 3600.0),
-        drain_timeout=_time(options, "drain_timeout", "10s"),
-        stream_module=_path(options, "stream_module", DEFAULT_STREAM_MODULE),
+        reload_interval=read.seconds("reload_interval", 1.0, 3600.0),
+        drain_timeout=_time(read, "drain_timeout", "10s"),
+        stream_module=_path(read, "stream_module", DEFAULT_STREAM_MODULE),
         rlimit_nofile=_rlimit_for(worker_connections, root),
     )
 
