@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
+
+from discoverd.core.interfaces import PluginError
+
+#: Where a proxy's binary may live when a non-login PATH lacks the sbin directories.
+SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 
 
 def pid_alive(pid: int) -> bool:
@@ -20,3 +29,28 @@ def pid_alive(pid: int) -> bool:
         return True  # no procfs: trust kill(0)
     # The state follows the parenthesised command name, which may itself contain spaces.
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def find_executable(name: str, what: str, option: str) -> str:
+    """The path of executable ``name``: on PATH, else in the sbin directories (unless ``name``
+    is a path). ``PluginError`` naming ``what`` and the ``option`` to set when not found."""
+    found = shutil.which(name) or (
+        None if os.sep in name else shutil.which(name, path=os.pathsep.join(SBIN_DIRS))
+    )
+    if found is None:
+        raise PluginError(
+            f"{what} executable {name!r} not found (on PATH or in {', '.join(SBIN_DIRS)}); "
+            f"install {what} or set {option}"
+        )
+    return found
+
+
+@contextlib.contextmanager
+def directory_lock(directory: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``directory`` (its ``lock`` file), across processes too."""
+    with open(directory / "lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -37,21 +37,19 @@ one per ``reload_interval``.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from discoverd import PluginError, Proxy, ProxyConfigError, Service, Unavailable
-from discoverd.core.process import pid_alive
+from discoverd.core.process import directory_lock, find_executable, pid_alive
 from discoverd.plugins.haproxy import render as rendering
 from discoverd.plugins.haproxy.drain import Drain, Drainer
 from discoverd.plugins.haproxy.layout import (
@@ -79,7 +77,6 @@ from discoverd.plugins.haproxy.settings import Settings, check_state_dir, drain_
 
 log = logging.getLogger(__name__)
 
-_SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 _LOG_MAX_BYTES = 1 << 20
 # Generic trailers of `haproxy -c` that say nothing the lines before them do not.
 _GENERIC_ALERTS = ("Error(s) found in configuration file", "Fatal errors found in configuration")
@@ -463,28 +460,13 @@ class HAProxy(Proxy):
         if self.dir.stat().st_mode & 0o777 != 0o700:
             self.dir.chmod(0o700)
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
         """Serialise applies on this state directory, across processes too."""
-        with open(self.dir / "lock", "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        return directory_lock(self.dir)
 
     def _binary(self) -> str:
         if self._binary_path is None:
-            name = self.settings.binary
-            found = shutil.which(name) or (
-                None if os.sep in name else shutil.which(name, path=os.pathsep.join(_SBIN_DIRS))
-            )
-            if found is None:
-                raise PluginError(
-                    f"haproxy executable {name!r} not found (on PATH or in "
-                    f"{', '.join(_SBIN_DIRS)}); install HAProxy or set haproxy.binary"
-                )
-            self._binary_path = found
+            self._binary_path = find_executable(self.settings.binary, "haproxy", "haproxy.binary")
         return self._binary_path
 
     def _is_ours(self, pid: int) -> bool:

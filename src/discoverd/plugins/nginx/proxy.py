@@ -25,20 +25,18 @@ configuration, and the previous file is put back, so the file on disk always is 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from discoverd import PluginError, Proxy, ProxyConfigError, Service, Unavailable
-from discoverd.core.process import pid_alive
+from discoverd.core.process import directory_lock, find_executable, pid_alive
 from discoverd.plugins.nginx import render as rendering
 from discoverd.plugins.nginx.runtime import (
     SERIOUS,
@@ -57,7 +55,6 @@ from discoverd.plugins.nginx.settings import Settings, check_state_dir
 
 log = logging.getLogger(__name__)
 
-_SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 _LOG_MAX_BYTES = 1 << 20
 _STUB_STATUS_FLAG = "--with-http_stub_status_module"
 
@@ -280,28 +277,13 @@ class NginxProxy(Proxy):
             if path.stat().st_mode & 0o777 != mode:
                 path.chmod(mode)
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
         """Serialise applies on this state directory, across processes too."""
-        with open(self.dir / "lock", "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        return directory_lock(self.dir)
 
     def _binary(self) -> str:
         if self._binary_path is None:
-            name = self.settings.binary
-            found = shutil.which(name) or (
-                None if os.sep in name else shutil.which(name, path=os.pathsep.join(_SBIN_DIRS))
-            )
-            if found is None:
-                raise PluginError(
-                    f"nginx executable {name!r} not found (on PATH or in "
-                    f"{', '.join(_SBIN_DIRS)}); install nginx or set nginx.binary"
-                )
-            self._binary_path = found
+            self._binary_path = find_executable(self.settings.binary, "nginx", "nginx.binary")
         return self._binary_path
 
     def _is_ours(self, pid: int) -> bool:

@@ -1,0 +1,30 @@
+"""Process helpers the proxy plugins share: finding their binary, locking their state dir."""
+
+from __future__ import annotations
+
+import fcntl
+from pathlib import Path
+
+import pytest
+
+from discoverd import PluginError
+from discoverd.core.process import directory_lock, find_executable
+
+
+def test_find_executable_on_path_or_says_which_option_to_set() -> None:
+    assert Path(find_executable("sh", "sh", "demo.binary")).name == "sh"
+    with pytest.raises(
+        PluginError, match=r"demo executable 'no-such-tool-x' not found.*demo\.binary"
+    ):
+        find_executable("no-such-tool-x", "demo", "demo.binary")
+
+
+def test_directory_lock_is_exclusive_while_held(tmp_path: Path) -> None:
+    with (
+        directory_lock(tmp_path),
+        open(tmp_path / "lock", "a") as other,
+        pytest.raises(BlockingIOError),
+    ):
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with open(tmp_path / "lock", "a") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released afterwards
