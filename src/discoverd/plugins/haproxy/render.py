@@ -27,7 +27,9 @@ from jinja2 import meta, nodes
 from jinja2.runtime import Context
 from jinja2.visitor import NodeTransformer
 
-from discoverd import PluginError, Service, ServiceInstance, template_environment
+from discoverd import PluginError, Service, ServiceInstance
+from discoverd.core.templating import load_template as core_load_template
+from discoverd.core.templating import plugin_environment
 from discoverd.plugins.haproxy.layout import Layout, Piece, join_pieces, parse_layout, parse_piece
 from discoverd.plugins.haproxy.settings import Settings
 
@@ -111,23 +113,13 @@ def _quote(value: object) -> str:
 
 def environment(template_dir: str) -> jinja2.Environment:
     """The template environment: user templates first, shipped ones next (``default:``)."""
-    try:
-        env = template_environment(PACKAGE, template_dir or None)
-    except FileNotFoundError as exc:
-        raise PluginError(f"haproxy option template_dir: {exc}") from None
-    # Set before any template is compiled: finalize is applied at compile time.
-    env.finalize = _checked
-    env.filters["quote"] = _quote
-    return env
+    return plugin_environment(
+        "haproxy", PACKAGE, template_dir, finalize=_checked, filters={"quote": _quote}
+    )
 
 
 def load_template(env: jinja2.Environment) -> jinja2.Template:
-    try:
-        return env.get_template(TEMPLATE)
-    except jinja2.TemplateError as exc:
-        where = f" (line {exc.lineno})" if isinstance(exc, jinja2.TemplateSyntaxError) else ""
-        name = getattr(exc, "name", None) or TEMPLATE
-        raise PluginError(f"HAProxy template {name}{where}: {exc.message}") from None
+    return core_load_template(env, TEMPLATE, "HAProxy")
 
 
 def _instance_view(instance: ServiceInstance) -> InstanceView:

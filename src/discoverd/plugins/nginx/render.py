@@ -16,8 +16,10 @@ from typing import Any
 
 import jinja2
 
-from discoverd import PluginError, Service, ServiceInstance, ValidationError, template_environment
+from discoverd import PluginError, Service, ServiceInstance, ValidationError
 from discoverd.core.model import check_address, check_port, check_service_name
+from discoverd.core.templating import load_template as core_load_template
+from discoverd.core.templating import plugin_environment
 from discoverd.plugins.nginx.settings import Settings
 
 TEMPLATE = "nginx.conf.j2"
@@ -103,23 +105,13 @@ def _quote(value: object) -> Quoted:
 
 def environment(template_dir: str) -> jinja2.Environment:
     """The template environment: user templates first, shipped ones next (``default:``)."""
-    try:
-        env = template_environment(PACKAGE, template_dir or None)
-    except FileNotFoundError as exc:
-        raise PluginError(f"nginx option template_dir: {exc}") from None
-    # Set before any template is compiled: finalize is applied at compile time.
-    env.finalize = _checked
-    env.filters["quote"] = _quote
-    return env
+    return plugin_environment(
+        "nginx", PACKAGE, template_dir, finalize=_checked, filters={"quote": _quote}
+    )
 
 
 def load_template(env: jinja2.Environment) -> jinja2.Template:
-    try:
-        return env.get_template(TEMPLATE)
-    except jinja2.TemplateError as exc:
-        where = f" (line {exc.lineno})" if isinstance(exc, jinja2.TemplateSyntaxError) else ""
-        name = getattr(exc, "name", None) or TEMPLATE
-        raise PluginError(f"nginx template {name}{where}: {exc.message}") from None
+    return core_load_template(env, TEMPLATE, "nginx")
 
 
 def _recheck(service: Service) -> None:
