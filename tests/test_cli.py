@@ -170,6 +170,11 @@ def test_check_shipped_example() -> None:
         ("[haproxy]\ncheck_interval = 'abc'\n", ["bad.toml", "check_interval", "'abc'"]),
         ("[etcd]\nttl = 0\n", ["bad.toml", "ttl"]),
         ("[etcd]\nendpoints = ['ftp://x:1']\n", ["bad.toml", "ftp://x:1"]),
+        # Consul and nginx chosen in the file, each with its own section, checked the same way.
+        ("registry = 'consul'\n[consul]\nttl = 'x'\n", ["bad.toml", "'consul.ttl'"]),
+        ("registry = 'consul'\n[consul]\nderegister_after = 5\n", ["bad.toml", "deregister_after"]),
+        ("proxy = 'nginx'\n[nginx]\nstatus_port = 70000\n", ["bad.toml", "status_port"]),
+        ("proxy = 'nginx'\n[nginx]\nworker_processes = 'many'\n", ["bad.toml", "worker_processes"]),
     ],
 )
 def test_check_bad_file(tmp_path: Path, text: str, fragments: list[str]) -> None:
@@ -178,6 +183,17 @@ def test_check_bad_file(tmp_path: Path, text: str, fragments: list[str]) -> None
     line = one_line_error(discoverd("check", str(path)), 2)
     for fragment in fragments:
         assert fragment in line
+
+
+def test_check_a_consul_and_nginx_deployment(tmp_path: Path) -> None:
+    path = tmp_path / "site.toml"
+    path.write_text(
+        "registry = 'consul'\nproxy = 'nginx'\n[consul]\naddress = '127.0.0.1:8500'\n"
+        "ttl = 10\n[nginx]\nstatus_port = 1937\nreload_interval = 1.0\n"
+    )
+    result = discoverd("check", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "registry consul, proxy nginx" in result.stdout
 
 
 def test_run_with_a_broken_config_exits_2(tmp_path: Path) -> None:
