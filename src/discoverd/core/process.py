@@ -6,10 +6,11 @@ import contextlib
 import fcntl
 import os
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-from discoverd.core.interfaces import PluginError
+from discoverd.core.interfaces import PluginError, Unavailable
 
 #: Where a proxy's binary may live when a non-login PATH lacks the sbin directories.
 SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
@@ -54,3 +55,24 @@ def directory_lock(directory: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def run_check_command(
+    argv: list[str], timeout: float, label: str
+) -> subprocess.CompletedProcess[str]:
+    """Run a proxy's configuration checker (``haproxy -c``, ``nginx -t``) and return what it
+    printed. A checker that hangs is ``Unavailable`` (``label`` names it in the message); one
+    that cannot be started is a ``PluginError``."""
+    try:
+        return subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise Unavailable(f"'{label}' did not finish within {timeout:g}s") from None
+    except OSError as exc:
+        raise PluginError(f"cannot run {argv[0]}: {exc}") from None

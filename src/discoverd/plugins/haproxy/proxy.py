@@ -49,7 +49,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from discoverd import PluginError, Proxy, ProxyConfigError, Service, Unavailable
-from discoverd.core.process import directory_lock, find_executable, pid_alive
+from discoverd.core.process import (
+    directory_lock,
+    find_executable,
+    pid_alive,
+    run_check_command,
+)
 from discoverd.plugins.haproxy import render as rendering
 from discoverd.plugins.haproxy.drain import Drain, Drainer
 from discoverd.plugins.haproxy.layout import (
@@ -179,21 +184,7 @@ class HAProxy(Proxy):
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 handle.write(config)
-            try:
-                done = subprocess.run(
-                    [binary, "-c", "-f", name],
-                    stdin=subprocess.DEVNULL,
-                    capture_output=True,
-                    text=True,
-                    timeout=self.check_timeout,
-                    check=False,
-                )
-            except subprocess.TimeoutExpired:
-                raise Unavailable(
-                    f"'{binary} -c' did not finish within {self.check_timeout:g}s"
-                ) from None
-            except OSError as exc:
-                raise PluginError(f"cannot run {binary}: {exc}") from None
+            done = run_check_command([binary, "-c", "-f", name], self.check_timeout, f"{binary} -c")
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(name)

@@ -35,8 +35,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from discoverd import PluginError, Proxy, ProxyConfigError, Service, Unavailable
-from discoverd.core.process import directory_lock, find_executable, pid_alive
+from discoverd import PluginError, Proxy, ProxyConfigError, Service
+from discoverd.core.process import (
+    directory_lock,
+    find_executable,
+    pid_alive,
+    run_check_command,
+)
 from discoverd.plugins.nginx import render as rendering
 from discoverd.plugins.nginx.runtime import (
     SERIOUS,
@@ -188,21 +193,7 @@ class NginxProxy(Proxy):
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 handle.write(config)
             argv = [binary, "-t", "-q", "-p", f"{self.check_dir}/", "-c", name, "-e", "stderr"]
-            try:
-                done = subprocess.run(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    capture_output=True,
-                    text=True,
-                    timeout=self.check_timeout,
-                    check=False,
-                )
-            except subprocess.TimeoutExpired:
-                raise Unavailable(
-                    f"'{binary} -t' did not finish within {self.check_timeout:g}s"
-                ) from None
-            except OSError as exc:
-                raise PluginError(f"cannot run {binary}: {exc}") from None
+            done = run_check_command(argv, self.check_timeout, f"{binary} -t")
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(name)
