@@ -44,7 +44,7 @@ from bench.stack import (
     wait_answer,
     whoami_labels,
 )
-from discoverd.testing.services import free_port, require_binary
+from tests.support.services import free_port, require_binary
 
 _APPLY_RE = re.compile(r"discover: (\S+) (\S+) \(\d+ services, \d+ instances\)")
 

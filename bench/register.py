@@ -34,7 +34,7 @@ from bench.stack import (
     rss_kib,
     runs_of,
 )
-from discoverd.plugins.etcd.layout import Layout
+from discoverd.plugins.etcd.keys import KeyScheme
 
 _WRITES = (
     "etcd_mvcc_put_total",
@@ -76,7 +76,7 @@ def main() -> int:
         print(
             f"{args.containers} containers started in {time.monotonic() - begin:.0f} s", flush=True
         )
-        meta = Layout().meta_prefix + "/"
+        meta = KeyScheme().meta_prefix + "/"
         agent = stack.agent("register")
         deadline = agent.started + 300
         while (count := etcd_count(stack.etcd, meta)) < args.containers:

@@ -2,8 +2,8 @@
 
     .venv/bin/python -m bench.scale [--services 1000] [--instances 10] [--json OUT]
 
-Writes the registry straight into etcd in discoverd's key layout (the etcd plugin's `Layout` and
-metadata encoding, instances spread over a few fake hosts; addresses 127.0.X.Y where nothing
+Writes the registry straight into etcd in discoverd's key layout (the etcd plugin's `KeyScheme`
+and metadata encoding, instances spread over a few fake hosts; addresses 127.0.X.Y where nothing
 listens, so HAProxy's health checks mark them down; frontend ports from `--port-base`, 20000).
 Then measures, for `discoverd discover`:
 
@@ -41,7 +41,7 @@ from bench.stack import (
     runs_of,
 )
 from discoverd import ServiceInstance
-from discoverd.plugins.etcd.layout import Layout, encode_metadata
+from discoverd.plugins.etcd.keys import KeyScheme, encode_metadata
 
 HOSTS = ("bench-host-1", "bench-host-2", "bench-host-3", "bench-host-4", "bench-host-5")
 
@@ -56,7 +56,7 @@ def address(index: int) -> str:
 
 def registry_items(services: int, instances: int, port_base: int) -> list[tuple[str, str]]:
     """Every key of the fake registry, in the etcd plugin's layout."""
-    layout = Layout()
+    layout = KeyScheme()
     items: list[tuple[str, str]] = []
     for s in range(services):
         name = service_name(s)
@@ -120,7 +120,7 @@ def measure(stack: Stack, args: argparse.Namespace, runs: int, report: Report) -
         )
     )
 
-    layout = Layout()
+    layout = KeyScheme()
     samples: list[float] = []
     for n in range(runs):
         time.sleep(1.0)

@@ -33,7 +33,7 @@ from bench.stack import (
     wait_answer,
     whoami_labels,
 )
-from discoverd.testing.services import free_port
+from tests.support.services import free_port
 
 
 def measure(

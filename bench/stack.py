@@ -1,7 +1,7 @@
 """What the benchmarks share: the stack they run against, probes, figures and their report.
 
 :class:`Stack` starts a private etcd and, when asked, a private Docker daemon on its own Linux
-bridge (both from :mod:`discoverd.testing.services`), and runs discoverd as a real subprocess
+bridge (both from :mod:`tests.support.services`), and runs discoverd as a real subprocess
 (``python -m discoverd``) configured by flags and ``--set``. :meth:`Stack.close` ends everything
 it started -- the agents, the proxies they left running, the containers, the daemon, etcd, the
 bridge -- also after Ctrl-C or SIGTERM (:func:`main_guard` turns SIGTERM into
@@ -40,7 +40,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from discoverd.testing.services import (
+from tests.support.services import (
     WHOAMI_IMAGE,
     DockerDaemon,
     Etcd,
@@ -531,7 +531,7 @@ class Stack:
         threads: int = 8,
     ) -> list[Container]:
         """Run ``count`` whoami containers (port 8000 published on 127.0.0.1) in parallel."""
-        from discoverd.testing.services import run_whoami
+        from tests.support.services import run_whoami
 
         def one(index: int) -> Container:
             wanted = labels(index) if callable(labels) else labels
@@ -599,7 +599,7 @@ def graceful_whoami_command() -> list[str]:
     """The whoami backend as a well-behaved application stops: on TERM it stops accepting
     (httpd, the listener, exits) while the requests in flight finish (busybox httpd serves each
     connection in a child of its own), and the container exits 0.3 s later. The default whoami
-    (`discoverd.testing.services`) exits at once on TERM and cuts its responses mid-body, which
+    (`tests.support.services`) exits at once on TERM and cuts its responses mid-body, which
     no proxy can repair."""
     return [
         "/bin/sh",

@@ -29,7 +29,7 @@ from bench.stack import (
     wait_answer,
     whoami_labels,
 )
-from discoverd.testing.services import free_port
+from tests.support.services import free_port
 
 
 def measure(stack: Stack, runs: int, mode: str, report: Report) -> Figure:

@@ -1,7 +1,9 @@
 """The seed's walkthrough on one host: etcd, a Docker daemon, whoami containers, discoverd.
 
-Run through ``scripts/demo.sh`` (which installs what is missing first). Everything listens on
-127.0.0.1: whoami on the frontend :8000, HAProxy's stats page on :1936.
+Run through ``scripts/demo.sh`` (which installs what is missing first), or as
+``python -m scripts.demo`` from the repository root (the service launchers it uses live in
+``tests/support``). Everything listens on 127.0.0.1: whoami on the frontend :8000, HAProxy's
+stats page on :1936.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from discoverd.testing.services import (
+from tests.support.services import (
     DockerDaemon,
     Etcd,
     ensure_images,

@@ -5,4 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
-exec .venv/bin/python scripts/demo.py "$@"
+# As a module from the repository root: the launchers live in tests/support, not in the package.
+exec .venv/bin/python -m scripts.demo "$@"

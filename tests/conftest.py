@@ -1,9 +1,11 @@
 """Shared fixtures: real Docker daemons, etcd and HAProxy for discoverd's tests.
 
-The services are the real ones, started by :mod:`discoverd.testing.services`. When a binary is
+The services are the real ones, started by :mod:`tests.support.services`. When a binary is
 missing or a service does not come up, the tests that need it are skipped with a hint to run
 ``scripts/install-deps.sh`` -- unless ``DISCOVERD_REQUIRE_SERVICES=1`` or ``CI`` is set (as
-``.ci/run`` does), where they fail loudly instead. A banner at the end counts any skipped test.
+``.ci/run`` does), where they fail loudly instead: the policy of the conformance kit's pytest
+plugin, which this suite loads as any plugin's tests would (``pytest_plugins`` below). A banner
+at the end counts any skipped test.
 
 Two Docker "hosts" run side by side: ``docker_daemon`` and ``docker_daemon2``. Each gets its own
 Linux bridge and subnet, unique to this pytest process: two daemons on one bridge (``docker0``
@@ -28,13 +30,18 @@ import docker
 import docker.errors
 import pytest
 
-from discoverd.testing.services import (
+from discoverd.testing.pytest_plugin import service_unavailable as kit_service_unavailable
+from tests.support.services import (
     DockerDaemon,
     Etcd,
     ServiceUnavailable,
     ensure_images,
     require_binary,
 )
+
+# The kit's fixtures (discoverd_free_port, discoverd_require_binary, ...), its marker and its
+# report of skipped contract checks: the opt-in a third-party plugin's conftest.py makes too.
+pytest_plugins = ["discoverd.testing"]
 
 _INSTALL_HINT = "run scripts/install-deps.sh (as root) to install Docker, etcd and HAProxy"
 
@@ -44,25 +51,11 @@ _BRIDGE_NUMBERS = itertools.count()
 _SUBNETS_TAKEN: set[int] = set()
 
 
-def services_required() -> bool:
-    """True when a missing service must fail the run instead of skipping tests."""
-    if os.environ.get("DISCOVERD_REQUIRE_SERVICES", "") not in ("", "0"):
-        return True
-    return os.environ.get("CI", "").lower() not in ("", "0", "false")
-
-
 def service_unavailable(reason: str) -> NoReturn:
-    """Fail (DISCOVERD_REQUIRE_SERVICES=1 or CI set) or skip the current test."""
-    if services_required():
-        pytest.fail(
-            "\n" + "!" * 78 + "\n"
-            f"REQUIRED SERVICE UNAVAILABLE: {reason}\n"
-            "DISCOVERD_REQUIRE_SERVICES=1 or CI is set, so this is a failure, not a skip.\n"
-            f"Fix: {_INSTALL_HINT}.\n" + "!" * 78,
-            pytrace=False,
-        )
+    """Fail (DISCOVERD_REQUIRE_SERVICES=1 or CI set) or skip the current test: the kit's
+    :func:`~discoverd.testing.pytest_plugin.service_unavailable`, with how to fix it here."""
     hint = "" if "install-deps.sh" in reason else f"; {_INSTALL_HINT}"
-    pytest.skip(f"service unavailable: {reason}{hint}")
+    kit_service_unavailable(f"{reason}{hint}")
 
 
 def _need_binaries(*names: str) -> list[str]:

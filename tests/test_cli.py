@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from discoverd.core.manager import get_plugin_manager
-from discoverd.testing.services import Etcd, free_port
 from tests.plugins.jsonfile.packaging import install_package, write_package
+from tests.support.services import Etcd, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,7 +73,7 @@ def test_plugins_table_and_json() -> None:
     assert by_name["etcd"]["registries"] == ["etcd"]
     assert by_name["haproxy"]["proxies"] == ["haproxy"]
     assert by_name["haproxy"]["version"] == version and by_name["haproxy"]["error"] is None
-    backends = {(b["kind"], b["name"]): b for b in data["backends"]}
+    backends = {(b["kind"], b["name"]): b for b in data["components"]}
     assert backends[("registry", "etcd")]["distribution"] == "discoverd"
     assert backends[("registry", "etcd")]["description"] == rows[("registry", "etcd")][5]
 

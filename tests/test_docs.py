@@ -19,9 +19,9 @@ GUIDE = DOCS / "plugins.md"
 INTERFACES: tuple[type, ...] = (Source, Registry, Proxy)
 #: Other public names a plugin author meets, each needing a heading or a list entry.
 REFERENCE_NAMES = (
-    "SourcePlugin", "RegistryPlugin", "ProxyPlugin", "Option", "PluginContext", "HostInfo",
+    "SourcePlugin", "RegistryPlugin", "ProxyPlugin", "option", "PluginContext", "HostInfo",
     "PluginError", "Unavailable", "ProxyConfigError", "ValidationError", "ServiceInstance",
-    "Service", "Catalog", "SourceSnapshot", "Problem", "Notify",
+    "Service", "Catalog", "SourceSnapshot", "Problem", "Notify", "ConfigError", "OptionError",
 )  # fmt: skip
 
 CODE = re.compile(r"`([^`]+)`")
@@ -189,3 +189,16 @@ def test_the_guide_links_the_kit_and_the_tutorial() -> None:
     assert "(conformance.md)" in text
     assert "(tutorial-plugin.md)" in text and (DOCS / "tutorial-plugin.md").is_file()
     assert "[project.entry-points.discoverd]" in text
+
+
+def test_the_options_reference_is_current() -> None:
+    """docs/options.md is derived from the configuration classes; regenerate it with
+    ``python -m discoverd.core.reference > docs/options.md``."""
+    from discoverd.core.reference import builtin_schemas, options_reference
+
+    expected = options_reference(builtin_schemas())
+    assert (DOCS / "options.md").read_text() == expected, (
+        "docs/options.md is out of date: python -m discoverd.core.reference > docs/options.md"
+    )
+    for name in ("docker", "etcd", "consul", "haproxy", "nginx"):
+        assert f"## `[{name}]`" in expected

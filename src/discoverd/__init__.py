@@ -1,51 +1,70 @@
 """discoverd: service discovery for Docker hosts, built from plugins.
 
-Plugin authors import everything they need from here::
+The public API for plugin authors is this package's root, ``discoverd.proxykit`` (what proxy
+plugins share) and ``discoverd.testing`` (the conformance kit)::
 
-    from discoverd import hookimpl, RegistryPlugin, Registry, ServiceInstance
+    from discoverd import hookimpl, option, RegistryPlugin, Registry, ServiceInstance
+
+Everything else (``discoverd.core.*``, the built-in plugins) may change between releases.
 """
 
-from discoverd.core.health import format_seconds, parse_duration
+from discoverd.core import validators
+from discoverd.core.durations import format_seconds, parse_duration
+from discoverd.core.errors import (
+    ConfigError,
+    OptionError,
+    PluginError,
+    ProxyConfigError,
+    Unavailable,
+    ValidationError,
+    exception_chain,
+)
 from discoverd.core.hookspecs import hookimpl, hookspec
 from discoverd.core.interfaces import (
     CheckTarget,
-    HostInfo,
     Notify,
-    Option,
     PluginContext,
-    PluginError,
     Proxy,
-    ProxyConfigError,
     ProxyPlugin,
     Registry,
     RegistryPlugin,
     Source,
     SourcePlugin,
-    Unavailable,
 )
 from discoverd.core.metadata import ContainerSpec, PortBinding, instances_for, parse_env
 from discoverd.core.model import (
+    INSTANCE_ID_RE,
+    SERVICE_NAME_RE,
+    TAG_RE,
     Catalog,
+    HostInfo,
     Problem,
     Service,
     ServiceInstance,
     SourceSnapshot,
-    ValidationError,
+    check_address,
+    check_meta,
+    check_port,
+    check_service_name,
+    check_tag,
     parse_endpoint,
 )
-from discoverd.core.options import OptionReader
-from discoverd.core.templating import template_environment
-
-__version__ = "0.1.0"
+from discoverd.core.schema import NoOptions, OptionInfo, build_config, option, options_of
+from discoverd.version import __version__
 
 __all__ = [
+    "INSTANCE_ID_RE",
+    "SERVICE_NAME_RE",
+    "TAG_RE",
     "Catalog",
     "CheckTarget",
+    "ConfigError",
     "ContainerSpec",
     "HostInfo",
+    "NoOptions",
     "Notify",
-    "Option",
-    "OptionReader",
+    "OptionError",
+    "OptionInfo",
     "PluginContext",
     "PluginError",
     "PortBinding",
@@ -63,12 +82,21 @@ __all__ = [
     "Unavailable",
     "ValidationError",
     "__version__",
+    "build_config",
+    "check_address",
+    "check_meta",
+    "check_port",
+    "check_service_name",
+    "check_tag",
+    "exception_chain",
     "format_seconds",
     "hookimpl",
     "hookspec",
     "instances_for",
+    "option",
+    "options_of",
     "parse_duration",
     "parse_endpoint",
     "parse_env",
-    "template_environment",
+    "validators",
 ]

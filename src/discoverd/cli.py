@@ -28,14 +28,15 @@ def fail(message: str, code: int = 2) -> NoReturn:
 @contextmanager
 def operator_errors() -> Iterator[None]:
     """Turn the errors meant for the operator into one line and an exit status, no traceback."""
-    from discoverd.core.config import ConfigError
-    from discoverd.core.interfaces import PluginError, Unavailable
-    from discoverd.core.manager import (
+    from discoverd.core.errors import (
         BrokenPluginError,
+        ConfigError,
+        PluginError,
         PluginLoadError,
+        Unavailable,
         UnknownPluginError,
-        deferred_plugin_warnings,
     )
+    from discoverd.core.manager import deferred_plugin_warnings
 
     try:
         # A plugin that failed to import is one warning line, unless this command selects it:
@@ -132,9 +133,9 @@ def _merge(ctx: click.Context, kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def load(params: dict[str, Any]) -> tuple[Settings, PluginManager]:
+    from discoverd.core.agent import plugin_schemas
     from discoverd.core.config import load_settings
     from discoverd.core.manager import get_plugin_manager
-    from discoverd.core.runtime import plugin_schemas
 
     manager = get_plugin_manager()
     settings = load_settings(
@@ -147,11 +148,11 @@ def load(params: dict[str, Any]) -> tuple[Settings, PluginManager]:
 
 
 def _run_roles(params: dict[str, Any], roles: tuple[str, ...]) -> None:
-    from discoverd.core.runtime import Agent, configure_logging
+    from discoverd.core.agent import Agent, configure_logging
 
     with operator_errors():
         settings, manager = load(params)
-        configure_logging(settings["log_level"])
+        configure_logging(settings.core.log_level)
         agent = Agent(settings, manager, roles=roles)
         agent.build()
     sys.exit(agent.run())
@@ -198,8 +199,8 @@ def discover(ctx: click.Context, /, **kwargs: Any) -> None:
 
 def _assignment(params: dict[str, Any], with_proxy: bool) -> tuple[Any, Any]:
     """Read the registry once and group it into services, as the discover role would."""
-    from discoverd.core.runtime import make_proxy, make_registry
-    from discoverd.core.services import build_services
+    from discoverd.core.agent import make_proxy, make_registry
+    from discoverd.core.assignment import build_services
 
     settings, manager = load(params)
     proxy = make_proxy(manager, settings, create=False) if with_proxy else None
@@ -210,7 +211,7 @@ def _assignment(params: dict[str, Any], with_proxy: bool) -> tuple[Any, Any]:
         registry.close()
     assignment = build_services(
         catalog,
-        default_mode=settings["default_mode"],
+        default_mode=settings.core.default_mode,
         reserved_ports=proxy.reserved_ports() if proxy is not None else (),
     )
     for problem in assignment.problems:
@@ -281,10 +282,10 @@ def plugins(as_json: bool) -> None:
 
     with operator_errors():
         manager = get_plugin_manager()
-    backends = manager.backends()
+    components = manager.components()
     if as_json:
         data = {
-            "backends": [b.as_dict() for b in backends],
+            "components": [c.as_dict() for c in components],
             "plugins": sorted(
                 [i.as_dict() for i in manager.infos] + [b.as_dict() for b in manager.broken],
                 key=lambda p: str(p["name"]),
@@ -293,11 +294,11 @@ def plugins(as_json: bool) -> None:
         click.echo(json.dumps(data, indent=2))
         return
     table = [("KIND", "NAME", "DISTRIBUTION", "VERSION", "PLUGIN", "DESCRIPTION")]
-    for b in backends:
+    for c in components:
         table.append(
-            (b.kind, b.name, b.distribution or "-", b.version or "-", b.plugin, b.description)
+            (c.kind, c.name, c.distribution or "-", c.version or "-", c.plugin, c.description)
         )
-    providing = {b.plugin for b in backends}
+    providing = {c.plugin for c in components}
     for info in manager.infos:  # plugins that only observe (or provide nothing)
         if info.name not in providing:
             what = f"hooks: {', '.join(info.hooks)}" if info.hooks else "provides nothing"
@@ -314,28 +315,29 @@ def plugins(as_json: bool) -> None:
 @click.argument("file", type=click.Path(path_type=Path))
 def check(file: Path) -> None:
     """Validate a config file: syntax, keys, value types and plugin names."""
+    from discoverd.core.agent import make_proxy, make_registry, make_source, plugin_schemas
     from discoverd.core.config import load_settings
-    from discoverd.core.interfaces import PluginError
+    from discoverd.core.errors import PluginError
     from discoverd.core.manager import get_plugin_manager
-    from discoverd.core.runtime import make_proxy, make_registry, make_source, plugin_schemas
 
     with operator_errors():
         manager = get_plugin_manager()
         settings = load_settings(plugin_schemas(manager), config_file=file, env={})
-        manager.source(settings["source"])
-        manager.registry(settings["registry"])
-        manager.proxy(settings["proxy"])
-        # The plugins' own checks of their values (their factories connect to nothing).
+        core = settings.core
+        manager.source(core.source)
+        manager.registry(core.registry)
+        manager.proxy(core.proxy)
+        # Every section the file sets is checked against its plugin's rules, used or not.
+        for section in sorted({sect for sect, _ in settings.origins if sect}):
+            settings.config_for(section)
+        # The plugins' own checks (their factories connect to nothing).
         for make in (make_source, make_registry, make_proxy):
             try:
                 built: Any = make(manager, settings, create=False)
             except PluginError as exc:
                 raise PluginError(f"config file {file}: {exc}") from None
             built.close()
-    click.echo(
-        f"{file}: ok (source {settings['source']}, registry {settings['registry']}, "
-        f"proxy {settings['proxy']})"
-    )
+    click.echo(f"{file}: ok (source {core.source}, registry {core.registry}, proxy {core.proxy})")
 
 
 def main() -> None:

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from discoverd import HostInfo, PluginContext, Registry
-from discoverd.plugins.consul import OPTIONS, make_registry
+from discoverd import HostInfo, PluginContext, Registry, build_config
+from discoverd.plugins.consul import make_registry
+from discoverd.plugins.consul.config import ConsulConfig
 from discoverd.testing.conformance import BadEntryWriter, RegistryContract, RegistryFactory
-from discoverd.testing.consul import Consul
-from discoverd.testing.services import ServiceUnavailable, require_binary
 from tests.conftest import service_unavailable
+from tests.support.consul import Consul
+from tests.support.services import ServiceUnavailable, require_binary
 
 
 class ConsulServer:
@@ -63,9 +64,9 @@ class TestConsulRegistry(RegistryContract):
         address = registry_server.agent.address
 
         def build(*, host: HostInfo, ttl: int) -> Registry:
-            options = {option.name: option.default for option in OPTIONS}
-            options.update(address=address, ttl=ttl, timeout=3.0)
-            return make_registry(PluginContext(options=options, host=host, state_dir=tmp_path))
+            values = {"address": address, "ttl": ttl, "timeout": 3.0}
+            config = build_config(ConsulConfig, values, section="consul")
+            return make_registry(PluginContext(config=config, host=host, state_dir=tmp_path))
 
         return build
 

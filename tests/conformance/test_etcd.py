@@ -10,10 +10,11 @@ import etcd3gw
 import pytest
 import requests
 
-from discoverd import HostInfo, PluginContext, Registry
-from discoverd.plugins.etcd import OPTIONS, make_registry
+from discoverd import HostInfo, PluginContext, Registry, build_config
+from discoverd.plugins.etcd import make_registry
+from discoverd.plugins.etcd.config import EtcdConfig
 from discoverd.testing.conformance import BadEntryWriter, RegistryContract, RegistryFactory
-from discoverd.testing.services import Etcd
+from tests.support.services import Etcd
 
 
 class EtcdServer:
@@ -46,9 +47,9 @@ class TestEtcdRegistry(RegistryContract):
         endpoint = registry_server.etcd.endpoint
 
         def build(*, host: HostInfo, ttl: int) -> Registry:
-            options = {option.name: option.default for option in OPTIONS}
-            options.update(endpoints=[endpoint], ttl=ttl, timeout=3.0)
-            return make_registry(PluginContext(options=options, host=host, state_dir=tmp_path))
+            values = {"endpoints": [endpoint], "ttl": ttl, "timeout": 3.0}
+            config = build_config(EtcdConfig, values, section="etcd")
+            return make_registry(PluginContext(config=config, host=host, state_dir=tmp_path))
 
         return build
 

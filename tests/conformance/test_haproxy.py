@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 
-from discoverd import HostInfo, PluginContext, Proxy
+from discoverd import HostInfo, PluginContext, Proxy, build_config
 from discoverd.plugins.haproxy import make_proxy
+from discoverd.plugins.haproxy.config import HAProxyConfig
 from discoverd.testing.conformance import ProxyContract, ProxyFactory, fresh_port
 
 
@@ -93,7 +94,7 @@ class TestHAProxyProxy(ProxyContract):
 
         def build() -> Proxy:
             ctx = PluginContext(
-                options=options,
+                config=build_config(HAProxyConfig, options, section="haproxy"),
                 host=HostInfo(ip="127.0.0.1", id="kit-host-1"),
                 state_dir=haproxy_state,
             )

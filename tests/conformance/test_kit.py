@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -36,6 +36,8 @@ from discoverd import (
     Registry,
     Service,
     ServiceInstance,
+    Source,
+    SourceSnapshot,
     Unavailable,
     ValidationError,
 )
@@ -45,6 +47,8 @@ from discoverd.testing.conformance import (
     ProxyFactory,
     RegistryContract,
     RegistryFactory,
+    SourceContract,
+    SourceFactory,
     fresh_port,
 )
 
@@ -62,6 +66,7 @@ class MemoryServer:
         self.up = True
         self.revision = 1
         self.entries: dict[tuple[str, str], tuple[str, int]] = {}  # -> (raw value, lease)
+        self.changes: list[tuple[int, str | None]] = []  # (revision, service or None: unknown)
         self.leases: dict[int, tuple[float, float]] = {}  # lease -> (expiry, ttl)
         self._next_lease = 1
 
@@ -96,14 +101,22 @@ class MemoryServer:
             return
         for lease in dead:
             del self.leases[lease]
-        for key, (_, lease) in list(self.entries.items()):
-            if lease in dead:
-                del self.entries[key]
-        self.bump()
+        gone = {key for key, (_, lease) in self.entries.items() if lease in dead}
+        for key in gone:
+            del self.entries[key]
+        self.bump(*(service for service, _ in gone))
 
-    def bump(self) -> None:
+    def bump(self, *services: str) -> None:
+        """A new revision; ``services`` changed in it (none named: unknown)."""
         self.revision += 1
+        for service in services or (None,):
+            self.changes.append((self.revision, service))
         self.cond.notify_all()
+
+    def changed_since(self, revision: int) -> frozenset[str] | None:
+        """The services changed after ``revision``; ``None`` when one change is unknown."""
+        named = {service for rev, service in self.changes if rev > revision}
+        return None if None in named else frozenset(s for s in named if s is not None)
 
     def grant(self, ttl: float) -> int:
         lease, self._next_lease = self._next_lease, self._next_lease + 1
@@ -115,7 +128,7 @@ class MemoryServer:
         with self.cond:
             self.entries[(service, "bad1")] = ("{not json", 0)
             self.entries[(service, "bad2")] = (json.dumps({"address": "example.org"}), 0)
-            self.bump()
+            self.bump(service)
 
 
 class MemoryRegistry(Registry):
@@ -151,7 +164,7 @@ class MemoryRegistry(Registry):
             key = (instance.service, instance.id)
             self.server.entries[key] = (json.dumps(document), self.lease)
             self.owned.add(key)
-            self.server.bump()
+            self.server.bump(instance.service)
 
     def deregister(self, instance: ServiceInstance) -> None:
         if "deregister_noop" in self.flaws:
@@ -161,7 +174,7 @@ class MemoryRegistry(Registry):
             key = (instance.service, instance.id)
             self.owned.discard(key)
             if self.server.entries.pop(key, None) is not None:
-                self.server.bump()
+                self.server.bump(instance.service)
 
     def keepalive(self) -> bool:
         with self.server.cond:
@@ -214,8 +227,22 @@ class MemoryRegistry(Registry):
             except (ValueError, KeyError, TypeError, ValidationError) as exc:
                 if "bad_entry_raises" in self.flaws:
                     raise PluginError(f"bad entry {service}/{iid}") from None
-                problems.append(Problem(f"{service}/{iid}", f"malformed entry ({exc!r})"))
+                owner = "" if "partial_problems_unowned" in self.flaws else service
+                problems.append(
+                    Problem(f"{service}/{iid}", f"malformed entry ({exc!r})", service=owner)
+                )
         return Catalog(tuple(instances), tuple(problems), revision)
+
+    def read_services(self, names: Collection[str]) -> Catalog | None:
+        full = self.snapshot()
+        if "partial_reads_everything" in self.flaws:
+            return full
+        wanted = set(names)
+        return Catalog(
+            tuple(i for i in full.instances if i.service in wanted),
+            tuple(p for p in full.problems if p.subject.split("/")[0] in wanted),
+            full.revision,
+        )
 
     def watch(self, notify: Notify, stop: threading.Event, since: int) -> None:
         with self.server.cond:
@@ -232,9 +259,12 @@ class MemoryRegistry(Registry):
                     raise Unavailable("memory server went down")
                 self.server.sweep()
                 if self.server.revision > since:
+                    named = self.server.changed_since(since)
                     since = self.server.revision
+                    if "watch_names_wrong" in self.flaws:
+                        named = frozenset({"not-the-one"})
                     if "watch_silent" not in self.flaws:
-                        notify("memory watch")
+                        notify("memory watch", services=named)
                 self.server.cond.wait(0.1)
 
     def close(self, deregister: bool = False) -> None:
@@ -433,7 +463,142 @@ class MemoryProbe:
 
 
 # --------------------------------------------------------------------------------------------
+# An in-memory container host and its source plugin
+
+
+class MemoryHost:
+    """Workloads that start, get a stop signal, and exit ``grace`` seconds later."""
+
+    def __init__(self, grace: float = 1.0) -> None:
+        self.cond = threading.Condition()
+        self.grace = grace
+        self.next = 1
+        self.running: dict[int, float] = {}  # workload -> exit time (inf: not stopping)
+        self.signalled: set[int] = set()  # the "events" a source learns stops from
+        self.changes = 0
+
+    # the Workloads protocol
+    def start(self) -> int:
+        with self.cond:
+            workload, self.next = self.next, self.next + 1
+            self.running[workload] = float("inf")
+            self._changed()
+            return workload
+
+    def owns(self, workload: int, instance: ServiceInstance) -> bool:
+        return instance.id == f"mem:w{workload}:80:tcp"
+
+    def begin_stop(self, workload: int) -> None:
+        with self.cond:
+            self.running[workload] = time.monotonic() + self.grace
+            self.signalled.add(workload)
+            self._changed()
+
+    def running_now(self) -> set[int]:
+        now = time.monotonic()
+        return {w for w, ends in self.running.items() if ends > now}
+
+    def is_running(self, workload: int) -> bool:
+        with self.cond:
+            return workload in self.running_now()
+
+    def remove(self, workload: int) -> None:
+        with self.cond:
+            self.running.pop(workload, None)
+            self.signalled.discard(workload)
+            self._changed()
+
+    def _changed(self) -> None:
+        self.changes += 1
+        self.cond.notify_all()
+
+
+class MemoryWorkloads:
+    """The ``workloads`` fixture over a :class:`MemoryHost` (``running`` is its own name)."""
+
+    def __init__(self, host: MemoryHost) -> None:
+        self.host = host
+        self.start = host.start
+        self.owns = host.owns
+        self.begin_stop = host.begin_stop
+        self.remove = host.remove
+
+    def running(self, workload: int) -> bool:
+        return self.host.is_running(workload)
+
+
+class MemorySource(Source):
+    """A source plugin on :class:`MemoryHost`; ``flaws`` break it on purpose."""
+
+    def __init__(self, host: MemoryHost, flaws: Sequence[str]) -> None:
+        self.host = host
+        self.flaws = frozenset(flaws)
+        self.listed: set[int] = set()
+        self.closed = threading.Event()
+        self.forgotten: set[int] = set()
+
+    def snapshot(self) -> SourceSnapshot:
+        with self.host.cond:
+            running = self.host.running_now()
+        self.listed = running
+        return SourceSnapshot(
+            tuple(
+                ServiceInstance("mem", f"mem:w{w}:80:tcp", "127.0.0.1", 30000 + w, "tcp", 80)
+                for w in sorted(running)
+            )
+        )
+
+    def stopping(self) -> frozenset[str]:
+        if "stopping_ignored" in self.flaws:
+            return frozenset()
+        with self.host.cond:
+            told = set(self.host.signalled)
+        if "stopping_everything" in self.flaws:
+            told = set(self.listed)
+        if "stopping_stale" in self.flaws:
+            self.forgotten |= told
+            told |= self.forgotten
+        else:
+            told &= self.listed
+        return frozenset(f"mem:w{w}:80:tcp" for w in told)
+
+    def watch(self, notify: Notify, stop: threading.Event) -> None:
+        with self.host.cond:
+            seen = self.host.changes
+            while not stop.is_set():
+                if self.closed.is_set() and "close_ignored" not in self.flaws:
+                    return
+                if self.host.changes != seen:
+                    seen = self.host.changes
+                    if "watch_silent" not in self.flaws:
+                        notify("memory host")
+                self.host.cond.wait(0.05)
+
+    def close(self) -> None:
+        self.closed.set()
+
+
+# --------------------------------------------------------------------------------------------
 # The contract bound to the fakes (not collected here: the names do not start with "Test")
+
+
+class MemorySourceRun(SourceContract):
+    flaws: ClassVar[tuple[str, ...]] = ()
+    propagation_timeout = 2.0
+    watch_stop_timeout = 2.0
+    stop_grace = 1.0
+
+    @pytest.fixture
+    def memory_host(self) -> MemoryHost:
+        return MemoryHost(grace=2.0)
+
+    @pytest.fixture
+    def make_source(self, memory_host: MemoryHost) -> SourceFactory:
+        return lambda: MemorySource(memory_host, self.flaws)
+
+    @pytest.fixture
+    def workloads(self, memory_host: MemoryHost) -> MemoryWorkloads:
+        return MemoryWorkloads(memory_host)
 
 
 class MemoryRegistryRun(RegistryContract):
@@ -490,7 +655,7 @@ REGISTRY_FLAWS = {
         "test_close_with_deregister_removes_entries_at_once",
         "test_two_hosts_share_the_catalog",
     ],
-    "watch_silent": ["test_watch_delivers_a_change"],
+    "watch_silent": ["test_watch_delivers_a_change", "test_watch_names_the_changed_services"],
     "watch_from_now": ["test_watch_resumes_from_the_snapshot_revision"],
     "watch_ignores_stop": [
         "test_watch_delivers_a_change",
@@ -499,7 +664,13 @@ REGISTRY_FLAWS = {
     ],
     "empty_when_down": ["test_unavailable_server_raises_unavailable"],
     "keepalive_lies": ["test_reregister_after_server_restart"],
-    "bad_entry_raises": ["test_bad_entries_become_problems"],
+    "bad_entry_raises": [
+        "test_bad_entries_become_problems",
+        "test_read_services_matches_a_full_snapshot",
+    ],
+    "watch_names_wrong": ["test_watch_names_the_changed_services"],
+    "partial_reads_everything": ["test_read_services_matches_a_full_snapshot"],
+    "partial_problems_unowned": ["test_read_services_matches_a_full_snapshot"],
 }
 
 PROXY_FLAWS = {
@@ -517,6 +688,14 @@ PROXY_FLAWS = {
     "reserves_unused": ["test_reserved_ports"],
 }
 
+SOURCE_FLAWS = {
+    "stopping_ignored": ["test_a_stop_signal_is_named_before_the_workload_exits"],
+    "stopping_stale": ["test_a_stop_signal_is_named_before_the_workload_exits"],
+    "stopping_everything": ["test_stopping_names_only_instances_of_the_snapshot"],
+    "watch_silent": ["test_watch_notifies_starts_and_stops"],
+    "close_ignored": ["test_close_unblocks_watch"],
+}
+
 # --------------------------------------------------------------------------------------------
 # Running them all in one separate pytest process
 
@@ -525,6 +704,10 @@ def _fake_plugin_module() -> tuple[str, str]:
     """The test module of the fake plugins, and the -k expression selecting what runs."""
     lines = [
         "from tests.conformance.test_kit import MemoryProxyRun, MemoryRegistryRun",
+        "from tests.conformance.test_kit import MemorySourceRun",
+        "",
+        "class TestSourceCorrect(MemorySourceRun):",
+        "    pass",
         "",
         "class TestRegistryCorrect(MemoryRegistryRun):",
         "    pass",
@@ -535,8 +718,8 @@ def _fake_plugin_module() -> tuple[str, str]:
         "class TestProxyNoTraffic(MemoryProxyRun):",
         "    serves_traffic = False",
     ]
-    select = ["TestRegistryCorrect", "TestProxyCorrect", "TestProxyNoTraffic"]
-    families = (("Registry", REGISTRY_FLAWS), ("Proxy", PROXY_FLAWS))
+    select = ["TestSourceCorrect", "TestRegistryCorrect", "TestProxyCorrect", "TestProxyNoTraffic"]
+    families = (("Source", SOURCE_FLAWS), ("Registry", REGISTRY_FLAWS), ("Proxy", PROXY_FLAWS))
     for family, flaws in families:
         for flaw, checks in flaws.items():
             name = f"Test{family}_{flaw}"
@@ -556,6 +739,8 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], 
     report = root / "report.xml"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "src")]))
     command = [sys.executable, "-m", "pytest", str(module), "-q", "-p", "no:cacheprovider"]
+    # The kit's plugin deselects the traffic checks of TestProxyNoTraffic: opt in, as users do.
+    command += ["-p", "discoverd.testing"]
     command += ["-c", str(root / "pytest.ini"), "--rootdir", str(root)]
     command += [f"--junitxml={report}", "-k", select]
     done = subprocess.run(
@@ -579,6 +764,18 @@ def _of(outcomes: dict[tuple[str, str], str], cls: str) -> dict[str, str]:
 
 # --------------------------------------------------------------------------------------------
 # The tests
+
+
+def test_correct_source_passes_every_check(outcomes: dict[tuple[str, str], str]) -> None:
+    ran = _of(outcomes, "TestSourceCorrect")
+    checks = {name for name in dir(SourceContract) if name.startswith("test_")}
+    assert ran == dict.fromkeys(checks, "passed")
+
+
+@pytest.mark.parametrize("flaw", sorted(SOURCE_FLAWS))
+def test_broken_source_fails_its_check(outcomes: dict[tuple[str, str], str], flaw: str) -> None:
+    ran = _of(outcomes, f"TestSource_{flaw}")
+    assert ran == dict.fromkeys(SOURCE_FLAWS[flaw], "failed")
 
 
 def test_correct_registry_passes_every_check(outcomes: dict[tuple[str, str], str]) -> None:

@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 
-from discoverd import HostInfo, PluginContext, Proxy
+from discoverd import HostInfo, PluginContext, Proxy, build_config
 from discoverd.plugins.nginx import make_proxy
+from discoverd.plugins.nginx.config import NginxConfig
 from discoverd.testing.conformance import ProxyContract, ProxyFactory, fresh_port
 
 
@@ -106,7 +107,7 @@ class TestNginxProxy(ProxyContract):
 
         def build() -> Proxy:
             ctx = PluginContext(
-                options=options,
+                config=build_config(NginxConfig, options, section="nginx"),
                 host=HostInfo(ip="127.0.0.1", id="kit-host-1"),
                 state_dir=nginx_state,
             )

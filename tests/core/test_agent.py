@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 
 from discoverd import (
     Catalog,
+    Notify,
     Proxy,
     ProxyConfigError,
     Registry,
@@ -20,7 +21,9 @@ from discoverd import (
     SourceSnapshot,
     Unavailable,
 )
-from discoverd.core.agent import DiscoverRole, RegisterRole, Waker
+from discoverd.core.discover import DiscoverRole
+from discoverd.core.register import RegisterRole
+from discoverd.core.scheduling import Waker
 
 
 def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -45,15 +48,19 @@ def inst(n: int, service: str = "whoami") -> ServiceInstance:
 class FakeSource(Source):
     def __init__(self) -> None:
         self.instances: list[ServiceInstance] = []
+        self.leaving: set[str] = set()
         self.fail = False
-        self.notify: Callable[[str], None] | None = None
+        self.notify: Notify | None = None
 
     def snapshot(self) -> SourceSnapshot:
         if self.fail:
             raise Unavailable("source down")
         return SourceSnapshot(instances=tuple(self.instances))
 
-    def watch(self, notify: Callable[[str], None], stop: threading.Event) -> None:
+    def stopping(self) -> frozenset[str]:
+        return frozenset(self.leaving)
+
+    def watch(self, notify: Notify, stop: threading.Event) -> None:
         self.notify = notify
         stop.wait()
 
@@ -91,7 +98,7 @@ class FakeRegistry(Registry):
         self._check()
         return Catalog(instances=tuple(self.entries.values()), revision=1)
 
-    def watch(self, notify: Callable[[str], None], stop: threading.Event, since: int) -> None:
+    def watch(self, notify: Notify, stop: threading.Event, since: int) -> None:
         stop.wait()
 
     def close(self, deregister: bool = False) -> None:
@@ -134,7 +141,7 @@ def test_waker_coalesces_a_burst() -> None:
 
 
 @pytest.fixture
-def register() -> tuple[RegisterRole, FakeSource, FakeRegistry]:
+def register() -> Iterator[tuple[RegisterRole, FakeSource, FakeRegistry]]:
     source, registry = FakeSource(), FakeRegistry()
     role = RegisterRole(source, registry, min_wait=0.0, max_wait=0.01, retry_max=0.05)
     yield role, source, registry
@@ -154,6 +161,22 @@ def test_register_follows_the_source(
     source.notify("docker die")
     eventually(lambda: set(registry.entries) == {inst(2).id})
     assert registry.writes == writes  # the unchanged instance is not written again
+
+
+def test_register_removes_what_the_source_says_is_stopping_while_still_listed(
+    register: tuple[RegisterRole, FakeSource, FakeRegistry],
+) -> None:
+    role, source, registry = register
+    source.instances = [inst(1), inst(2)]
+    role.start()
+    eventually(lambda: set(registry.entries) == {inst(1).id, inst(2).id})
+    source.leaving = {inst(1).id}  # its stop signal was seen; the listing still has it
+    assert source.notify is not None
+    source.notify("docker kill")
+    eventually(lambda: set(registry.entries) == {inst(2).id})
+    source.leaving = set()  # it ignored the signal and runs on: routed again
+    source.notify("hold over")
+    eventually(lambda: set(registry.entries) == {inst(1).id, inst(2).id})
 
 
 def test_register_reregisters_after_lost_entries(
@@ -305,7 +328,7 @@ def test_an_unexpected_error_does_not_stop_the_loop_until_the_next_event() -> No
 
 def test_agent_shutdown_leaves_the_proxy_with_this_hosts_instances() -> None:
     """Both roles in one process: the deregistration on the way out must not reach the proxy."""
-    from discoverd.core.runtime import Agent
+    from discoverd.core.agent import Agent
 
     class WatchedRegistry(FakeRegistry):
         def __init__(self) -> None:

@@ -1,18 +1,32 @@
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from discoverd import OptionError, option
 from discoverd.core.config import ConfigError, load_settings
-from discoverd.core.interfaces import Option
 
-SCHEMAS = {
-    "etcd": (
-        Option("endpoints", list, ["127.0.0.1:2379"], "", env=("ETCD_HOST",)),
-        Option("ttl", int, 15, ""),
-        Option("tls", bool, False, ""),
-    ),
-    "haproxy": (Option("stats_port", int, 1936, ""),),
-}
+
+@dataclass(frozen=True)
+class EtcdLike:
+    endpoints: tuple[str, ...] = option(("127.0.0.1:2379",), "", env=("ETCD_HOST",))
+    ttl: int = option(15, "", min=1)
+    tls: bool = option(False, "")
+    password: str = option("", "", secret=True)
+    user: str = option("", "")
+
+    def __post_init__(self) -> None:
+        if self.password and not self.user:
+            raise OptionError("password is set but user is not", "password", "user")
+
+
+@dataclass(frozen=True)
+class ProxyLike:
+    stats_port: int = option(1936, "", min=0, max=65535)
+
+
+SCHEMAS: dict[str, type] = {"etcd": EtcdLike, "haproxy": ProxyLike}
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -23,12 +37,8 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_defaults() -> None:
     settings = load_settings(SCHEMAS, env={})
-    assert settings["registry"] == "etcd" and settings["proxy"] == "haproxy"
-    assert settings.options_for("etcd") == {
-        "endpoints": ["127.0.0.1:2379"],
-        "ttl": 15,
-        "tls": False,
-    }
+    assert settings.core.registry == "etcd" and settings.core.proxy == "haproxy"
+    assert settings.config_for("etcd") == EtcdLike(("127.0.0.1:2379",), 15, False)
 
 
 def test_precedence_flags_over_env_over_file(tmp_path: Path) -> None:
@@ -45,32 +55,36 @@ def test_precedence_flags_over_env_over_file(tmp_path: Path) -> None:
     settings = load_settings(
         SCHEMAS, config_file=path, env=env, flags={"registry": "flag", "proxy": None}
     )
-    assert settings["registry"] == "flag"  # flag > env > file
-    assert settings["host_ip"] == "10.0.0.2"  # env > file
-    assert settings["log_level"] == "debug"  # file > default
-    assert settings["proxy"] == "haproxy"  # None flag ignored
-    assert settings.options_for("etcd")["endpoints"] == ["b:2", "c:3"]  # seed's ETCD_HOST
-    assert settings.options_for("etcd")["ttl"] == 30
+    assert settings.core.registry == "flag"  # flag > env > file
+    assert settings.core.host_ip == "10.0.0.2"  # env > file
+    assert settings.core.log_level == "debug"  # file > default
+    assert settings.core.proxy == "haproxy"  # None flag ignored
+    assert settings.config_for("etcd").endpoints == ("b:2", "c:3")  # seed's ETCD_HOST
+    assert settings.config_for("etcd").ttl == 30
+    assert settings.origin("etcd", "ttl") == f"config file {path}"
+    assert settings.origin("etcd", "endpoints") == "environment variable ETCD_HOST"
+    assert settings.origin("", "registry") == "command line"
+    assert settings.origin("haproxy", "stats_port") == "default"
 
 
 def test_seed_host_ip_and_discoverd_variable_wins() -> None:
-    assert load_settings(SCHEMAS, env={"HOST_IP": "10.1.1.1"})["host_ip"] == "10.1.1.1"
+    assert load_settings(SCHEMAS, env={"HOST_IP": "10.1.1.1"}).core.host_ip == "10.1.1.1"
     both = {"HOST_IP": "10.1.1.1", "DISCOVERD_HOST_IP": "10.2.2.2"}
-    assert load_settings(SCHEMAS, env=both)["host_ip"] == "10.2.2.2"
+    assert load_settings(SCHEMAS, env=both).core.host_ip == "10.2.2.2"
 
 
 def test_config_file_from_environment(tmp_path: Path) -> None:
     path = write(tmp_path, "[haproxy]\nstats_port = 9999\n")
     settings = load_settings(SCHEMAS, env={"DISCOVERD_CONFIG": str(path)})
-    assert settings.options_for("haproxy")["stats_port"] == 9999
+    assert settings.config_for("haproxy").stats_port == 9999
 
 
 def test_set_overrides_last() -> None:
     settings = load_settings(
         SCHEMAS, env={"DISCOVERD_ETCD_TTL": "20"}, sets=["etcd.ttl=40", "etcd.tls=yes"]
     )
-    assert settings.options_for("etcd")["ttl"] == 40
-    assert settings.options_for("etcd")["tls"] is True
+    assert settings.config_for("etcd").ttl == 40
+    assert settings.config_for("etcd").tls is True
 
 
 @pytest.mark.parametrize(
@@ -115,21 +129,21 @@ def test_bad_set_syntax() -> None:
 
 def test_shipped_example_is_valid() -> None:
     example = Path(__file__).resolve().parents[2] / "discoverd.toml"
+    from discoverd.core.agent import plugin_schemas
     from discoverd.core.manager import get_plugin_manager
-    from discoverd.core.runtime import plugin_schemas
 
     settings = load_settings(plugin_schemas(get_plugin_manager()), config_file=example, env={})
-    assert settings["registry"] == "etcd"
+    assert settings.core.registry == "etcd"
+    for section in {sect for sect, _ in settings.origins if sect}:
+        settings.config_for(section)  # every section's rules hold
 
 
 def test_state_dir_defaults_for_root_and_users(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from discoverd.core import config
-
-    monkeypatch.setattr(config.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
     assert load_settings(SCHEMAS, env={}).state_dir == Path("/run/discoverd")
-    monkeypatch.setattr(config.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     assert load_settings(SCHEMAS, env={}).state_dir == tmp_path / "discoverd"
     monkeypatch.delenv("XDG_RUNTIME_DIR")
@@ -139,34 +153,39 @@ def test_state_dir_defaults_for_root_and_users(
     assert explicit.state_dir == Path("/srv/dd")
 
 
-def test_a_plugin_refusing_a_value_names_where_it_was_set(tmp_path: Path) -> None:
-    from discoverd.core.interfaces import PluginContext, PluginError, RegistryPlugin
-    from discoverd.core.manager import get_plugin_manager
-    from discoverd.core.runtime import make_registry
+def test_a_plugin_value_breaking_a_rule_names_where_it_was_set(tmp_path: Path) -> None:
+    config = write(tmp_path, "[etcd]\nttl = 0\n")
+    settings = load_settings(SCHEMAS, config_file=config, env={})
+    with pytest.raises(ConfigError) as caught:
+        settings.config_for("etcd")
+    assert str(caught.value) == f"config file {config}: key 'etcd.ttl' = 0: must be at least 1"
+    settings = load_settings(SCHEMAS, config_file=config, env={"DISCOVERD_ETCD_TTL": "-2"})
+    with pytest.raises(ConfigError, match="environment variable DISCOVERD_ETCD_TTL"):
+        settings.config_for("etcd")
+    # Only the plugins in use are checked: a bad value elsewhere does not stop loading.
+    assert load_settings(SCHEMAS, config_file=config, env={}).core.registry == "etcd"
 
-    def factory(ctx: PluginContext) -> object:
-        raise PluginError(f"picky: ttl {ctx.options['ttl']} is too short")
 
-    class Hooks:
-        from discoverd import hookimpl
+def test_options_that_do_not_fit_together_name_each_origin(tmp_path: Path) -> None:
+    config = write(tmp_path, "[etcd]\npassword = 's3cr3t'\n")
+    settings = load_settings(SCHEMAS, config_file=config, env={})
+    with pytest.raises(ConfigError) as caught:
+        settings.config_for("etcd")
+    message = str(caught.value)
+    assert message.startswith("[etcd] password is set but user is not")
+    assert f"password: config file {config}" in message
+    assert "s3cr3t" not in message
 
-        @hookimpl
-        def discoverd_register_registries(self) -> list[RegistryPlugin]:
-            options = (Option("ttl", int, 15, "lease TTL"), Option("name", str, "x", "a name"))
-            return [RegistryPlugin("picky", factory, "refuses everything", options)]  # type: ignore[arg-type]
 
-    config = tmp_path / "d.toml"
-    config.write_text('registry = "picky"\n[picky]\nttl = 1\nname = "ttl-free"\n')
-    manager = get_plugin_manager(extra_plugins=[("picky", Hooks())], entry_points=False)
-    settings = load_settings({"picky": manager.registry("picky").options}, config_file=config,
-                             env={})  # fmt: skip
-    with pytest.raises(PluginError) as caught:
-        make_registry(manager, settings, create=False)
-    assert str(caught.value) == f"picky: ttl 1 is too short (ttl: config file {config})"
-    settings = load_settings({"picky": manager.registry("picky").options}, config_file=config,
-                             env={"DISCOVERD_PICKY_TTL": "2"})  # fmt: skip
-    with pytest.raises(PluginError, match="ttl: environment variable DISCOVERD_PICKY_TTL"):
-        make_registry(manager, settings, create=False)
+def test_secrets_are_never_echoed() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(SCHEMAS, env={}, sets=["etcd.password=hunter2", "etcd.nope=1"])
+    assert "hunter2" not in str(caught.value)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(SCHEMAS, env={}, sets=["etcd.password=hunter2", "etcd.ttl=x"])
+    assert "hunter2" not in str(caught.value)
+    settings = load_settings(SCHEMAS, env={}, sets=["etcd.password=hunter2"])
+    assert settings.origin("etcd", "password") == "--set 'etcd.password=***'"
 
 
 def test_a_refused_core_value_names_where_it_was_set(tmp_path: Path) -> None:

@@ -6,11 +6,10 @@ from pathlib import Path
 import pytest
 
 from discoverd import RegistryPlugin, hookimpl
+from discoverd.core.errors import BrokenPluginError, PluginLoadError, UnknownPluginError
 from discoverd.core.manager import (
     BrokenPlugin,
-    BrokenPluginError,
-    PluginLoadError,
-    UnknownPluginError,
+    Kind,
     deferred_plugin_warnings,
     get_plugin_manager,
 )
@@ -106,9 +105,14 @@ GOOD_MODULE = """
 
 
 def test_builtins_are_listed_with_their_distribution() -> None:
-    backends = {(b.kind, b.name): b for b in get_plugin_manager().backends()}
+    backends = {(b.kind, b.name): b for b in get_plugin_manager().components()}
     version = metadata.version("discoverd")
-    for key in [("source", "docker"), ("registry", "etcd"), ("proxy", "haproxy")]:
+    keys: list[tuple[Kind, str]] = [
+        ("source", "docker"),
+        ("registry", "etcd"),
+        ("proxy", "haproxy"),
+    ]
+    for key in keys:
         backend = backends[key]
         assert (backend.plugin, backend.distribution, backend.version) == (
             key[1],
@@ -138,7 +142,7 @@ def test_a_plugin_that_fails_to_import_is_set_aside(
     cause = "ModuleNotFoundError: No module named 'dd_nope_missing'"
     assert manager.broken == [BrokenPlugin("broken", "broken-plugin", cause, "1.0")]
     assert "fine" in manager.proxies() and "haproxy" in manager.proxies()  # the rest loads
-    fine = next(b for b in manager.backends() if b.name == "fine")
+    fine = next(b for b in manager.components() if b.name == "fine")
     assert (fine.distribution, fine.version, fine.plugin) == ("broken-plugin", "1.0", "fine")
     warnings = [r.getMessage() for r in caplog.records if "dd_nope_missing" in r.getMessage()]
     assert warnings == [

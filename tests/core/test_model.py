@@ -1,6 +1,6 @@
 import pytest
 
-from discoverd.core.model import ServiceInstance, ValidationError, parse_endpoint
+from discoverd import ServiceInstance, ValidationError, parse_endpoint
 
 
 def make(**kw: object) -> ServiceInstance:

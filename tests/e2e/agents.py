@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from discoverd.testing.services import free_port, http_get
+from tests.support.services import free_port, http_get
 
 
 class DiscoverdProcess:

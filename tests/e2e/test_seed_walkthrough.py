@@ -23,15 +23,15 @@ from typing import Any
 
 import pytest
 
-from discoverd.testing.consul import Consul
-from discoverd.testing.services import (
+from tests.conftest import service_unavailable
+from tests.e2e.agents import DiscoverdProcess, free_port, requests_through, until
+from tests.support.consul import Consul
+from tests.support.services import (
     DockerDaemon,
     Etcd,
     http_get,
     run_whoami,
 )
-from tests.conftest import service_unavailable
-from tests.e2e.agents import DiscoverdProcess, free_port, requests_through, until
 
 pytestmark = pytest.mark.services
 

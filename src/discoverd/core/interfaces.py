@@ -9,63 +9,52 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
-from discoverd.core.model import Catalog, Service, ServiceInstance, SourceSnapshot
+from discoverd.core.model import Catalog, HostInfo, Service, ServiceInstance, SourceSnapshot
+from discoverd.core.schema import NoOptions, OptionInfo, options_of
 
-#: Called by a ``watch`` loop whenever something may have changed. The argument is a short reason
-#: for the logs ("docker event start", "etcd watch"); the core coalesces bursts and re-reads a full
-#: snapshot, so calling it too often is harmless and missing nothing is what matters.
-Notify = Callable[[str], None]
+if TYPE_CHECKING:
+    from discoverd.core.config import CoreConfig
+
+__all__ = [
+    "CheckTarget",
+    "Notify",
+    "PluginContext",
+    "Proxy",
+    "ProxyPlugin",
+    "Registry",
+    "RegistryPlugin",
+    "Source",
+    "SourcePlugin",
+]
+
+C = TypeVar("C")
 
 
-class PluginError(Exception):
-    """An error a plugin raises with a message meant for the operator (no traceback shown)."""
+class Notify(Protocol):
+    """Called by a ``watch`` loop whenever something may have changed.
 
+    ``reason`` is a short text for the logs ("docker event start", "etcd watch"). A registry's
+    watch may name the ``services`` its events touched: the core then re-reads only those
+    (:meth:`Registry.read_services`); without it, the core reads everything. The core coalesces
+    bursts, so calling it too often is harmless; missing nothing is what matters."""
 
-class Unavailable(PluginError):
-    """The backing service (daemon, registry, proxy) cannot be reached now; the core retries."""
-
-
-class ProxyConfigError(PluginError):
-    """A rendered candidate failed validation; the message is the proxy's own explanation."""
-
-
-@dataclass(frozen=True)
-class Option:
-    """One configuration key of a plugin, in its ``[plugin-name]`` section of the config file.
-
-    ``type`` is one of ``str``, ``int``, ``float``, ``bool`` or ``list`` (of strings; a comma
-    separated string in the environment). ``env`` lists extra environment variables read for it,
-    besides ``DISCOVERD_<PLUGIN>_<KEY>`` (e.g. the seed's ``ETCD_HOST``), first match wins.
-    """
-
-    name: str
-    type: type
-    default: Any
-    help: str
-    env: tuple[str, ...] = ()
+    def __call__(self, reason: str, services: Collection[str] | None = None) -> None: ...
 
 
 @dataclass(frozen=True)
-class HostInfo:
-    """Who this agent is: the address others reach its containers on, and a stable host id."""
+class PluginContext(Generic[C]):
+    """What a factory receives: its own configuration (an instance of the class named in its
+    record, checked), who this agent is, where its files go, and the core's settings."""
 
-    ip: str
-    id: str
-
-
-@dataclass(frozen=True)
-class PluginContext:
-    """What a factory receives: its own validated options and the agent's shared settings."""
-
-    options: Mapping[str, Any]
+    config: C
     host: HostInfo
     state_dir: Path
-    settings: Mapping[str, Any] = field(default_factory=dict)
+    core: CoreConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -96,6 +85,18 @@ class Source(ABC):
         """Block, calling ``notify`` on every event that may change the snapshot, until ``stop``
         is set. Return or raise ``Unavailable`` when the event stream is lost: the core waits
         with backoff, calls ``watch`` again and resyncs in full."""
+
+    def stopping(self) -> frozenset[str]:
+        """Ids of instances that are going away although the source may still list them: their
+        container was sent its stop signal (``docker stop``), or it exited and the listing has
+        not caught up yet. The register role removes them from the registry at once, before
+        the process exits, so proxies drain them instead of losing requests.
+
+        Read by the core right after each ``snapshot``; a source learns of these from its
+        events, so this is the state it keeps between calls, named here so the core (and the
+        conformance kit) can see it. A hint only: an empty set (the default) costs the drain,
+        never correctness, since the instance leaves once the snapshot no longer lists it."""
+        return frozenset()
 
     def check_target(self, instance: ServiceInstance) -> CheckTarget | None:
         """Where the register role's readiness check should reach ``instance``'s application.
@@ -144,10 +145,21 @@ class Registry(ABC):
         and affect only their own service. Raise ``Unavailable`` on error: never return an empty
         catalog because of an error."""
 
+    def read_services(self, names: Collection[str]) -> Catalog | None:
+        """Read only the services ``names``: a ``Catalog`` holding their instances and the
+        problems of their entries (a service without instances is simply absent), read at
+        one revision. The core calls it instead of ``snapshot`` when its watch named the
+        services that changed since the last full read (see ``Notify``), so that a change in a
+        registry of 10,000 instances costs a few keys, not a full read. Return ``None`` (the
+        default) when the registry cannot read a subset: the core then calls ``snapshot``.
+        Raise ``Unavailable`` on error. Must keep no state between calls."""
+        return None
+
     @abstractmethod
     def watch(self, notify: Notify, stop: threading.Event, since: int) -> None:
         """Block, calling ``notify`` on every change after revision ``since`` (a ``Catalog``
-        revision), until ``stop`` is set. Return or raise ``Unavailable`` when the stream is
+        revision), until ``stop`` is set; name the changed services when the events say
+        (``notify(reason, services=...)``). Return or raise ``Unavailable`` when the stream is
         lost; the core takes a new snapshot and calls ``watch`` again."""
 
     def close(self, deregister: bool = False) -> None:  # noqa: B027 - optional, no-op default
@@ -200,12 +212,16 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class _PluginRecord(Generic[T]):
     name: str
-    factory: Callable[[PluginContext], T]
+    factory: Callable[[PluginContext[Any]], T]
     description: str
-    options: tuple[Option, ...] = ()
+    #: The plugin's configuration class: a frozen dataclass whose fields are declared with
+    #: ``discoverd.option``; its instance reaches the factory as ``ctx.config``.
+    config: type[Any] = NoOptions
 
-    def option(self, name: str) -> Option | None:
-        return next((o for o in self.options if o.name == name), None)
+    @property
+    def options(self) -> tuple[OptionInfo, ...]:
+        """The options of the ``[name]`` section, derived from ``config``."""
+        return options_of(self.config)
 
 
 @dataclass(frozen=True)

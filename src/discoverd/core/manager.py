@@ -23,8 +23,10 @@ from typing import Any, Literal, TypeVar
 import pluggy
 
 from discoverd.core import hookspecs
+from discoverd.core.errors import BrokenPluginError, PluginLoadError, UnknownPluginError
 from discoverd.core.interfaces import ProxyPlugin, RegistryPlugin, SourcePlugin
 from discoverd.core.model import Service
+from discoverd.core.schema import OptionInfo
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +36,6 @@ DISABLE_ENV = "DISCOVERD_DISABLE_PLUGINS"
 R = TypeVar("R", SourcePlugin, RegistryPlugin, ProxyPlugin)
 Kind = Literal["source", "registry", "proxy"]
 KINDS: tuple[Kind, ...] = ("source", "registry", "proxy")
-
-
-class PluginLoadError(Exception):
-    """Plugins could not be put together (duplicate names, a selected plugin that failed)."""
-
-
-class UnknownPluginError(LookupError):
-    """A selected name that no plugin provides. The message is one line for the operator."""
 
 
 def _one_line(text: str) -> str:
@@ -113,22 +107,10 @@ class BrokenPlugin:
         }
 
 
-class BrokenPluginError(PluginLoadError):
-    """The user selected a plugin whose entry point failed; the message is one line with the
-    cause, e.g. ``proxy plugin 'x' (from distribution x-plugin 1.0) failed to import: ...``."""
-
-    def __init__(self, kind: str, plugin: BrokenPlugin) -> None:
-        self.kind = kind
-        self.plugin = plugin
-        super().__init__(
-            f"{kind} plugin {plugin.name!r} ({plugin.origin}) failed to {plugin.stage}: "
-            f"{plugin.error}"
-        )
-
-
 @dataclass(frozen=True)
-class Backend:
-    """One record a plugin registered: a source, registry or proxy the user can select."""
+class Component:
+    """One record a plugin registered: a source, registry or proxy the user can select, with
+    the options of its config-file section."""
 
     kind: Kind
     name: str
@@ -136,6 +118,7 @@ class Backend:
     plugin: str
     distribution: str
     version: str
+    options: tuple[OptionInfo, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -145,6 +128,7 @@ class Backend:
             "plugin": self.plugin,
             "distribution": self.distribution,
             "version": self.version,
+            "options": [o.as_dict() for o in self.options],
         }
 
 
@@ -337,10 +321,10 @@ class PluginManager:
     def proxy(self, name: str) -> ProxyPlugin:
         return self._lookup("proxy", name, self._proxies)
 
-    def backends(self) -> list[Backend]:
+    def components(self) -> list[Component]:
         """Every selectable record, by kind (source, registry, proxy) then name."""
         by_name = {i.name: i for i in self.infos}
-        rows: list[Backend] = []
+        rows: list[Component] = []
         tables: tuple[tuple[Kind, dict[str, Any]], ...] = (
             ("source", self._sources),
             ("registry", self._registries),
@@ -351,13 +335,14 @@ class PluginManager:
                 owner = self._owners.get((kind, name), "")
                 info = by_name.get(owner)
                 rows.append(
-                    Backend(
+                    Component(
                         kind=kind,
                         name=name,
                         description=record.description,
                         plugin=owner,
                         distribution=info.distribution if info else "",
                         version=info.version if info else "",
+                        options=record.options,
                     )
                 )
         return rows

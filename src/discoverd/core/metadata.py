@@ -23,14 +23,16 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from discoverd.core.health import CHECK_KINDS, check_path, format_seconds, parse_duration
+from discoverd.core.checks import CHECK_KINDS
+from discoverd.core.durations import format_seconds, parse_duration
+from discoverd.core.errors import ValidationError
 from discoverd.core.model import (
     Problem,
     Protocol,
     ServiceInstance,
-    ValidationError,
     check_address,
     check_meta,
+    check_path,
     check_port,
     check_service_name,
     check_tag,
@@ -268,7 +270,7 @@ def _normalise_checks(
     origin: Mapping[str, str],
     refuse: Callable[[str, str, Exception], Exception],
 ) -> None:
-    """Validate and normalise the readiness-check and drain settings (see ``core.health``)."""
+    """Validate and normalise the readiness-check and drain settings (see ``core.checks``)."""
     for key in DURATION_KEYS:
         if key in meta:
             try:

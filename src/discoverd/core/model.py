@@ -13,6 +13,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from discoverd.core.errors import ValidationError
+
 Protocol = Literal["tcp", "udp"]
 Mode = Literal["http", "tcp"]
 
@@ -23,13 +25,6 @@ META_KEY_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 META_VALUE_MAX = 256
 # Characters that must never reach a rendered configuration through a metadata value.
 _FORBIDDEN_IN_VALUES = set("\n\r\0{}\"'`;#\\")
-
-
-class ValidationError(ValueError):
-    """A value that does not follow the rules of the data model.
-
-    The message names the field, the offending value (shortened) and the rule.
-    """
 
 
 def _short(value: object, limit: int = 40) -> str:
@@ -99,6 +94,15 @@ def check_meta(key: str, value: str) -> tuple[str, str]:
         shown = ", ".join(repr(c) for c in bad) or "a control character"
         raise ValidationError(f"metadata value for {key!r} contains {shown}")
     return key, value
+
+
+def check_path(path: str) -> str:
+    """An HTTP check path: absolute, printable ASCII without spaces."""
+    if not (path.startswith("/") and len(path) <= 200 and path.isascii() and path.isprintable()):
+        raise ValidationError(f"check path {path[:40]!r} must start with / (printable ASCII)")
+    if any(c.isspace() for c in path):
+        raise ValidationError(f"check path {path[:40]!r} must not contain spaces")
+    return path
 
 
 @dataclass(frozen=True, order=True)
@@ -195,11 +199,24 @@ class Service:
 
 
 @dataclass(frozen=True)
+class HostInfo:
+    """Who this agent is: the address others reach its containers on, and a stable host id."""
+
+    ip: str
+    id: str
+
+
+@dataclass(frozen=True)
 class Problem:
-    """Something refused, with enough context to find it: which object, which input, which rule."""
+    """Something refused, with enough context to find it: which object, which input, which rule.
+
+    ``service`` names the service the problem belongs to, when it belongs to one: a registry
+    sets it on the problems of a service's entries, so that re-reading that service alone
+    (``Registry.read_services``) replaces them."""
 
     subject: str
     message: str
+    service: str = ""
 
     def __str__(self) -> str:
         return f"{self.subject}: {self.message}"

@@ -1,7 +1,8 @@
 """discoverd's pytest plugin: fixtures for plugin authors and the loud skip/fail policy.
 
-Loaded automatically (entry point ``pytest11``) once discoverd is installed, so a plugin's own
-tests can use these fixtures without importing anything:
+Not loaded unless asked for: ``pytest -p discoverd.testing``, or ``pytest_plugins =
+["discoverd.testing"]`` in the top-level ``conftest.py`` of a plugin's tests. A plugin's own tests
+can then use these fixtures without importing anything:
 
 ``discoverd_free_port``
     ``discoverd_free_port()`` returns a TCP port free on 127.0.0.1, never the same twice.
@@ -24,6 +25,9 @@ Missing services: :func:`service_unavailable` skips the current test with the re
 :mod:`~discoverd.testing.conformance` contract class carries the ``discoverd_conformance``
 marker (``pytest -m discoverd_conformance`` runs only those), and skipped contract checks are
 listed again at the end of the run, in red.
+
+(PYTEST_DONT_REWRITE: no asserts here, and a ``conftest.py`` may import this module before it
+names it in ``pytest_plugins``.)
 """
 
 from __future__ import annotations
@@ -39,15 +43,15 @@ from typing import NoReturn
 
 import pytest
 
-from discoverd.core.interfaces import HostInfo
-from discoverd.testing.conformance import (
+from discoverd import HostInfo
+from discoverd.testing.conformance import ProxyContract, RegistryContract
+from discoverd.testing.conformance.common import (
     HttpBackend,
-    ProxyContract,
-    RegistryContract,
+    ServiceUnavailable,
     _Backends,
     fresh_port,
+    require_binary,
 )
-from discoverd.testing.services import ServiceUnavailable, require_binary
 
 __all__ = [
     "MARKER",

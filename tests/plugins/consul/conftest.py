@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from discoverd.testing.consul import Consul
-from discoverd.testing.services import ServiceUnavailable, require_binary
 from tests.conftest import service_unavailable
+from tests.support.consul import Consul
+from tests.support.services import ServiceUnavailable, require_binary
 
 #: The master token of the ``consul_acl`` agent.
 ACL_TOKEN = "4b2e1c6a-0d3f-4f6e-9a57-discoverd-test"

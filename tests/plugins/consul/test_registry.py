@@ -8,24 +8,31 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from discoverd import HostInfo, PluginContext, PluginError, ServiceInstance, Unavailable
-from discoverd.core.config import ConfigError, load_settings
+from discoverd import (
+    ConfigError,
+    HostInfo,
+    PluginContext,
+    PluginError,
+    ServiceInstance,
+    Unavailable,
+    build_config,
+)
+from discoverd.core.config import load_settings
 from discoverd.core.manager import get_plugin_manager
-from discoverd.plugins.consul import OPTIONS, discoverd_register_registries, make_registry
+from discoverd.plugins.consul import discoverd_register_registries, make_registry
+from discoverd.plugins.consul.config import ConsulConfig, parse_address
 from discoverd.plugins.consul.encoding import MAX_META_KEYS, foreign_id
 from discoverd.plugins.consul.registry import ConsulRegistry
-from discoverd.plugins.consul.settings import ConsulSettings, parse_address
-from discoverd.testing.consul import Consul
-from discoverd.testing.services import free_port, wait_for
 from tests.plugins.consul.conftest import ACL_TOKEN
+from tests.support.consul import Consul
+from tests.support.services import free_port, wait_for
 
-DEFAULTS = {o.name: o.default for o in OPTIONS}
 IID = "host1:0123456789ab:8000:tcp"
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -52,12 +59,18 @@ def instance(
     )
 
 
-def settings(agent: Consul | None = None, **options: Any) -> ConsulSettings:
-    values = dict(DEFAULTS)
+def config(agent: Consul | None = None, **options: Any) -> ConsulConfig:
+    """A checked configuration, as the core builds it from the ``[consul]`` section."""
+    values: dict[str, Any] = dict(options)
     if agent is not None:
-        values["address"] = agent.address
-    values.update(options)
-    return ConsulSettings.from_options(values)
+        values.setdefault("address", agent.address)
+    return build_config(ConsulConfig, values, section="consul")
+
+
+def from_environment(env: dict[str, str]) -> ConsulConfig:
+    """The configuration the core builds from these environment variables alone."""
+    config: ConsulConfig = load_settings({"consul": ConsulConfig}, env=env).config_for("consul")
+    return config
 
 
 def consul_put(agent: Consul, path: str, body: Any = None, token: str = "") -> None:
@@ -81,11 +94,13 @@ def ids(registry: ConsulRegistry) -> set[str]:
 
 
 class WatchRunner:
-    """Runs ``registry.watch`` in a thread and records what happened."""
+    """Runs ``registry.watch`` in a thread and records what happened: each notification's
+    reason, and the services it named (``None``: read everything)."""
 
     def __init__(self, registry: ConsulRegistry, since: int) -> None:
         self.registry = registry
         self.reasons: list[str] = []
+        self.services: list[frozenset[str] | None] = []
         self.error: BaseException | None = None
         self.returned = False
         self.stop = threading.Event()
@@ -94,10 +109,14 @@ class WatchRunner:
 
     def _run(self, since: int) -> None:
         try:
-            self.registry.watch(self.reasons.append, self.stop, since)
+            self.registry.watch(self.notify, self.stop, since)
             self.returned = True
         except BaseException as exc:
             self.error = exc
+
+    def notify(self, reason: str, services: Collection[str] | None = None) -> None:
+        self.services.append(None if services is None else frozenset(services))
+        self.reasons.append(reason)  # last: a waiter counting reasons sees both
 
     def wait_for_notifications(self, count: int, timeout: float = 15) -> None:
         wait_for(lambda: len(self.reasons) >= count, timeout, what=f"{count} notification(s)")
@@ -113,7 +132,7 @@ def registries(consul: Consul) -> Iterator[Callable[..., ConsulRegistry]]:
     made: list[ConsulRegistry] = []
 
     def make(host_id: str = "host1", **options: Any) -> ConsulRegistry:
-        registry = ConsulRegistry(settings(consul, **options), host_id=host_id)
+        registry = ConsulRegistry(config(consul, **options), host_id=host_id)
         made.append(registry)
         return registry
 
@@ -139,20 +158,19 @@ def watchers() -> Iterator[Callable[[ConsulRegistry, int], WatchRunner]]:
 
 
 # --------------------------------------------------------------------------------------------
-# Plugin record, options, settings
+# Plugin record and options
 
 
 def test_plugin_record_and_factory(consul: Consul, tmp_path: Path) -> None:
     [record] = discoverd_register_registries()
     assert record.name == "consul"
     assert record.factory is make_registry
-    address = record.option("address")
-    assert address is not None and address.env == ("CONSUL_HTTP_ADDR",)
-    token = record.option("token")
-    assert token is not None and token.env == ("CONSUL_HTTP_TOKEN",)
-    options = dict(DEFAULTS, address=consul.address)
+    assert record.config is ConsulConfig
+    options = {o.name: o for o in record.options}
+    assert options["address"].env == ("CONSUL_HTTP_ADDR",)
+    assert options["token"].env == ("CONSUL_HTTP_TOKEN",) and options["token"].secret
     registry = record.factory(
-        PluginContext(options=options, host=HostInfo(ip="", id="h9"), state_dir=tmp_path)
+        PluginContext(config=config(consul), host=HostInfo(ip="", id="h9"), state_dir=tmp_path)
     )
     try:
         assert isinstance(registry, ConsulRegistry)
@@ -188,43 +206,49 @@ def test_parse_address() -> None:
     assert parse_address("http://10.0.0.1:1", ssl=True) == ("https", "10.0.0.1", 1)
     assert parse_address("[::1]:8500") == ("http", "[::1]", 8500)
     for bad in ("", "ftp://a:1", "a:99999", "http://a:1/v1", "unix:///tmp/consul.sock", ":80"):
-        with pytest.raises(PluginError, match="consul option address"):
+        with pytest.raises(ValueError, match="address"):
             parse_address(bad)
+    with pytest.raises(ConfigError, match="address"):
+        config(address="http://a:1/v1")
 
 
-def test_settings_from_the_environment_as_consul_does() -> None:
-    schemas = {"consul": OPTIONS}
+def test_address_credentials_are_never_shown() -> None:
+    for bad in ("http://root:s3cret@10.0.0.1:8500", "root:s3cret@10.0.0.1"):
+        with pytest.raises(ConfigError) as caught:
+            config(address=bad)
+        message = str(caught.value)
+        assert "s3cret" not in message and "root" not in message, message
+        assert "***@10.0.0.1" in message and "address" in message
 
-    def consul_settings(env: dict[str, str]) -> ConsulSettings:
-        return ConsulSettings.from_options(load_settings(schemas, env=env).options_for("consul"))
 
-    plain = consul_settings({"CONSUL_HTTP_ADDR": "10.1.2.3:8600", "CONSUL_HTTP_TOKEN": "t0k"})
-    assert (plain.url, plain.token) == ("http://10.1.2.3:8600", "t0k")
-    with_scheme = consul_settings({"CONSUL_HTTP_ADDR": "https://10.1.2.3"})
+def test_options_from_the_environment_as_consul_does() -> None:
+    plain = from_environment({"CONSUL_HTTP_ADDR": "10.1.2.3:8600", "CONSUL_HTTP_TOKEN": "t0k"})
+    assert (plain.url, plain.acl_token) == ("http://10.1.2.3:8600", "t0k")
+    with_scheme = from_environment({"CONSUL_HTTP_ADDR": "https://10.1.2.3"})
     assert with_scheme.url == "https://10.1.2.3:8500"
-    upgraded = consul_settings(
+    upgraded = from_environment(
         {
             "CONSUL_HTTP_ADDR": "10.1.2.3:8501",
             "CONSUL_HTTP_SSL": "true",
             "CONSUL_HTTP_SSL_VERIFY": "false",
         }
     )
-    assert (upgraded.url, upgraded.verify) == ("https://10.1.2.3:8501", False)
+    assert (upgraded.url, upgraded.tls_verify) == ("https://10.1.2.3:8501", False)
     # discoverd's own variable wins over Consul's.
-    ours = consul_settings(
+    ours = from_environment(
         {"CONSUL_HTTP_ADDR": "10.1.2.3:8600", "DISCOVERD_CONSUL_ADDRESS": "10.9.9.9:1"}
     )
     assert ours.url == "http://10.9.9.9:1"
     with pytest.raises(ConfigError, match="CONSUL_HTTP_SSL"):
-        consul_settings({"CONSUL_HTTP_SSL": "maybe"})
+        from_environment({"CONSUL_HTTP_SSL": "maybe"})
 
 
-def test_settings_tls_and_token_file(tmp_path: Path) -> None:
+def test_tls_options_and_token_file(tmp_path: Path) -> None:
     ca, cert, key, token_file = (tmp_path / n for n in ("ca.pem", "c.pem", "k.pem", "token"))
     for path in (ca, cert, key):
         path.write_text("x")
     token_file.write_text("from-file\n")
-    tls = settings(
+    tls = config(
         address="https://127.0.0.1:8501",
         ca_file=str(ca),
         cert_file=str(cert),
@@ -232,9 +256,15 @@ def test_settings_tls_and_token_file(tmp_path: Path) -> None:
         token="from-option",
         token_file=str(token_file),
     )
-    assert tls.verify == str(ca)
-    assert tls.cert == (str(cert), str(key))
-    assert tls.token == "from-file"  # as Consul's CLI: a non-empty token file wins
+    assert tls.tls_verify == str(ca)
+    assert tls.client_cert == (str(cert), str(key))
+    assert tls.acl_token == "from-file"  # as Consul's CLI: a non-empty token file wins
+    token_file.write_text("")
+    assert config(token="from-option", token_file=str(token_file)).acl_token == "from-option"
+    token_file.write_text("two words\n")
+    with pytest.raises(ConfigError, match="token_file") as caught:
+        config(token_file=str(token_file))
+    assert "two words" not in str(caught.value)
 
 
 @pytest.mark.parametrize(
@@ -254,10 +284,10 @@ def test_settings_tls_and_token_file(tmp_path: Path) -> None:
     ],
 )
 def test_bad_options_name_their_key(options: dict[str, Any], key: str) -> None:
-    with pytest.raises(PluginError) as caught:
-        settings(**options)
+    with pytest.raises(ConfigError) as caught:
+        config(**options)
     message = str(caught.value)
-    assert f"consul option {key}" in message
+    assert f"'consul.{key}'" in message or message.startswith(f"[consul] {key} "), message
     assert "\n" not in message
 
 
@@ -414,7 +444,7 @@ def test_unreachable_consul_is_one_line_unavailable(
         message = str(caught.value)
         assert consul.address in message and "\n" not in message
         assert "refused" in message
-    nowhere = ConsulRegistry(settings(address=f"127.0.0.1:{free_port()}", timeout=2.0))
+    nowhere = ConsulRegistry(config(address=f"127.0.0.1:{free_port()}", timeout=2.0))
     with pytest.raises(Unavailable, match="consul unreachable"):
         nowhere.snapshot()
     nowhere.close()
@@ -510,20 +540,19 @@ def test_many_services_read_node_by_node(registries: Callable[..., ConsulRegistr
 
 
 def test_acl_token_is_sent(consul_acl: Consul) -> None:
-    anonymous = ConsulRegistry(settings(consul_acl))
+    anonymous = ConsulRegistry(config(consul_acl))
     with pytest.raises(PluginError, match="permission denied") as caught:
         anonymous.register(instance())
     assert "token" in str(caught.value)
     anonymous.close()
     env = {"CONSUL_HTTP_ADDR": consul_acl.url, "CONSUL_HTTP_TOKEN": ACL_TOKEN}
-    options = load_settings({"consul": OPTIONS}, env=env).options_for("consul")
-    registry = ConsulRegistry(ConsulSettings.from_options(options), host_id="host1")
+    registry = ConsulRegistry(from_environment(env), host_id="host1")
     try:
         registry.register(instance())
         assert registry.keepalive() is True
         assert ids(registry) == {IID}
         # Without the token the catalog is filtered empty (default policy deny).
-        blind = ConsulRegistry(settings(consul_acl))
+        blind = ConsulRegistry(config(consul_acl))
         assert blind.snapshot().instances == ()
         blind.close()
         # Deregistering what the agent does not have (it lost its state) is not an error:
@@ -553,6 +582,8 @@ def test_watch_delivers_registrations_and_health_changes(
     runner.wait_for_notifications(seen + 1)
     wait_for(lambda: ids(reader) == set(), 15, what="the critical instance to leave")
     assert runner.error is None and not runner.returned
+    # Consul's indexes do not say which services moved: every notification means "read all".
+    assert set(runner.services) == {None}
 
 
 def test_watch_from_an_old_revision_notifies_at_once(

@@ -15,15 +15,17 @@ import docker
 import pytest
 
 from discoverd import (
+    ConfigError,
     HostInfo,
     PluginContext,
-    PluginError,
     ServiceInstance,
     SourceSnapshot,
     Unavailable,
+    build_config,
 )
-from discoverd.core.health import CheckSpec, run_check
+from discoverd.core.checks import CheckSpec, run_check
 from discoverd.plugins.docker import discoverd_register_sources, make_source
+from discoverd.plugins.docker.config import DockerConfig
 from discoverd.plugins.docker.source import (
     DockerSource,
     _bindings,
@@ -31,7 +33,7 @@ from discoverd.plugins.docker.source import (
     _eligible,
     _watched_action,
 )
-from discoverd.testing.services import (
+from tests.support.services import (
     WHOAMI_COMMAND,
     WHOAMI_IMAGE,
     DockerDaemon,
@@ -51,9 +53,11 @@ HOST_IP = "127.0.0.5"
 SourceFactory = Callable[..., DockerSource]
 
 
-def make_ctx(host: str, host_ip: str = HOST_IP, timeout: float = 10.0) -> PluginContext:
+def make_ctx(
+    host: str, host_ip: str = HOST_IP, timeout: float = 10.0
+) -> PluginContext[DockerConfig]:
     return PluginContext(
-        options={"host": host, "timeout": timeout},
+        config=build_config(DockerConfig, {"host": host, "timeout": timeout}, section="docker"),
         host=HostInfo(ip=host_ip, id=HOST_ID),
         state_dir=Path("."),
     )
@@ -81,6 +85,14 @@ def of(snapshot: SourceSnapshot, container: Container) -> list[ServiceInstance]:
     return sorted(i for i in snapshot.instances if marker in i.id)
 
 
+def routed(source: DockerSource, container: Container) -> list[ServiceInstance]:
+    """The instances of ``container`` the register role would keep: in a fresh snapshot, and
+    not stopping."""
+    listed = of(source.snapshot(), container)
+    leaving = source.stopping()
+    return [i for i in listed if i.id not in leaving]
+
+
 def problems_of(snapshot: SourceSnapshot, container: Container) -> list[str]:
     return [str(p) for p in snapshot.problems if container.id[:12] in p.subject]
 
@@ -101,12 +113,11 @@ def whoami(client: docker.DockerClient, **kwargs: Any) -> Container:
 
 def test_plugin_record_and_options() -> None:
     [record] = discoverd_register_sources()
-    assert record.name == "docker"
-    host = record.option("host")
-    timeout = record.option("timeout")
-    assert host is not None and host.type is str and host.default == ""
-    assert host.env == ("DOCKER_HOST",)
-    assert timeout is not None and timeout.type is float and timeout.default == 10.0
+    assert record.name == "docker" and record.config is DockerConfig
+    options = {o.name: o for o in record.options}
+    assert options["host"].kind == "string" and options["host"].default == ""
+    assert options["host"].env == ("DOCKER_HOST",)
+    assert options["timeout"].kind == "number" and options["timeout"].default == 10.0
 
 
 def test_loading_the_plugin_does_not_import_the_sdk() -> None:
@@ -119,9 +130,9 @@ def test_loading_the_plugin_does_not_import_the_sdk() -> None:
 
 
 def test_bad_options_are_refused() -> None:
-    with pytest.raises(PluginError, match="timeout"):
+    with pytest.raises(ConfigError, match=r"docker\.timeout"):
         make_source(make_ctx("unix:///nonexistent.sock", timeout=0))
-    with pytest.raises(PluginError, match="bogus"):
+    with pytest.raises(ConfigError, match="bogus"):
         make_source(make_ctx("bogus://daemon"))
 
 
@@ -252,12 +263,12 @@ def test_stopped_container_disappears_and_leaves_the_cache(
     leaving = whoami(docker_client)
     snapshot = source.snapshot()
     assert len(of(snapshot, staying)) == 1 and len(of(snapshot, leaving)) == 1
-    assert {staying.id, leaving.id} <= set(source._cache)
+    assert {staying.id, leaving.id} <= source.inspected()
     leaving.stop(timeout=10)
     snapshot = source.snapshot()
     assert len(of(snapshot, staying)) == 1
     assert of(snapshot, leaving) == []
-    assert staying.id in source._cache and leaving.id not in source._cache
+    assert staying.id in source.inspected() and leaving.id not in source.inspected()
 
 
 def test_a_die_event_hides_the_container_before_the_list_catches_up(
@@ -268,17 +279,18 @@ def test_a_die_event_hides_the_container_before_the_list_catches_up(
     registered because the snapshot after its ``die`` still listed it)."""
     source = new_source()
     container = whoami(docker_client)
-    assert len(of(source.snapshot(), container)) == 1
+    [instance] = routed(source, container)
     # The event as the stream delivers it, while the container still runs.
-    source._note_exit({"Type": "container", "Action": "die", "id": container.id}, "die")
-    assert of(source.snapshot(), container) == []
-    assert container.id in source._exited  # still listed as running: the hint stays
-    source._note_exit({"Type": "container", "Action": "start", "id": container.id}, "start")
-    assert len(of(source.snapshot(), container)) == 1
-    source._note_exit({"Actor": {"ID": container.id}, "Action": "destroy"}, "destroy")
+    source.note_event({"Type": "container", "Action": "die", "id": container.id})
+    assert len(of(source.snapshot(), container)) == 1  # still listed as running...
+    assert source.stopping() == {instance.id}  # ... and named as leaving
+    assert routed(source, container) == []
+    source.note_event({"Type": "container", "Action": "start", "id": container.id})
+    assert routed(source, container) == [instance]
+    source.note_event({"Actor": {"ID": container.id}, "Action": "destroy"})
     container.remove(force=True)
     source.snapshot()
-    assert container.id not in source._exited  # gone from the list: the hint is dropped
+    assert source.stopping() == frozenset()  # gone from the list: the hint is dropped
 
 
 def test_healthcheck_decides_eligibility(
@@ -329,7 +341,7 @@ def test_missing_daemon_socket_is_unavailable(tmp_path: Path) -> None:
             source.snapshot()
         assert "\n" not in str(raised.value)
         with pytest.raises(Unavailable, match=r"missing\.sock"):
-            source.watch(lambda reason: None, threading.Event())
+            source.watch(lambda *_, **__: None, threading.Event())
     finally:
         source.close()
 
@@ -351,7 +363,7 @@ class Watcher:
 
     def _run(self) -> None:
         try:
-            self.source.watch(self.reasons.append, self.stop)
+            self.source.watch(lambda reason, services=None: self.reasons.append(reason), self.stop)
         except BaseException as exc:
             self.error = exc
 
@@ -449,7 +461,7 @@ def test_daemon_killed_and_restarted(
             source.snapshot()
         assert "\n" not in str(raised.value)
         with pytest.raises(Unavailable, match=re.escape(daemon.host)):
-            source.watch(lambda reason: None, threading.Event())
+            source.watch(lambda *_, **__: None, threading.Event())
 
         daemon.start()
         snapshot = source.snapshot()  # the container may come back stopped: both are fine
@@ -576,7 +588,7 @@ def test_docker_stop_removes_the_instance_before_the_container_exits(
         stopper = threading.Thread(target=container.stop, kwargs={"timeout": 20}, daemon=True)
         stopper.start()
         wait_for(lambda: watcher.saw("docker kill"), 20, what="kill event")
-        assert of(source.snapshot(), container) == []
+        assert routed(source, container) == []
         container.reload()
         assert container.status == "running"  # still shutting down, already out
         stopper.join(30)
@@ -592,15 +604,15 @@ def test_a_reload_signal_keeps_the_instance(
 ) -> None:
     source = new_source()
     container = whoami(docker_client)
-    assert len(of(source.snapshot(), container)) == 1
+    assert len(routed(source, container)) == 1
     event = {"Action": "kill", "Actor": {"ID": container.id, "Attributes": {"signal": "1"}}}
-    source._note_exit(event, "kill")
-    assert len(of(source.snapshot(), container)) == 1
+    source.note_event(event)
+    assert len(routed(source, container)) == 1
     event["Actor"]["Attributes"]["signal"] = "15"  # type: ignore[index]
-    source._note_exit(event, "kill")
-    assert of(source.snapshot(), container) == []
-    source._note_exit({"Action": "start", "id": container.id}, "start")  # restarted
-    assert len(of(source.snapshot(), container)) == 1
+    source.note_event(event)
+    assert routed(source, container) == []
+    source.note_event({"Action": "start", "id": container.id})  # restarted
+    assert len(routed(source, container)) == 1
 
 
 def test_check_target_reaches_the_application_not_docker_proxy(
@@ -657,7 +669,6 @@ def test_the_images_own_stop_signal_drains_too(
     assert len(of(snapshot, custom)) == 1 and len(of(snapshot, plain)) == 1
     for container in (custom, plain):
         event = {"Action": "kill", "Actor": {"ID": container.id, "Attributes": {"signal": "12"}}}
-        source._note_exit(event, "kill")
-    snapshot = source.snapshot()
-    assert of(snapshot, custom) == []  # USR2 is how this one is stopped
-    assert len(of(snapshot, plain)) == 1  # for this one USR2 is just a signal
+        source.note_event(event)
+    assert routed(source, custom) == []  # USR2 is how this one is stopped
+    assert len(routed(source, plain)) == 1  # for this one USR2 is just a signal

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 import requests
 
-from discoverd.testing.services import (
+from tests.conftest import service_unavailable
+from tests.support.services import (
     ServiceUnavailable,
     free_port,
     require_binary,
     wait_for,
 )
-from tests.conftest import service_unavailable
 
 
 @dataclass(frozen=True)

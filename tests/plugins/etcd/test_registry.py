@@ -9,7 +9,7 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,12 +17,21 @@ import etcd3gw
 import pytest
 import requests
 
-from discoverd import HostInfo, PluginContext, PluginError, ServiceInstance, Unavailable
-from discoverd.plugins.etcd import OPTIONS, discoverd_register_registries, make_registry
-from discoverd.plugins.etcd.gateway import parse_endpoints
-from discoverd.plugins.etcd.layout import Layout
+from discoverd import (
+    Catalog,
+    ConfigError,
+    HostInfo,
+    PluginContext,
+    PluginError,
+    ServiceInstance,
+    Unavailable,
+    build_config,
+)
+from discoverd.plugins.etcd import discoverd_register_registries, make_registry
+from discoverd.plugins.etcd.config import EtcdConfig
+from discoverd.plugins.etcd.gateway import b64
 from discoverd.plugins.etcd.registry import EtcdRegistry
-from discoverd.testing.services import Etcd, free_port, require_binary, wait_for
+from tests.support.services import Etcd, free_port, require_binary, wait_for
 
 if TYPE_CHECKING:
     from tests.plugins.etcd.conftest import EtcdCluster
@@ -32,6 +41,18 @@ META = "/discoverd/instances"
 
 # --------------------------------------------------------------------------------------------
 # Helpers
+
+
+def config(*endpoints: str, **options: Any) -> EtcdConfig:
+    """A checked configuration, as the core builds it from the ``[etcd]`` section."""
+    values: dict[str, Any] = dict(options)
+    if endpoints:
+        values["endpoints"] = list(endpoints)
+    return build_config(EtcdConfig, values, section="etcd")
+
+
+def ignore(reason: str, services: Collection[str] | None = None) -> None:
+    """A notify for watches whose notifications do not matter."""
 
 
 def etcdctl(server: Etcd, *args: str, user: str = "") -> str:
@@ -83,12 +104,14 @@ def instance(
 
 
 class WatchRunner:
-    """Runs ``registry.watch`` in a thread and records what happened."""
+    """Runs ``registry.watch`` in a thread and records what happened: each notification's
+    reason, and the services it named (``None``: read everything)."""
 
     def __init__(self, registry: EtcdRegistry, since: int) -> None:
         self.registry = registry
         self.since = since
         self.reasons: list[str] = []
+        self.services: list[frozenset[str] | None] = []
         self.error: BaseException | None = None
         self.returned = False
         self.stop = threading.Event()
@@ -97,10 +120,14 @@ class WatchRunner:
 
     def _run(self) -> None:
         try:
-            self.registry.watch(self.reasons.append, self.stop, self.since)
+            self.registry.watch(self.notify, self.stop, self.since)
             self.returned = True
         except BaseException as exc:
             self.error = exc
+
+    def notify(self, reason: str, services: Collection[str] | None = None) -> None:
+        self.services.append(None if services is None else frozenset(services))
+        self.reasons.append(reason)  # last: a waiter counting reasons sees both
 
     def wait_for_notifications(self, count: int, timeout: float = 10) -> None:
         wait_for(lambda: len(self.reasons) >= count, timeout, what=f"{count} notification(s)")
@@ -119,8 +146,8 @@ def registries(etcd: Etcd) -> Iterator[Callable[..., EtcdRegistry]]:
     """Build registries on the test's etcd (or other endpoints); all are closed afterwards."""
     made: list[EtcdRegistry] = []
 
-    def make(*endpoints: str, **options: Any) -> EtcdRegistry:
-        registry = EtcdRegistry(list(endpoints) or [etcd.endpoint], **options)
+    def make(*endpoints: str, host_id: str = "", **options: Any) -> EtcdRegistry:
+        registry = EtcdRegistry(config(*(endpoints or [etcd.endpoint]), **options), host_id=host_id)
         made.append(registry)
         return registry
 
@@ -154,14 +181,15 @@ def test_plugin_record_and_factory(etcd: Etcd, tmp_path: Path) -> None:
     [record] = discoverd_register_registries()
     assert record.name == "etcd"
     assert record.factory is make_registry
-    endpoints = record.option("endpoints")
-    assert endpoints is not None
-    assert endpoints.env == ("ETCD_HOST",)
-    assert endpoints.default == ["127.0.0.1:2379"]
-    options = {o.name: o.default for o in OPTIONS}
-    options["endpoints"] = [etcd.endpoint]
+    assert record.config is EtcdConfig
+    options = {o.name: o for o in record.options}
+    assert options["endpoints"].env == ("ETCD_HOST",)
+    assert options["endpoints"].default == ("127.0.0.1:2379",)
+    assert options["password"].secret
     registry = record.factory(
-        PluginContext(options=options, host=HostInfo(ip="", id="h9"), state_dir=tmp_path)
+        PluginContext(
+            config=config(etcd.endpoint), host=HostInfo(ip="", id="h9"), state_dir=tmp_path
+        )
     )
     try:
         assert isinstance(registry, EtcdRegistry)
@@ -173,31 +201,56 @@ def test_plugin_record_and_factory(etcd: Etcd, tmp_path: Path) -> None:
         registry.close(deregister=True)
 
 
-def test_parse_endpoints() -> None:
-    assert parse_endpoints(["127.0.0.1:2379"], tls=False) == ("http://127.0.0.1:2379",)
-    assert parse_endpoints("10.0.0.1:1, 10.0.0.2:2,,", tls=False) == (
-        "http://10.0.0.1:1",
-        "http://10.0.0.2:2",
-    )
-    assert parse_endpoints(["etcd.local"], tls=False) == ("http://etcd.local:2379",)
-    assert parse_endpoints(["https://[::1]:4001/"], tls=False) == ("https://[::1]:4001",)
-    assert parse_endpoints(["[::1]:4001", "http://a:1"], tls=True) == (
+def test_endpoints_become_base_urls() -> None:
+    assert config("127.0.0.1:2379").urls == ("http://127.0.0.1:2379",)
+    assert config("10.0.0.1:1, 10.0.0.2:2,,").urls == ("http://10.0.0.1:1", "http://10.0.0.2:2")
+    assert config("etcd.local").urls == ("http://etcd.local:2379",)
+    assert config("https://[::1]:4001/").urls == ("https://[::1]:4001",)
+    # TLS options mean https, even for an explicit http://.
+    assert config("[::1]:4001", "http://a:1", ca_cert="/ca.pem").urls == (
         "https://[::1]:4001",
         "https://a:1",
     )
     for bad in (["ftp://a:1"], ["a:99999"], ["http://a:1/v3"], [" , "]):
-        with pytest.raises(PluginError, match="etcd"):
-            parse_endpoints(bad, tls=False)
+        with pytest.raises(ConfigError, match="etcd"):
+            config(*bad)
+
+
+def test_endpoint_credentials_are_never_shown() -> None:
+    for bad in ("http://root:s3cret@10.0.0.1:2379", "root:s3cret@10.0.0.1:2379"):
+        with pytest.raises(ConfigError) as caught:
+            config("10.0.0.2:2379", bad)
+        message = str(caught.value)
+        assert "s3cret" not in message and "root" not in message, message
+        assert "***@10.0.0.1:2379" in message and "endpoints" in message
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ({"ttl": 0}, ["etcd.ttl", "at least 1"]),
+        ({"timeout": 0}, ["etcd.timeout", "above zero"]),
+        ({"key": "/k.pem"}, ["key", "cert"]),
+        ({"password": "s3cret"}, ["password", "user"]),
+        ({"prefix": "/"}, ["etcd.prefix", "key prefix"]),
+    ],
+)
+def test_bad_options_name_their_key(options: dict[str, Any], words: list[str]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config(**options)
+    message = str(caught.value)
+    assert all(word in message for word in words), message
+    assert "s3cret" not in message and "\n" not in message
 
 
 def test_overlapping_prefixes_are_refused() -> None:
-    with pytest.raises(PluginError, match="overlap"):
-        Layout("/backends", "/backends/meta")
-    with pytest.raises(PluginError, match="overlap"):
-        EtcdRegistry(["127.0.0.1:2379"], prefix="/x/", meta_prefix="/x")
-    with pytest.raises(PluginError, match="prefix"):
-        Layout("/", "/meta")
-    assert Layout("/a/", "/ab").prefix == "/a"  # "/ab" is not below "/a/"
+    with pytest.raises(ConfigError, match="overlap"):
+        config(prefix="/backends", meta_prefix="/backends/meta")
+    with pytest.raises(ConfigError, match="overlap"):
+        config(prefix="/x/", meta_prefix="/x")
+    with pytest.raises(ConfigError, match="prefix"):
+        config(prefix="/", meta_prefix="/meta")
+    assert config(prefix="/a/", meta_prefix="/ab").prefix == "/a"  # "/ab" is not below "/a/"
 
 
 # --------------------------------------------------------------------------------------------
@@ -489,17 +542,25 @@ def test_watch_notifies_on_put_and_delete(
     raw.put("/backends/whoami/abc", "10.0.0.1:80")
     runner.wait_for_notifications(1)
     assert set(runner.reasons) == {"etcd watch"}
+    assert set(runner.services) == {frozenset({"whoami"})}  # each names the service it touched
     count = len(runner.reasons)
     raw.delete("/backends/whoami/abc")
     runner.wait_for_notifications(count + 1)
+    assert runner.services[count:] == [frozenset({"whoami"})]
     count = len(runner.reasons)
-    raw.put(f"{META}/whoami/abc", "{}")  # the metadata prefix is watched too
+    raw.put(f"{META}/redis/abc", "{}")  # the metadata prefix is watched too
     runner.wait_for_notifications(count + 1)
+    assert runner.services[count:] == [frozenset({"redis"})]
     count = len(runner.reasons)
     raw.put("/elsewhere/x", "1")  # outside both prefixes: no notification
     raw.put("/backends/whoami/def", "10.0.0.2:80")
     runner.wait_for_notifications(count + 1)
     assert len(runner.reasons) == count + 1
+    assert runner.services[count:] == [frozenset({"whoami"})]
+    count = len(runner.reasons)
+    raw.put("/backends/stray-key", "x")  # in no service directory: read everything
+    runner.wait_for_notifications(count + 1)
+    assert runner.services[count:] == [None]
     assert runner.thread.is_alive()
     runner.finish()
     assert runner.returned and runner.error is None
@@ -558,7 +619,7 @@ def test_watch_ends_promptly_when_etcd_is_killed(
     assert runner.returned or isinstance(runner.error, Unavailable), runner.error
     # And the next watch (the core calls it again) fails fast, naming the endpoint.
     with pytest.raises(Unavailable, match=etcd.endpoint):
-        reader.watch(lambda _: None, threading.Event(), 1)
+        reader.watch(ignore, threading.Event(), 1)
 
 
 def test_watch_returns_when_its_start_revision_was_compacted(
@@ -575,6 +636,7 @@ def test_watch_returns_when_its_start_revision_was_compacted(
     runner = watchers(reader, 2)  # older than the compaction: the core must re-list
     runner.wait_ended(timeout=10)
     assert runner.returned and runner.error is None
+    assert runner.services == [None]  # changes were lost: read everything, not some services
 
 
 def test_watch_reestablishes_an_idle_stream_without_losing_events(
@@ -585,7 +647,7 @@ def test_watch_reestablishes_an_idle_stream_without_losing_events(
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="discoverd.etcd")
     reader = registries()
-    reader.watch_idle_timeout = 0.3
+    reader.reader.idle_timeout = 0.3
     runner = watchers(reader, reader.snapshot().revision)
     wait_for(
         lambda: sum("idle; re-establishing" in r.getMessage() for r in caplog.records) >= 2,
@@ -616,6 +678,7 @@ def test_watch_notices_a_wiped_etcd(
     runner = watchers(reader, revision)
     runner.wait_for_notifications(1)
     assert "etcd revision reset" in runner.reasons
+    assert runner.services[runner.reasons.index("etcd revision reset")] is None
     count = len(runner.reasons)
     raw_client(etcd).put("/backends/whoami/new", "10.0.0.9:80")
     runner.wait_for_notifications(count + 1)
@@ -704,7 +767,7 @@ def test_user_and_password_authentication(
     anonymous = registries()
     for call in (
         anonymous.snapshot,
-        lambda: anonymous.watch(lambda _: None, threading.Event(), catalog.revision),
+        lambda: anonymous.watch(ignore, threading.Event(), catalog.revision),
     ):
         with pytest.raises(PluginError, match="user and password") as caught:
             call()
@@ -716,8 +779,8 @@ def test_failover_when_the_current_member_of_a_cluster_dies(
     watchers: Callable[[EtcdRegistry, int], WatchRunner],
 ) -> None:
     endpoints = etcd_cluster.endpoints
-    registrar = EtcdRegistry(endpoints, ttl=10, timeout=2.0)
-    reader = EtcdRegistry(endpoints, timeout=2.0)
+    registrar = EtcdRegistry(config(*endpoints, ttl=10, timeout=2.0))
+    reader = EtcdRegistry(config(*endpoints, timeout=2.0))
     try:
         registrar.register(instance())
         catalog = reader.snapshot()
@@ -750,7 +813,12 @@ def test_tls_with_client_certificates(
     tls = member.tls
     assert tls is not None
     registry = EtcdRegistry(  # no scheme in the endpoint: TLS options mean https
-        [member.endpoint], ca_cert=str(tls.ca), cert=str(tls.client_cert), key=str(tls.client_key)
+        config(
+            member.endpoint,
+            ca_cert=str(tls.ca),
+            cert=str(tls.client_cert),
+            key=str(tls.client_key),
+        )
     )
     try:
         assert registry.gateway.urls == (member.url,)
@@ -763,7 +831,7 @@ def test_tls_with_client_certificates(
     finally:
         registry.close(deregister=True)
     # Without a client certificate etcd refuses the connection.
-    anonymous = EtcdRegistry([member.endpoint], ca_cert=str(tls.ca))
+    anonymous = EtcdRegistry(config(member.endpoint, ca_cert=str(tls.ca)))
     try:
         with pytest.raises(Unavailable, match=member.endpoint):
             anonymous.snapshot()
@@ -772,52 +840,141 @@ def test_tls_with_client_certificates(
 
 
 # --------------------------------------------------------------------------------------------
-# Incremental snapshots while the watch runs
+# Reading only the services a watch named
 
 
-def test_snapshots_while_watching_read_only_what_changed_and_equal_a_full_read(
+def in_directories(subject: str, services: Collection[str]) -> bool:
+    """Whether a problem's subject (a key) lies in the directory of one of ``services``."""
+    return any(
+        subject in (f"/backends/{s}", f"{META}/{s}")
+        or subject.startswith((f"/backends/{s}/", f"{META}/{s}/"))
+        for s in services
+    )
+
+
+def view(catalog: Catalog, services: Collection[str]) -> tuple[list[Any], list[Any]]:
+    """What ``catalog`` holds of ``services``: their instances, and the problems of their keys."""
+    return (
+        sorted(i for i in catalog.instances if i.service in services),
+        sorted((p for p in catalog.problems if in_directories(p.subject, services)), key=str),
+    )
+
+
+def apply_partial(previous: Catalog, partial: Catalog, services: Collection[str]) -> Catalog:
+    """What a reader (the core) holds after replacing ``services`` with ``partial``."""
+    kept = [i for i in previous.instances if i.service not in services]
+    known = [p for p in previous.problems if not in_directories(p.subject, services)]
+    return Catalog(
+        tuple(sorted([*kept, *partial.instances])),
+        tuple(sorted([*known, *partial.problems], key=str)),
+        partial.revision,
+    )
+
+
+def test_read_services_after_each_change_equals_a_full_read(
     etcd: Etcd,
     registries: Callable[..., EtcdRegistry],
     watchers: Callable[[EtcdRegistry, int], WatchRunner],
 ) -> None:
-    """With its watch running, a registry re-reads only the services the watch saw change;
-    after every kind of change its snapshot must equal a fresh registry's full read."""
+    """The watch names every service a change touched; reading only those
+    (``read_services``) and keeping the rest gives what a full read gives, after every kind
+    of change. A change in no service directory names no services: read everything."""
     raw = raw_client(etcd)
     writer = registries(host_id="w")
     for n in range(5):
         writer.register(instance(f"svc{n}", f"w:c{n}:8000:tcp", port=30000 + n))
     reader = registries()
-    runner = watchers(reader, reader.snapshot().revision)
-    wait_for(lambda: reader._mirror is not None and reader._mirror.live, 10, what="live mirror")
+    held = reader.snapshot()
+    runner = watchers(reader, held.revision)
 
-    def change(what: str, action: Callable[[], object]) -> None:
+    def change(what: str, action: Callable[[], object], expected: set[str] | None) -> None:
+        nonlocal held
         count = len(runner.reasons)
         action()
-        wait_for(lambda: len(runner.reasons) > count, 10, what=f"notification for {what}")
+        runner.wait_for_notifications(count + 1)
         time.sleep(0.05)  # the rest of the events of that change
-        ours = reader.snapshot()
+        named = runner.services[count:]
+        if expected is None:
+            assert None in named, what
+            held = reader.snapshot()
+            return
+        assert None not in named, what
+        touched: set[str] = set().union(*(n for n in named if n is not None))
+        assert touched == expected, what
+        partial = reader.read_services(touched)
         full = registries().snapshot()
-        assert (ours.instances, ours.problems) == (full.instances, full.problems), what
-        mirror = reader._mirror
-        assert mirror is not None and mirror.live and not mirror.dirty, what
+        assert partial.revision > held.revision, what
+        assert view(partial, touched) == view(full, touched), what
+        assert {i.service for i in partial.instances} <= touched, what
+        assert all(in_directories(p.subject, touched) for p in partial.problems), what
+        held = apply_partial(held, partial, touched)
+        assert (held.instances, held.problems) == (
+            tuple(sorted(full.instances)),
+            tuple(sorted(full.problems, key=str)),
+        ), what
 
-    change("a new instance", lambda: writer.register(instance("svc1", "w:c9:8000:tcp", port=3)))
+    def one_transaction(*keys: str) -> None:
+        puts = [{"request_put": {"key": b64(key), "value": b64("10.0.0.9:9")}} for key in keys]
+        raw.transaction({"compare": [], "success": puts, "failure": []})
+
+    change(
+        "a new instance",
+        lambda: writer.register(instance("svc1", "w:c9:8000:tcp", port=3)),
+        {"svc1"},
+    )
     change(
         "a removed service",
         lambda: writer.deregister(instance("svc2", "w:c2:8000:tcp", port=30002)),
+        {"svc2"},
     )
-    change("a malformed value", lambda: raw.put("/backends/svc3/w:c3:8000:tcp", "not an endpoint"))
-    change("malformed metadata", lambda: raw.put(f"{META}/svc4/w:c4:8000:tcp", "{not json"))
-    change("a new frontend port", lambda: raw.put("/backends/svc1/port", "9999"))
-    change("a key outside any service", lambda: raw.put("/backends/stray-key", "x"))
-    change("a nested key", lambda: raw.put("/backends/svc0/a/b", "10.0.0.1:1"))
-    change("a deleted port key", lambda: raw.delete("/backends/svc0/port"))
-    # Partial reads never move the catalog's revision: a watch resumed from it must not skip
-    # events of services that were not read.
-    mirror = reader._mirror
-    assert mirror is not None and reader.snapshot().revision == mirror.revision
-    assert mirror.revision < registries().snapshot().revision
-    assert {i.service for i in reader.snapshot().instances} >= {"svc0", "svc1"}
+    change(
+        "a malformed value",
+        lambda: raw.put("/backends/svc3/w:c3:8000:tcp", "not an endpoint"),
+        {"svc3"},
+    )
+    change(
+        "malformed metadata", lambda: raw.put(f"{META}/svc4/w:c4:8000:tcp", "{not json"), {"svc4"}
+    )
+    change("a new frontend port", lambda: raw.put("/backends/svc1/port", "9999"), {"svc1"})
+    change("a key outside any service", lambda: raw.put("/backends/stray-key", "x"), None)
+    change("a nested key", lambda: raw.put("/backends/svc0/a/b", "10.0.0.1:1"), {"svc0"})
+    change("an empty instance id", lambda: raw.put("/backends/svc4/", "10.0.0.1:1"), {"svc4"})
+    change("a deleted port key", lambda: raw.delete("/backends/svc0/port"), {"svc0"})
+    change(
+        "an invalid service name",
+        lambda: raw.put("/backends/Bad_Name/x", "1.2.3.4:5"),
+        {"Bad_Name"},
+    )
+    change(
+        "one transaction over two services",
+        lambda: one_transaction("/backends/svc1/multi", "/backends/svc3/multi"),
+        {"svc1", "svc3"},
+    )
+    assert {i.service for i in held.instances} >= {"svc0", "svc1"}
+
+
+def test_read_services_reads_many_services_at_one_revision(
+    registries: Callable[..., EtcdRegistry],
+) -> None:
+    """More services than one transaction may read (etcd: 128 operations): read in several
+    transactions at one revision, and equal to a full read."""
+    writer = registries(host_id="w")
+    batch = [
+        instance(f"many{n:03d}", f"w:c{n:03d}:8000:tcp", port=31000 + n, host_id="w")
+        for n in range(130)
+    ]
+    writer.register_many(batch)
+    reader = registries()  # a fresh registry: reading a subset needs no earlier read
+    names = [i.service for i in batch]
+    partial = reader.read_services([*names, "absent", "a/b", ""])
+    full = reader.snapshot()
+    assert partial.revision == full.revision  # nothing was written in between
+    assert view(partial, names) == view(full, names)
+    assert sorted(partial.instances) == sorted(batch)  # an absent service is simply absent
+    some = reader.read_services(["many007", "many100"])
+    assert [i.service for i in some.instances] == ["many007", "many100"]
+    nothing = reader.read_services([])
+    assert nothing.instances == () and nothing.revision == full.revision
 
 
 def test_snapshot_reads_everything_again_without_a_live_watch(
@@ -830,6 +987,24 @@ def test_snapshot_reads_everything_again_without_a_live_watch(
     # No watch ran: nothing marked the service, yet the snapshot must see it.
     [found] = reader.snapshot().instances
     assert found.service == "web" and found.endpoint == "10.0.0.1:80"
+
+
+def test_snapshot_is_a_full_read_while_the_watch_runs(
+    etcd: Etcd,
+    registries: Callable[..., EtcdRegistry],
+    watchers: Callable[[EtcdRegistry, int], WatchRunner],
+) -> None:
+    reader = registries()
+    runner = watchers(reader, reader.snapshot().revision)
+    raw = raw_client(etcd)
+    raw.put("/backends/web/x", "10.0.0.1:80")
+    raw.put("/backends/web/port", "80")
+    # Read at once, whether or not the watch has seen the change yet: the snapshot has it.
+    [found] = reader.snapshot().instances
+    assert found.service == "web" and found.endpoint == "10.0.0.1:80"
+    runner.wait_for_notifications(1)
+    raw.delete("/backends/web/x")
+    assert reader.snapshot().instances == ()
 
 
 def test_register_many_writes_one_transaction_per_service(

@@ -16,11 +16,12 @@ from typing import Any
 
 import pytest
 
-from discoverd import HostInfo, PluginContext, Service, ServiceInstance
-from discoverd.core.process import pid_alive
+from discoverd import HostInfo, PluginContext, Service, ServiceInstance, build_config
 from discoverd.plugins.haproxy import make_proxy
+from discoverd.plugins.haproxy.config import HAProxyConfig
 from discoverd.plugins.haproxy.proxy import HAProxy
-from discoverd.plugins.haproxy.runtime import read_pid, show_proc
+from discoverd.plugins.haproxy.sockets import show_proc
+from discoverd.proxykit import pid_alive, read_pid
 
 
 class NameServer:
@@ -83,6 +84,16 @@ class NameServer:
         self.server.server_close()
 
 
+def haproxy_context(state_dir: Path, **options: Any) -> PluginContext[HAProxyConfig]:
+    """What discoverd hands the factory: ``options`` checked into an ``HAProxyConfig`` (a bad
+    value raises ``ConfigError``, as the core's own check does)."""
+    return PluginContext(
+        config=build_config(HAProxyConfig, options, section="haproxy"),
+        host=HostInfo(ip="127.0.0.1", id="host1"),
+        state_dir=state_dir,
+    )
+
+
 @pytest.fixture
 def backends() -> Iterator[Callable[..., NameServer]]:
     """``backends("a")`` starts a backend answering ``I am a``; all stop at teardown."""
@@ -135,7 +146,7 @@ def _kill_strays(state_dir: Path) -> None:
 def make_haproxy(haproxy_binary: str, state_root: Path) -> Iterator[Callable[..., HAProxy]]:
     """``make_haproxy(**options)`` builds a proxy on ``state_root`` (stats on a free port unless
     given). Every HAProxy started there is stopped at teardown, killed if it does not stop."""
-    from discoverd.testing.services import free_port
+    from tests.support.services import free_port
 
     made: list[HAProxy] = []
 
@@ -143,12 +154,7 @@ def make_haproxy(haproxy_binary: str, state_root: Path) -> Iterator[Callable[...
         options.setdefault("binary", haproxy_binary)
         options.setdefault("bind", "127.0.0.1")
         options.setdefault("stats_port", free_port())
-        ctx = PluginContext(
-            options=options,
-            host=HostInfo(ip="127.0.0.1", id="host1"),
-            state_dir=state_dir or state_root,
-        )
-        proxy = make_proxy(ctx)
+        proxy = make_proxy(haproxy_context(state_dir or state_root, **options))
         assert isinstance(proxy, HAProxy)
         made.append(proxy)
         return proxy

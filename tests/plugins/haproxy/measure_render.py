@@ -21,9 +21,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from discoverd import HostInfo, PluginContext, Service, ServiceInstance
+from discoverd import Service, ServiceInstance
 from discoverd.plugins.haproxy import make_proxy
 from discoverd.plugins.haproxy.proxy import HAProxy
+from tests.plugins.haproxy.conftest import haproxy_context
 
 
 def build(services: int, instances: int, port_base: int, moved: int = -1) -> list[Service]:
@@ -87,17 +88,11 @@ def main() -> None:
     args = p.parse_args()
     base = free_range(args.services) if args.apply else 21000
     state = Path(tempfile.mkdtemp(prefix="dm-"))
-    ctx = PluginContext(
-        options={
-            "binary": args.binary,
-            "bind": "127.0.0.1",
-            "stats_port": 0,
-            "check_interval": "30s",
-        },
-        host=HostInfo("127.0.0.1", "host1"),
-        state_dir=state,
+    proxy = make_proxy(
+        haproxy_context(
+            state, binary=args.binary, bind="127.0.0.1", stats_port=0, check_interval="30s"
+        )
     )
-    proxy = make_proxy(ctx)
     assert isinstance(proxy, HAProxy)
     first = build(args.services, args.instances, base)
     again = build(args.services, args.instances, base)

@@ -27,8 +27,8 @@ import pytest
 
 from discoverd import Service, ServiceInstance
 from discoverd.plugins.haproxy.proxy import HAProxy
-from discoverd.plugins.haproxy.runtime import master_reload_count
-from discoverd.testing.services import free_port, wait_for
+from discoverd.plugins.haproxy.sockets import master_reload_count
+from tests.support.services import free_port, wait_for
 
 MakeHAProxy = Callable[..., HAProxy]
 

@@ -21,24 +21,23 @@ from pathlib import Path
 import pytest
 
 from discoverd import (
-    HostInfo,
-    PluginContext,
+    ConfigError,
     PluginError,
     ProxyConfigError,
     Service,
     ServiceInstance,
 )
 from discoverd.core.manager import get_plugin_manager
-from discoverd.core.process import pid_alive
 from discoverd.plugins.haproxy import make_proxy
 from discoverd.plugins.haproxy.proxy import HAProxy
-from discoverd.plugins.haproxy.runtime import (
+from discoverd.plugins.haproxy.sockets import (
     cli,
     filter_server_state,
     parse_show_proc,
 )
-from discoverd.testing.services import free_port, http_get, wait_for
-from tests.plugins.haproxy.conftest import NameServer, http_service
+from discoverd.proxykit import pid_alive
+from tests.plugins.haproxy.conftest import NameServer, haproxy_context, http_service
+from tests.support.services import free_port, http_get, wait_for
 
 GOLDEN = Path(__file__).parent / "golden"
 MakeHAProxy = Callable[..., HAProxy]
@@ -51,10 +50,7 @@ Backends = Callable[[str], NameServer]
 
 def offline_proxy(**options: object) -> HAProxy:
     """A proxy for render-only tests (no binary needed, nothing written)."""
-    ctx = PluginContext(
-        options=options, host=HostInfo("127.0.0.1", "host1"), state_dir=Path("/run/discoverd")
-    )
-    proxy = make_proxy(ctx)
+    proxy = make_proxy(haproxy_context(Path("/run/discoverd"), **options))
     assert isinstance(proxy, HAProxy)
     return proxy
 
@@ -225,14 +221,14 @@ def test_plugin_is_registered_with_its_options() -> None:
     ],
 )
 def test_bad_options_are_refused_at_factory_time(options: dict[str, object], words: str) -> None:
-    with pytest.raises(PluginError, match=words):
+    with pytest.raises(ConfigError, match=words):
         offline_proxy(**options)
 
 
 def test_state_dir_that_haproxy_cannot_use_is_refused() -> None:
     for bad in ("/tmp/it's", "/tmp/a,b", "/tmp/" + "x" * 100):
         with pytest.raises(PluginError, match="state"):
-            HAProxy(offline_proxy().settings, Path(bad))
+            HAProxy(offline_proxy().config, Path(bad))
 
 
 def test_reserved_ports_name_the_stats_page() -> None:
@@ -422,7 +418,7 @@ def test_apply_starts_haproxy_and_balances_round_robin(
     seen = answers(port, 6)
     assert set(seen) == {"I am a", "I am b"}
     assert all(x != y for x, y in itertools.pairwise(seen)), seen
-    page = http_get(f"http://127.0.0.1:{proxy.settings.stats_port}/")
+    page = http_get(f"http://127.0.0.1:{proxy.config.stats_port}/")
     assert "Statistics Report" in page
     assert "web" in page
 
@@ -494,6 +490,9 @@ def test_a_reload_that_cannot_bind_is_reported_and_the_old_config_serves_on(
             proxy.apply(candidate, second)
         assert "Address already in use" in str(caught.value)
         assert str(taken) in str(caught.value)
+        # The status of the last apply says so (what a health endpoint serves).
+        status = proxy.last_apply
+        assert status is not None and status.failed and status.error == str(caught.value)
         assert proxy.config_file.read_text() == good
         assert http_get(f"http://127.0.0.1:{port1}/") == "I am a\n"
         assert proc(proxy)[0] == master
@@ -506,6 +505,7 @@ def test_a_reload_that_cannot_bind_is_reported_and_the_old_config_serves_on(
     # Once the port is free the same candidate goes through.
     assert proxy.apply(candidate, second) == "reloaded"
     assert http_get(f"http://127.0.0.1:{taken}/") == "I am b\n"
+    assert proxy.last_apply is not None and proxy.last_apply.result == "reloaded"
 
 
 def test_a_refused_candidate_leaves_the_running_haproxy_alone(
@@ -523,7 +523,7 @@ def test_a_refused_candidate_leaves_the_running_haproxy_alone(
         '{% extends "default:haproxy.cfg.j2" %}\n'
         "{% block service_extra %}\n    frobnicate {{ service.name }}\n{% endblock %}\n"
     )
-    other = make_haproxy(template_dir=str(tmp_path), stats_port=proxy.settings.stats_port)
+    other = make_haproxy(template_dir=str(tmp_path), stats_port=proxy.config.stats_port)
     with pytest.raises(ProxyConfigError, match="frobnicate"):
         other.validate(other.render(services))
     assert proxy.config_file.read_text() == good
@@ -543,7 +543,7 @@ def test_a_second_proxy_adopts_the_running_master(
     assert http_get(f"http://127.0.0.1:{port1}/") == "I am a\n"
     master, reloads, _ = proc(first_proxy)
 
-    adopter = make_haproxy(stats_port=first_proxy.settings.stats_port)
+    adopter = make_haproxy(stats_port=first_proxy.config.stats_port)
     assert adopter.apply(adopter.render(first), first) == "unchanged"
     second = [http_service("one", port1, a), http_service("two", port2, b)]
     assert adopter.apply(adopter.render(second), second) == "reloaded"
@@ -700,8 +700,7 @@ def test_an_http_check_path_that_is_not_a_plain_path_is_ignored() -> None:
 def test_filesystem_errors_are_reported_as_plugin_errors(tmp_path: Path) -> None:
     """A state directory that cannot be used is an error for the operator, not a traceback."""
     (tmp_path / "haproxy").write_text("a file where the directory should be")
-    ctx = PluginContext(options={}, host=HostInfo("127.0.0.1", "host1"), state_dir=tmp_path)
-    proxy = make_proxy(ctx)
+    proxy = make_proxy(haproxy_context(tmp_path))
     config = proxy.render([])
     with pytest.raises(PluginError, match="haproxy: cannot stage"):
         proxy.validate(config)

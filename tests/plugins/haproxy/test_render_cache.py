@@ -2,7 +2,7 @@
 
 Every render of a long-lived proxy object (which caches each service's section and its split)
 is compared with the render of a fresh proxy object, through changes of instances, services,
-settings and templates; and the layout assembled from cached pieces with a split of the whole
+settings and templates; and the split assembled from cached pieces with a split of the whole
 text. Pure: no HAProxy is started.
 """
 
@@ -15,18 +15,18 @@ from pathlib import Path
 
 import pytest
 
-from discoverd import HostInfo, PluginContext, Service, ServiceInstance
+from discoverd import Service, ServiceInstance
 from discoverd.plugins.haproxy import make_proxy
-from discoverd.plugins.haproxy.layout import Layout, parse_layout, parse_piece
+from discoverd.plugins.haproxy.config_split import ConfigSplit, parse_piece, split_config
 from discoverd.plugins.haproxy.proxy import HAProxy
 from discoverd.plugins.haproxy.render import render_config
+from tests.plugins.haproxy.conftest import haproxy_context
 
 STATE = Path("/run/discoverd")
 
 
 def proxy_with(**options: object) -> HAProxy:
-    ctx = PluginContext(options=options, host=HostInfo("127.0.0.1", "host1"), state_dir=STATE)
-    proxy = make_proxy(ctx)
+    proxy = make_proxy(haproxy_context(STATE, **options))
     assert isinstance(proxy, HAProxy)
     return proxy
 
@@ -116,7 +116,7 @@ def mutations(rng: random.Random, start: list[Service]) -> Iterator[tuple[str, l
         yield f"change {kind} of {target.name}", list(services)
 
 
-def same_layout(a: Layout, b: Layout) -> bool:
+def same_split(a: ConfigSplit, b: ConfigSplit) -> bool:
     return (
         a.structure == b.structure
         and {k: dict(v) for k, v in a.servers.items()} == {k: dict(v) for k, v in b.servers.items()}
@@ -131,20 +131,20 @@ def same_layout(a: Layout, b: Layout) -> bool:
 
 def test_shipped_template_renders_sections_from_the_cache() -> None:
     proxy = proxy_with()
-    assert proxy._renderer.cached
+    assert proxy.renderer.cached
     services = registry()
     first = proxy.render(services)
-    assert proxy._renderer.sections_rendered == len(services)
+    assert proxy.renderer.sections_rendered == len(services)
     # Unchanged: nothing rendered again, same objects or equal new ones.
     assert proxy.render(services) == first
     assert proxy.render(equal_copy(services)) == first
-    assert proxy._renderer.sections_rendered == len(services)
+    assert proxy.renderer.sections_rendered == len(services)
     # One instance moves: that service's section only, and the text changes where it must.
     changed = list(services)
     moved = replace(changed[4].instances[0], port=40404)
     changed[4] = replace(changed[4], instances=(moved, *changed[4].instances[1:]))
     text = proxy.render(changed)
-    assert proxy._renderer.sections_rendered == len(services) + 1
+    assert proxy.renderer.sections_rendered == len(services) + 1
     assert text == proxy_with().render(changed)
     assert f"{moved.address}:40404" in text and f"{moved.address}:40404" not in first
 
@@ -161,15 +161,15 @@ def test_every_cached_render_equals_a_fresh_render() -> None:
         assert proxy.render(shuffled) == text, what  # order does not matter, cached or not
 
 
-def test_the_layout_from_cached_pieces_equals_a_split_of_the_whole_text() -> None:
+def test_the_split_from_cached_pieces_equals_a_split_of_the_whole_text() -> None:
     rng = random.Random(5)
     proxy = proxy_with()
     for what, services in mutations(rng, registry()):
         text = proxy.render(services)
-        assert same_layout(proxy._layout(text), parse_layout(text)), what
+        assert same_split(proxy.split(text), split_config(text)), what
     # A text that is not the last render is split as a whole.
     other = proxy_with(retries=7).render(registry())
-    assert same_layout(proxy._layout(other), parse_layout(other))
+    assert same_split(proxy.split(other), split_config(other))
 
 
 def test_settings_are_part_of_what_is_cached() -> None:
@@ -198,13 +198,13 @@ def test_a_user_template_extending_the_shipped_one_is_cached_correctly(tmp_path:
         "{% endblock %}\n"
     )
     proxy = proxy_with(template_dir=str(tmp_path))
-    assert proxy._renderer.cached
+    assert proxy.renderer.cached
     rng = random.Random(6)
     for what, services in mutations(rng, registry()):
         text = proxy.render(services)
         assert text == proxy_with(template_dir=str(tmp_path)).render(services), what
         assert f"# {len(services)} services\n" in text
-        assert same_layout(proxy._layout(text), parse_layout(text)), what
+        assert same_split(proxy.split(text), split_config(text)), what
 
 
 @pytest.mark.parametrize(
@@ -226,7 +226,7 @@ def test_a_section_that_depends_on_more_than_its_service_is_never_cached(
 ) -> None:
     (tmp_path / "haproxy.cfg.j2").write_text('{% extends "default:haproxy.cfg.j2" %}\n' + block)
     proxy = proxy_with(template_dir=str(tmp_path))
-    assert not proxy._renderer.cached
+    assert not proxy.renderer.cached
     rng = random.Random(7)
     for what, services in mutations(rng, registry()):
         fresh = proxy_with(template_dir=str(tmp_path)).render(services)
@@ -242,7 +242,7 @@ def test_a_template_of_its_own_is_rendered_whole(tmp_path: Path) -> None:
         "{% endblock %}{% endfor %}"
     )
     proxy = proxy_with(template_dir=str(tmp_path))
-    assert not proxy._renderer.cached
+    assert not proxy.renderer.cached
     services = registry()
     first = proxy.render(services)
     assert "# 1 of 12" in first
@@ -273,7 +273,7 @@ def test_another_template_dir_renders_its_own_template(tmp_path: Path) -> None:
     assert a.render(services) == proxy_with(template_dir=str(one)).render(services)
     # The same text as the one-pass render of the same template.
     assert shipped.render(services) == render_config(
-        shipped._renderer.template, shipped.settings, shipped.dir, services
+        shipped.renderer.template, shipped.config, shipped.dir, services
     )
 
 

@@ -13,22 +13,22 @@ from pathlib import Path
 import pytest
 
 from discoverd import ProxyConfigError, Service, ServiceInstance
-from discoverd.plugins.haproxy.layout import (
+from discoverd.plugins.haproxy.config_split import (
     checked_without_haproxy,
-    parse_layout,
     runtime_changes,
+    split_config,
 )
+from discoverd.plugins.haproxy.drain import drain_seconds
 from discoverd.plugins.haproxy.proxy import HAProxy
-from discoverd.plugins.haproxy.runtime import (
+from discoverd.plugins.haproxy.sockets import (
     cli,
     master_reload_count,
     server_ids,
     server_names,
     sessions,
 )
-from discoverd.plugins.haproxy.settings import drain_seconds
-from discoverd.testing.services import free_port, http_get, wait_for
 from tests.plugins.haproxy.conftest import NameServer
+from tests.support.services import free_port, http_get, wait_for
 
 GOLDEN = Path(__file__).parent / "golden" / "haproxy.cfg"
 MakeHAProxy = Callable[..., HAProxy]
@@ -70,10 +70,10 @@ def running_servers(proxy: HAProxy) -> dict[tuple[str, str], tuple[str, str, str
 
 
 def file_servers(proxy: HAProxy) -> dict[tuple[str, str], tuple[str, str]]:
-    layout = parse_layout(proxy.config_file.read_text())
+    split = split_config(proxy.config_file.read_text())
     return {
         (section, name): (s.address, str(s.port))
-        for section, servers in layout.servers.items()
+        for section, servers in split.servers.items()
         for name, s in servers.items()
     }
 
@@ -112,16 +112,16 @@ class Getter(threading.Thread):
 # Pure parts
 
 
-def test_layout_splits_server_lines_from_the_structure() -> None:
+def test_split_separates_server_lines_from_the_structure() -> None:
     text = GOLDEN.read_text()
-    layout = parse_layout(text)
-    assert sorted(layout.servers) == ["api", "redis", "whoami"]
-    server = layout.servers["api"]["host1:e5f6a1b2c3d4:8000:tcp"]
+    split = split_config(text)
+    assert sorted(split.servers) == ["api", "redis", "whoami"]
+    server = split.servers["api"]["host1:e5f6a1b2c3d4:8000:tcp"]
     assert (server.address, server.port, server.endpoint) == ("fd00::12", 32772, "[fd00::12]:32772")
     assert server.args == "check inter 1s fall 2 rise 1" and server.checked
-    assert "    server " not in layout.structure
-    assert "backend billing" in layout.structure
-    assert not layout.duplicates and not layout.default_server
+    assert "    server " not in split.structure
+    assert "backend billing" in split.structure
+    assert not split.duplicates and not split.default_server
 
     # Servers only: runtime changes, no reload.
     fewer = text.replace(
@@ -139,46 +139,44 @@ def test_layout_splits_server_lines_from_the_structure() -> None:
         1,
     )
     assert added != moved
-    changes = runtime_changes(layout, parse_layout(added))
+    changes = runtime_changes(split, split_config(added))
     assert changes is not None
     assert [s.name for s in changes.removed] == ["host1:a1b2c3d4e5f6:8000:tcp"]
     assert [(s.section, s.port) for s in changes.moved] == [("redis", 40000)]
     assert [(s.section, s.name) for s in changes.added] == [("billing", "host1:new:9000:tcp")]
-    assert checked_without_haproxy(parse_layout(added), layout)
+    assert checked_without_haproxy(split_config(added), split)
 
     # Anything else takes a reload.
     assert (
-        runtime_changes(
-            layout, parse_layout(text.replace("balance roundrobin", "balance first", 1))
-        )
+        runtime_changes(split, split_config(text.replace("balance roundrobin", "balance first", 1)))
         is None
     )
     assert (
-        runtime_changes(layout, parse_layout(text.replace("fall 2 rise 1", "fall 3 rise 1", 1)))
+        runtime_changes(split, split_config(text.replace("fall 2 rise 1", "fall 3 rise 1", 1)))
         is None
     )
-    assert runtime_changes(layout, parse_layout(text.replace("bind *:8080", "bind *:8081"))) is None
+    assert runtime_changes(split, split_config(text.replace("bind *:8080", "bind *:8081"))) is None
     # New options, a duplicate name or an odd server line: haproxy -c must judge it.
-    odd = parse_layout(text.replace("fall 2 rise 1", "fall 2 rise 1 frobnicate", 1))
-    assert not checked_without_haproxy(odd, layout)
+    odd = split_config(text.replace("fall 2 rise 1", "fall 2 rise 1 frobnicate", 1))
+    assert not checked_without_haproxy(odd, split)
     twice = text.replace(
         "    server host1:f6a1b2c3d4e5:8000:tcp 127.0.0.1:32773 check inter 1s fall 2 rise 1\n",
         "    server host1:f6a1b2c3d4e5:8000:tcp 127.0.0.1:32773 check inter 1s fall 2 rise 1\n" * 2,
     )
-    assert parse_layout(twice).duplicates and not checked_without_haproxy(
-        parse_layout(twice), layout
+    assert split_config(twice).duplicates and not checked_without_haproxy(
+        split_config(twice), split
     )
-    quoted = parse_layout(text.replace("fall 2 rise 1", "fall 2 rise 1 ; disable server", 1))
-    assert quoted.structure != layout.structure  # not plain: kept in the structure
-    hostname = parse_layout(text.replace("127.0.0.1:32773", "redis.local:32773"))
-    assert runtime_changes(layout, hostname) is None
-    with_default = parse_layout(
+    quoted = split_config(text.replace("fall 2 rise 1", "fall 2 rise 1 ; disable server", 1))
+    assert quoted.structure != split.structure  # not plain: kept in the structure
+    hostname = split_config(text.replace("127.0.0.1:32773", "redis.local:32773"))
+    assert runtime_changes(split, hostname) is None
+    with_default = split_config(
         added.replace("defaults\n", "defaults\n    default-server maxconn 10\n")
     )
     assert with_default.default_server
     assert (
         runtime_changes(
-            parse_layout(moved.replace("defaults\n", "defaults\n    default-server maxconn 10\n")),
+            split_config(moved.replace("defaults\n", "defaults\n    default-server maxconn 10\n")),
             with_default,
         )
         is None
@@ -219,8 +217,8 @@ def test_a_bad_drain_value_is_warned_once(caplog: pytest.LogCaptureFixture, tmp_
     good = ServiceInstance("web", "host1:b:8000:tcp", "127.0.0.1", 1001, meta=(("drain", "3"),))
     services = [Service("web", 8000, instances=(instance, good))]
     with caplog.at_level(logging.WARNING):
-        periods = proxy._periods_of(services)
-        proxy._periods_of(services)
+        periods = proxy.drain_periods.of(services)
+        proxy.drain_periods.of(services)
     assert periods == {("web", "host1:b:8000:tcp"): 3.0}
     warned = [r for r in caplog.records if "a while" in r.getMessage()]
     assert len(warned) == 1 and "drain_timeout" in warned[0].getMessage()
@@ -324,7 +322,7 @@ def test_the_file_on_disk_is_what_runs_after_runtime_changes(
     text = proxy.config_file.read_text()
     assert proxy.stop_process()
     # A new discoverd, or HAProxy started again from the file alone, runs the same servers.
-    again = make_haproxy(stats_port=proxy.settings.stats_port)
+    again = make_haproxy(stats_port=proxy.config.stats_port)
     assert again.apply(text, []) == "started"
     assert live() == file_servers(proxy)
     assert names_seen(port, 9) == {"I am b", "I am c", "I am e"}
@@ -420,6 +418,38 @@ def test_validate_skips_haproxy_c_only_for_server_changes(
     line = next(x for x in good.splitlines() if x.strip().startswith("server "))
     with pytest.raises(ProxyConfigError):
         proxy.validate(good.replace(line, f"{line}\n{line}"))
+
+
+def test_the_validate_fast_path_reads_what_is_confirmed_running(
+    make_haproxy: MakeHAProxy, backends: Backends, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nothing remembered from earlier calls decides it: a new proxy object on the same state
+    directory skips haproxy -c for a change of servers only, because the file on disk is
+    confirmed running (its digest is the marker's); once it is not, haproxy -c runs. A candidate
+    that was only validated, never applied, does not count."""
+    proxy = make_haproxy()
+    a, b, c = backends("a"), backends("b"), backends("c")
+    port = free_port()
+    push(proxy, [web(port, a)])
+    fresh = make_haproxy(stats_port=proxy.config.stats_port)
+
+    def skipped(candidate: str) -> bool:
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="discoverd.plugins.haproxy.proxy"):
+            fresh.validate(candidate)
+        return any("haproxy -c skipped" in r.getMessage() for r in caplog.records)
+
+    servers_only = fresh.render([web(port, a, b)])
+    assert fresh.running_split() is not None
+    assert skipped(servers_only)
+    # A new structure (a second service) is checked; validated, it is still not running, so
+    # a later candidate differing from it only in servers is checked too.
+    api = Service("api", free_port(), instances=())
+    assert not skipped(fresh.render([web(port, a), api]))
+    assert not skipped(fresh.render([web(port, a, c), api]))
+    fresh.forget()  # what runs is unknown now
+    assert fresh.running_split() is None
+    assert not skipped(servers_only)
 
 
 def test_apply_delay_limits_reloads_but_never_runtime_changes(
@@ -643,7 +673,7 @@ def test_a_new_discoverd_frees_servers_left_draining(
     first.close()  # discoverd exits while a drains
     assert ("web", a_inst.id) in running_servers(first)
 
-    second = make_haproxy(stats_port=first.settings.stats_port)
+    second = make_haproxy(stats_port=first.config.stats_port)
     assert push(second, [web(port, b, c)]) == "runtime"
     assert ("web", a_inst.id) in second.draining()
     slow.join(30)

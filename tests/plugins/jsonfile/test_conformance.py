@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from discoverd import HostInfo, PluginContext, Proxy
+from discoverd import HostInfo, PluginContext, Proxy, build_config
 from discoverd.core.manager import PluginManager
 from discoverd.testing.conformance import ProxyContract, ProxyFactory
 
@@ -47,9 +47,10 @@ class TestJsonFileProxy(ProxyContract):
     @pytest.fixture
     def make_proxy(self, jsonfile_manager: PluginManager, state_dir: Path) -> ProxyFactory:
         record = jsonfile_manager.proxy("json-file")  # found through the entry point
-        options = {o.name: o.default for o in record.options}
         context = PluginContext(
-            options=options, host=HostInfo(ip="127.0.0.1", id="kit-host"), state_dir=state_dir
+            config=build_config(record.config, {}, section="json-file"),
+            host=HostInfo(ip="127.0.0.1", id="kit-host"),
+            state_dir=state_dir,
         )
 
         def factory() -> Proxy:

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from discoverd import (
+    ConfigError,
     HostInfo,
     PluginContext,
     PluginError,
@@ -30,10 +31,11 @@ from discoverd import (
     Registry,
     Service,
     ServiceInstance,
+    build_config,
 )
 from discoverd.core.manager import PluginManager, get_plugin_manager
-from discoverd.testing.services import Etcd, wait_for
 from tests.plugins.jsonfile.packaging import EXAMPLE, on_sys_path, subprocess_env
+from tests.support.services import Etcd, wait_for
 
 DISCOVERD = Path(sys.executable).with_name("discoverd")  # the venv's console script
 PROJECT = tomllib.loads((EXAMPLE / "pyproject.toml").read_text())["project"]
@@ -47,9 +49,9 @@ def run(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.Comp
 
 def make_proxy(manager: PluginManager, state_dir: Path, **options: Any) -> Proxy:
     record = manager.proxy("json-file")
-    values = {o.name: o.default for o in record.options} | options
+    config = build_config(record.config, options, section="json-file")
     host = HostInfo(ip="127.0.0.1", id="test-host")
-    return record.factory(PluginContext(options=values, host=host, state_dir=state_dir))
+    return record.factory(PluginContext(config=config, host=host, state_dir=state_dir))
 
 
 def inst(service: str, iid: str, address: str, port: int, frontend: int, **extra: Any) -> Any:
@@ -118,8 +120,11 @@ def test_plugins_lists_the_installed_package(jsonfile_site: Path) -> None:
     assert etcd[:4] == ["registry", "etcd", "discoverd", metadata.version("discoverd")]
 
     data = json.loads(run("plugins", "--json", env=env).stdout)
-    backend = next(b for b in data["backends"] if b["name"] == "json-file")
-    assert backend == {
+    component = next(c for c in data["components"] if c["name"] == "json-file")
+    options = {o["name"]: o for o in component.pop("options")}
+    assert list(options) == ["path", "indent"]
+    assert (options["indent"]["default"], options["indent"]["max"]) == (2, 8)
+    assert component == {
         "kind": "proxy",
         "name": "json-file",
         "description": mine[0][5],
@@ -145,8 +150,8 @@ def test_manager_finds_it_through_the_entry_point(jsonfile_site: Path) -> None:
     with on_sys_path(jsonfile_site):
         manager = get_plugin_manager(disabled=())
     assert "json-file" in manager.proxies()
-    backend = next(b for b in manager.backends() if b.name == "json-file")
-    assert (backend.kind, backend.distribution, backend.version) == (
+    component = next(c for c in manager.components() if c.name == "json-file")
+    assert (component.kind, component.distribution, component.version) == (
         "proxy",
         PROJECT["name"],
         PROJECT["version"],
@@ -276,9 +281,9 @@ def test_default_path_and_option_checks(jsonfile_manager: PluginManager, tmp_pat
     relative = make_proxy(jsonfile_manager, tmp_path / "state", path="maps/all.json")
     assert relative.apply(relative.render([]), []) == "started"
     assert (tmp_path / "state" / "maps" / "all.json").is_file()
-    with pytest.raises(PluginError, match=r"json-file\.indent must be between 0 and 8, not 9"):
+    with pytest.raises(ConfigError, match=r"json-file\.indent' = 9: must be from 0 to 8"):
         make_proxy(jsonfile_manager, tmp_path, indent=9)
-    with pytest.raises(PluginError, match=r"json-file\.path"):
+    with pytest.raises(ConfigError, match=r"json-file\.path' = '\.\.': must name a file"):
         make_proxy(jsonfile_manager, tmp_path, path="..")
 
 
@@ -290,7 +295,7 @@ def test_check_validates_the_plugin_section(jsonfile_site: Path, tmp_path: Path)
     assert result.returncode == 0, result.stderr
     assert "proxy json-file" in result.stdout
     for text, fragment in [
-        ('proxy = "json-file"\n[json-file]\nindent = 12\n', "between 0 and 8"),
+        ('proxy = "json-file"\n[json-file]\nindent = 12\n', "must be from 0 to 8"),
         ('proxy = "json-file"\n[json-file]\nindent = "wide"\n', "json-file.indent"),
         ('proxy = "json-file"\n[json-file]\nmode = 1\n', "unknown key 'json-file.mode'"),
     ]:
@@ -309,9 +314,9 @@ def test_check_validates_the_plugin_section(jsonfile_site: Path, tmp_path: Path)
 def etcd_registry(etcd: Etcd, tmp_path: Path) -> Iterator[Registry]:
     """The etcd plugin as the register role uses it (entries on a lease of this test's etcd)."""
     record = get_plugin_manager().registry("etcd")
-    options = {o.name: o.default for o in record.options} | {"endpoints": [etcd.endpoint]}
+    config = build_config(record.config, {"endpoints": [etcd.endpoint]}, section="etcd")
     host = HostInfo(ip="127.0.0.1", id="host-a")
-    registry = record.factory(PluginContext(options=options, host=host, state_dir=tmp_path))
+    registry = record.factory(PluginContext(config=config, host=host, state_dir=tmp_path))
     yield registry
     registry.close(deregister=True)
 
@@ -361,7 +366,7 @@ def test_discover_keeps_the_file_up_to_date(
     )  # fmt: skip
 
     def holds(expected: dict[str, Any]) -> bool:
-        return json.loads(target.read_text()) == expected
+        return bool(json.loads(target.read_text()) == expected)
 
     try:
         wait_for(lambda: holds(expected_map(("whoami", 8000, "http", [WHOAMI_A]))), 60,
@@ -380,6 +385,7 @@ def test_discover_keeps_the_file_up_to_date(
         assert sorted(p.name for p in target.parent.iterdir()) == ["services.json"]
     finally:
         agent.send_signal(signal.SIGTERM)
+        code: int | None
         try:
             code = agent.wait(30)
         except subprocess.TimeoutExpired:

@@ -18,13 +18,14 @@ from typing import Any
 
 import pytest
 
-from discoverd import HostInfo, PluginContext, Service, ServiceInstance
-from discoverd.core.process import pid_alive
+from discoverd import HostInfo, PluginContext, Service, ServiceInstance, build_config
 from discoverd.plugins.nginx import make_proxy
+from discoverd.plugins.nginx.config import NginxConfig
+from discoverd.plugins.nginx.processes import holding, masters_of
 from discoverd.plugins.nginx.proxy import NginxProxy
-from discoverd.plugins.nginx.runtime import holding, masters_of
-from discoverd.testing.services import ServiceUnavailable, free_port, require_binary
+from discoverd.proxykit import pid_alive
 from tests.conftest import service_unavailable
+from tests.support.services import ServiceUnavailable, free_port, require_binary
 
 
 class NameServer:
@@ -156,6 +157,16 @@ def echoes() -> Iterator[Callable[[str], EchoServer]]:
         server.stop()
 
 
+def nginx_context(state_dir: Path, **options: Any) -> PluginContext[NginxConfig]:
+    """What discoverd hands the factory: ``options`` checked into an ``NginxConfig`` (a bad
+    value raises ``ConfigError``, as the core's own check does)."""
+    return PluginContext(
+        config=build_config(NginxConfig, options, section="nginx"),
+        host=HostInfo(ip="127.0.0.1", id="host1"),
+        state_dir=state_dir,
+    )
+
+
 def http_service(
     name: str, port: int, *servers: NameServer | EchoServer, mode: str = "http"
 ) -> Service:
@@ -207,12 +218,7 @@ def make_nginx(nginx_binary: str, state_root: Path) -> Iterator[Callable[..., Ng
         options.setdefault("status_port", free_port())
         options.setdefault("reload_interval", 0.0)
         options.setdefault("worker_processes", "1")
-        ctx = PluginContext(
-            options=options,
-            host=HostInfo(ip="127.0.0.1", id="host1"),
-            state_dir=state_dir or state_root,
-        )
-        proxy = make_proxy(ctx)
+        proxy = make_proxy(nginx_context(state_dir or state_root, **options))
         assert isinstance(proxy, NginxProxy)
         made.append(proxy)
         return proxy

@@ -7,6 +7,7 @@ with real whoami containers; every nginx a test starts is stopped by the ``make_
 from __future__ import annotations
 
 import dataclasses
+import functools
 import http.client
 import json
 import os
@@ -25,21 +26,21 @@ import docker
 import pytest
 
 from discoverd import (
-    HostInfo,
-    PluginContext,
+    ConfigError,
     PluginError,
     ProxyConfigError,
     Service,
     ServiceInstance,
 )
 from discoverd.core.manager import get_plugin_manager
-from discoverd.core.process import pid_alive
 from discoverd.plugins.nginx import make_proxy
+from discoverd.plugins.nginx.config import WorkerSettings, worker_settings
+from discoverd.plugins.nginx.messages import reload_verdict
+from discoverd.plugins.nginx.processes import holding, masters_of
 from discoverd.plugins.nginx.proxy import NginxProxy
-from discoverd.plugins.nginx.runtime import holding, masters_of, reload_verdict
-from discoverd.plugins.nginx.settings import parse_settings
-from discoverd.testing.services import free_port, http_get, published_port, run_whoami, wait_for
-from tests.plugins.nginx.conftest import EchoServer, NameServer, http_service
+from discoverd.proxykit import pid_alive
+from tests.plugins.nginx.conftest import EchoServer, NameServer, http_service, nginx_context
+from tests.support.services import free_port, http_get, published_port, run_whoami, wait_for
 
 GOLDEN = Path(__file__).parent / "golden"
 MakeNginx = Callable[..., NginxProxy]
@@ -53,24 +54,17 @@ Echoes = Callable[[str], EchoServer]
 
 def offline_proxy(**options: object) -> NginxProxy:
     """A proxy for render-only tests (no nginx run, nothing written)."""
-    ctx = PluginContext(
-        options=options, host=HostInfo("127.0.0.1", "host1"), state_dir=Path("/run/discoverd")
-    )
-    proxy = make_proxy(ctx)
-    assert isinstance(proxy, NginxProxy)
-    proxy._stub_status = True  # what the binary says does not matter offline
-    return proxy
+    ctx = nginx_context(Path("/run/discoverd"), **options)
+    # What the binary says (nginx -V) does not matter offline.
+    return NginxProxy(ctx.config, ctx.state_dir, stub_status=True)
 
 
 def pinned_proxy(**options: object) -> NginxProxy:
     """An offline proxy whose machine-dependent settings (root or not, fd limits) are fixed, so
     its render is the same on every machine."""
-    settings = dataclasses.replace(
-        parse_settings(options, is_root=True), user="www-data", group="nogroup", rlimit_nofile=8256
-    )
-    proxy = NginxProxy(settings, Path("/run/discoverd"))
-    proxy._stub_status = True
-    return proxy
+    ctx = nginx_context(Path("/run/discoverd"), **options)
+    pinned = WorkerSettings(user="www-data", group="nogroup", rlimit_nofile=8256)
+    return NginxProxy(ctx.config, ctx.state_dir, workers=pinned, stub_status=True)
 
 
 def instance(
@@ -222,23 +216,22 @@ def test_plugin_is_registered_through_its_entry_point_with_its_options() -> None
     ],
 )
 def test_bad_options_are_refused_naming_the_key(options: dict[str, object], key: str) -> None:
-    with pytest.raises(PluginError, match=key):
+    with pytest.raises(ConfigError, match=key):
         offline_proxy(**options)
 
 
 def test_options_from_the_environment_are_text_and_still_accepted() -> None:
-    settings = parse_settings(
-        {"status_port": "4000", "reload_interval": "0.25", "max_fails": "2", "user": "a b"},
-        is_root=False,
-    )
-    assert (settings.status_port, settings.reload_interval, settings.max_fails) == (4000, 0.25, 2)
-    assert settings.user == ""  # not root: nginx would ignore it with a warning
+    text = {"status_port": "4000", "reload_interval": "0.25", "max_fails": "2", "user": "a b"}
+    config = nginx_context(Path("/run/discoverd"), **text).config
+    assert (config.status_port, config.reload_interval, config.max_fails) == (4000, 0.25, 2)
+    # Not root: nginx would ignore it with a warning.
+    assert worker_settings(config, is_root=False).user == ""
 
 
 def test_state_dir_that_nginx_cannot_use_is_refused() -> None:
     for bad in ("/tmp/it's", "/tmp/a$b", "/tmp/a\nb"):
         with pytest.raises(PluginError, match="state"):
-            NginxProxy(offline_proxy().settings, Path(bad))
+            NginxProxy(offline_proxy().config, Path(bad))
 
 
 def test_reserved_ports_name_the_status_page() -> None:
@@ -267,8 +260,7 @@ def test_render_is_deterministic_whatever_the_order() -> None:
     for _ in range(10):
         assert proxy.render(shuffled(sample_services(), rng)) == expected
     # No path of this machine in the text: it is the same whatever the state directory.
-    other = NginxProxy(proxy.settings, Path("/var/tmp/elsewhere"))
-    other._stub_status = True
+    other = NginxProxy(proxy.config, Path("/var/tmp/elsewhere"), stub_status=True)
     assert other.render(sample_services()) == expected
 
 
@@ -423,7 +415,7 @@ def test_a_refused_candidate_reports_nginx_s_message_and_keeps_the_running_confi
         '{% extends "default:nginx.conf.j2" %}\n'
         "{% block http_server_extra %}\n        frobnicate {{ service.name }};\n{% endblock %}\n"
     )
-    other = make_nginx(template_dir=str(tmp_path), status_port=proxy.settings.status_port)
+    other = make_nginx(template_dir=str(tmp_path), status_port=proxy.config.status_port)
     with pytest.raises(ProxyConfigError) as caught:
         other.validate(other.render(services))
     message = str(caught.value)
@@ -477,7 +469,7 @@ def test_the_status_page_answers_on_loopback(make_nginx: MakeNginx, backends: Ba
     web, empty = free_port(), free_port()
     services = [http_service("web", web, a), Service("nobody", empty, mode="http")]
     apply(proxy, services)
-    base = f"http://127.0.0.1:{proxy.settings.status_port}"
+    base = f"http://127.0.0.1:{proxy.config.status_port}"
     page = http_get(f"{base}/")
     assert "web  http  listen 127.0.0.1:" in page
     assert f"127.0.0.1:{a.port}  host1:a:8000:tcp" in page
@@ -489,7 +481,7 @@ def test_the_status_page_answers_on_loopback(make_nginx: MakeNginx, backends: Ba
     assert "Active connections:" in http_get(f"{base}/nginx_status")
     assert status_code(f"{base}/elsewhere") == 404
     # Loopback only: the status server listens on 127.0.0.1 and nowhere else.
-    assert f"listen 127.0.0.1:{proxy.settings.status_port};" in proxy.config_file.read_text()
+    assert f"listen 127.0.0.1:{proxy.config.status_port};" in proxy.config_file.read_text()
     # It follows the membership.
     apply(proxy, [http_service("web", web, a)])
     assert [s["name"] for s in json.loads(http_get(f"{base}/services.json"))["services"]] == ["web"]
@@ -540,6 +532,9 @@ def test_a_reload_that_cannot_bind_is_reported_and_the_old_config_serves_on(
             proxy.apply(candidate, second)
         assert "Address already in use" in str(caught.value)
         assert str(taken) in str(caught.value)
+        # The status of the last apply says so (what a health endpoint serves).
+        status = proxy.last_apply
+        assert status is not None and status.failed and status.error == str(caught.value)
         assert proxy.config_file.read_text() == good
         assert (proxy.master_pid(), proxy.worker_pids()) == (master, workers)
         assert http_get(f"http://127.0.0.1:{port1}/") == "I am a\n"
@@ -548,6 +543,7 @@ def test_a_reload_that_cannot_bind_is_reported_and_the_old_config_serves_on(
 
     assert proxy.apply(candidate, second) == "reloaded"
     assert http_get(f"http://127.0.0.1:{taken}/") == "I am b\n"
+    assert proxy.last_apply is not None and proxy.last_apply.result == "reloaded"
 
 
 def test_a_start_that_cannot_bind_is_reported(make_nginx: MakeNginx, backends: Backends) -> None:
@@ -573,7 +569,7 @@ def test_a_second_proxy_adopts_the_running_nginx(make_nginx: MakeNginx, backends
     assert http_get(f"http://127.0.0.1:{port1}/") == "I am a\n"
     master = first_proxy.master_pid()
 
-    adopter = make_nginx(status_port=first_proxy.settings.status_port)
+    adopter = make_nginx(status_port=first_proxy.config.status_port)
     assert apply(adopter, first) == "unchanged"
     second = [http_service("one", port1, a), http_service("two", port2, b)]
     assert apply(adopter, second) == "reloaded"
@@ -660,7 +656,7 @@ def test_apply_delay_allows_one_reload_per_interval(
         applied_at.append(time.monotonic())
         assert apply(proxy, services) == "reloaded"
     # The wait is the proxy's own arithmetic, not a measured duration of anything external.
-    assert proxy._last_change is not None
+    assert proxy.last_reload is not None
     assert proxy.apply_delay(proxy.render(one), one) > 0
     # No interval: never delayed.
     assert make_nginx(reload_interval=0).apply_delay(proxy.render(one), one) == 0
@@ -771,13 +767,17 @@ def test_a_backend_that_hangs_up_gets_gets_replayed_but_not_posts(
             thread.join()
 
 
+def answers_whoami(port: int) -> bool:
+    return "I am" in http_get(f"http://127.0.0.1:{port}/")
+
+
 def test_whoami_containers_are_reached_through_http_and_tcp_frontends(
     make_nginx: MakeNginx, docker_client: docker.DockerClient, cleanup_containers: None
 ) -> None:
     containers = [run_whoami(docker_client) for _ in range(2)]
     ports = [published_port(c) for c in containers]
     for port in ports:
-        wait_for(lambda p=port: "I am" in http_get(f"http://127.0.0.1:{p}/"), 30, what="whoami")
+        wait_for(functools.partial(answers_whoami, port), 30, what="whoami")
     web, raw = free_port(), free_port()
     members = [
         ServiceInstance(
@@ -803,10 +803,7 @@ def test_whoami_containers_are_reached_through_http_and_tcp_frontends(
 
 def test_filesystem_errors_are_reported_as_plugin_errors(tmp_path: Path, nginx_binary: str) -> None:
     (tmp_path / "nginx").write_text("a file where the directory should be")
-    ctx = PluginContext(
-        options={"binary": nginx_binary}, host=HostInfo("127.0.0.1", "host1"), state_dir=tmp_path
-    )
-    proxy = make_proxy(ctx)
+    proxy = make_proxy(nginx_context(tmp_path, binary=nginx_binary))
     config = proxy.render([])
     with pytest.raises(PluginError, match="nginx: cannot stage"):
         proxy.validate(config)

@@ -9,42 +9,49 @@ A plugin module only imports ``discoverd``'s public API and announces what it pr
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
-from discoverd import Option, PluginContext, PluginError, Proxy, ProxyPlugin, hookimpl
+from discoverd import PluginContext, Proxy, ProxyPlugin, hookimpl, option
 
 __version__ = "0.1.0"
 
 NAME = "json-file"
 MAX_INDENT = 8
 
-OPTIONS = (
-    Option(
-        "path",
-        str,
+
+def _names_a_file(value: str) -> str:
+    text = value.strip()
+    if text and Path(text).expanduser().name in ("", ".", ".."):
+        raise ValueError("must name a file")
+    return text
+
+
+@dataclass(frozen=True)
+class JsonFileConfig:
+    """The ``[json-file]`` section: each field is one option, checked by discoverd."""
+
+    path: str = option(
         "",
         "File to write; relative paths are relative to the state directory "
         "(default: services.json there).",
-    ),
-    Option("indent", int, 2, f"Spaces of indentation, 0 for one compact line (0-{MAX_INDENT})."),
-)
+        check=_names_a_file,
+    )
+    indent: int = option(
+        2,
+        f"Spaces of indentation, 0 for one compact line (0-{MAX_INDENT}).",
+        min=0,
+        max=MAX_INDENT,
+    )
 
 
-def make_proxy(ctx: PluginContext) -> Proxy:
-    """The factory discoverd calls with this plugin's validated options. It checks the values
-    and builds the proxy, but creates nothing yet (``discoverd render`` must change nothing)."""
+def make_proxy(ctx: PluginContext[JsonFileConfig]) -> Proxy:
+    """The factory discoverd calls with this plugin's checked configuration. It builds the proxy
+    but creates nothing yet (``discoverd render`` must change nothing)."""
     from discoverd_jsonfile.proxy import JsonFileProxy
 
-    indent = ctx.options["indent"]
-    if not 0 <= indent <= MAX_INDENT:
-        raise PluginError(f"{NAME}.indent must be between 0 and {MAX_INDENT}, not {indent}")
-    raw = ctx.options["path"].strip()
-    path = Path(raw).expanduser() if raw else Path("services.json")
-    if not path.is_absolute():
-        path = ctx.state_dir / path
-    if path.name in ("", ".", ".."):
-        raise PluginError(f"{NAME}.path must name a file, not {raw!r}")
-    return JsonFileProxy(path, indent=indent)
+    path = Path(ctx.config.path or "services.json").expanduser()
+    return JsonFileProxy(ctx.state_dir / path, indent=ctx.config.indent)  # absolute wins
 
 
 @hookimpl
@@ -55,6 +62,6 @@ def discoverd_register_proxies() -> list[ProxyPlugin]:
             factory=make_proxy,
             description="Writes the service map (services, frontend ports, instances, meta) "
             "as a JSON file for other tools; carries no traffic.",
-            options=OPTIONS,
+            config=JsonFileConfig,
         )
     ]

@@ -1,4 +1,5 @@
-"""The proxy: render the services to JSON, check a document's shape, replace the file atomically.
+"""The proxy: render the services to JSON, check a document's shape; ``apply`` (compare with the
+file, replace it atomically, record the status) comes from :mod:`discoverd.proxykit`.
 
 The document (``FORMAT`` names its version)::
 
@@ -18,13 +19,12 @@ the same bytes, so the core (and this proxy) can tell an unchanged map from a ne
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from discoverd import PluginError, Proxy, ProxyConfigError, Service, ServiceInstance
+from discoverd import ProxyConfigError, Service, ServiceInstance
+from discoverd.proxykit import ManagedProxy
 
 FORMAT = "discoverd-services/1"
 FILE_MODE = 0o644
@@ -55,15 +55,19 @@ def service_dict(service: Service) -> dict[str, Any]:
     }
 
 
-class JsonFileProxy(Proxy):
-    """Writes the service map to ``path``. There is no process to start or reload: "started"
-    means the file was created, "reloaded" that it was replaced."""
+class JsonFileProxy(ManagedProxy[bool]):
+    """Writes the service map to ``path``. There is no process: the map "runs" once its file
+    exists, so "started" means the file was created, "reloaded" that it was replaced.
+
+    ``apply`` is :class:`~discoverd.proxykit.ManagedProxy`'s: "unchanged" when the file already
+    holds the map; otherwise the file is replaced atomically (a temporary file beside it, mode
+    0644, flushed to disk, renamed over it); a write error is a ``PluginError``."""
 
     def __init__(self, path: Path, *, indent: int = 2) -> None:
+        super().__init__("json-file", path, file_mode=FILE_MODE)
         self.path = path
         self.indent = indent
 
-    # -- render ----------------------------------------------------------------------------
     def render(self, services: Sequence[Service]) -> str:
         ordered = sorted(services, key=lambda s: (s.name, s.frontend_port, s.protocol))
         document = {"format": FORMAT, "services": [service_dict(s) for s in ordered]}
@@ -71,7 +75,6 @@ class JsonFileProxy(Proxy):
             return json.dumps(document, indent=self.indent, sort_keys=True) + "\n"
         return json.dumps(document, sort_keys=True, separators=(",", ":")) + "\n"
 
-    # -- validate --------------------------------------------------------------------------
     def validate(self, config: str) -> None:
         try:
             document = json.loads(config)
@@ -79,44 +82,8 @@ class JsonFileProxy(Proxy):
             raise ProxyConfigError(f"json-file: not valid JSON: {exc}") from None
         check_document(document)
 
-    # -- apply -----------------------------------------------------------------------------
-    def apply(self, config: str, services: Sequence[Service]) -> str:
-        try:
-            current: str | None = self.path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            current = None
-        except (OSError, UnicodeDecodeError):
-            current = ""  # unreadable or garbage: replace it
-        if current == config:
-            return "unchanged"
-        try:
-            write_atomically(self.path, config)
-        except OSError as exc:
-            reason = exc.strerror or str(exc)
-            raise PluginError(f"json-file: cannot write {self.path}: {reason}") from None
-        return "started" if current is None else "reloaded"
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``: readers
-    see the old document or the new one, never half of one. The file gets mode 0644."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fchmod(handle.fileno(), FILE_MODE)  # mkstemp creates 0600
-            os.fsync(handle.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # make the rename itself durable
-    finally:
-        os.close(directory)
+    def find_running(self) -> bool | None:
+        return True if self.path.exists() else None
 
 
 # -- the document's shape ------------------------------------------------------------------------

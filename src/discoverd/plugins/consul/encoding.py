@@ -28,10 +28,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from discoverd import Catalog, Problem, ServiceInstance, ValidationError
-from discoverd.core.model import (
+from discoverd import (
     INSTANCE_ID_RE,
     TAG_RE,
+    Catalog,
+    Problem,
+    ServiceInstance,
+    ValidationError,
     check_meta,
     check_port,
     check_service_name,

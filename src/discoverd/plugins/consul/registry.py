@@ -46,8 +46,9 @@ from discoverd import (
     Registry,
     ServiceInstance,
     Unavailable,
+    exception_chain,
 )
-from discoverd.core.errors import exception_chain
+from discoverd.plugins.consul.config import ConsulConfig
 from discoverd.plugins.consul.encoding import (
     CONSUL_SERVICE,
     Entry,
@@ -58,7 +59,6 @@ from discoverd.plugins.consul.encoding import (
     read_catalog,
     registration,
 )
-from discoverd.plugins.consul.settings import ConsulSettings
 
 log = logging.getLogger("discoverd.consul")
 T = TypeVar("T")
@@ -81,9 +81,15 @@ def reason(exc: BaseException) -> str:
 class ConsulRegistry(Registry):
     """Agent services with TTL checks (register role), blocking queries (discover role)."""
 
-    def __init__(self, settings: ConsulSettings, host_id: str = "") -> None:
-        self.settings = settings
+    def __init__(self, config: ConsulConfig, *, host_id: str = "") -> None:
+        self.config = config
         self.host_id = host_id
+        if config.tls_files_unused:
+            log.warning(
+                "consul: TLS files are set but the address %s is plain http; they are not used "
+                "(set ssl = true or an https:// address)",
+                config.url,
+            )
         self._client = self._new_client()  # register side (calls serialised by _lock)
         self._reader = self._new_client()  # snapshots (serialised by _read_lock)
         self._lock = threading.RLock()
@@ -92,23 +98,23 @@ class ConsulRegistry(Registry):
         self._closed = threading.Event()
 
     def __repr__(self) -> str:
-        return f"ConsulRegistry({self.settings.url})"
+        return f"ConsulRegistry({self.config.url})"
 
     def _new_client(self) -> consul.Consul:
-        s = self.settings
+        c = self.config
         client = consul.Consul(
-            host=s.host,
-            port=s.port,
-            scheme=s.scheme,
-            verify=s.verify,
-            cert=s.cert,
-            dc=s.datacenter or None,
-            token=s.token or None,
-            connections_timeout=s.timeout,
+            host=c.host,
+            port=c.port,
+            scheme=c.scheme,
+            verify=c.tls_verify,
+            cert=c.client_cert,
+            dc=c.datacenter or None,
+            token=c.acl_token or None,
+            connections_timeout=c.timeout,
         )
         # py-consul lets CONSUL_HTTP_TOKEN override a token given explicitly: the options
         # (which already read that variable, with the right precedence) win here.
-        client.token = s.token or None
+        client.token = c.acl_token or None
         # Consul is dialled directly: no HTTP proxy, no ~/.netrc credentials from the environment.
         client.http.session.trust_env = False
         return client
@@ -121,7 +127,7 @@ class ConsulRegistry(Registry):
             raise self._error(what, exc) from None
 
     def _error(self, what: str, exc: BaseException) -> PluginError:
-        url = self.settings.url
+        url = self.config.url
         if isinstance(exc, ACLPermissionDenied):
             return PluginError(
                 f"consul at {url}: {what}: permission denied ({reason(exc)}); check the ACL "
@@ -138,13 +144,13 @@ class ConsulRegistry(Registry):
     # Register side
 
     def register(self, instance: ServiceInstance) -> None:
-        s = self.settings
+        c = self.config
         body = registration(
             instance,
             host_id=self.host_id,
-            ttl=s.ttl,
-            deregister_after=s.deregister_after,
-            tag=s.tag,
+            ttl=c.ttl,
+            deregister_after=c.deregister_after,
+            tag=c.tag,
         )
         client = self._client
         with self._lock:
@@ -213,14 +219,14 @@ class ConsulRegistry(Registry):
             return True
 
     def keepalive_interval(self) -> float:
-        return self.settings.ttl / 3
+        return self.config.ttl / 3
 
     # ----------------------------------------------------------------------------------------
     # Discover side
 
     def snapshot(self) -> Catalog:
         client = self._reader
-        tag = self.settings.tag
+        tag = self.config.tag
         with self._read_lock:
             # Indexes first: every change up to the revision is then in the reads that follow,
             # and every later one moves one of the two indexes the watch blocks on.
@@ -290,7 +296,7 @@ class ConsulRegistry(Registry):
         halt: threading.Event,
     ) -> None:
         client = self._new_client()
-        wait = f"{self.settings.wait:g}s"
+        wait = f"{self.config.wait:g}s"
         index = since if since > 0 else 0
         try:
             while not (halt.is_set() or self._closed.is_set()):

@@ -7,21 +7,11 @@ SDK is imported only when a source is built, so loading the plugin stays cheap.
 
 from __future__ import annotations
 
-from discoverd import Option, PluginContext, Source, SourcePlugin, hookimpl
-
-OPTIONS = (
-    Option(
-        "host",
-        str,
-        "",
-        "Docker daemon URL; default: DOCKER_HOST, else the local socket",
-        env=("DOCKER_HOST",),
-    ),
-    Option("timeout", float, 10.0, "Timeout of Docker API calls, in seconds."),
-)
+from discoverd import PluginContext, Source, SourcePlugin, hookimpl
+from discoverd.plugins.docker.config import DockerConfig
 
 
-def make_source(ctx: PluginContext) -> Source:
+def make_source(ctx: PluginContext[DockerConfig]) -> Source:
     """Build a :class:`~discoverd.plugins.docker.source.DockerSource` (imports the SDK)."""
     from discoverd.plugins.docker.source import DockerSource
 
@@ -35,6 +25,6 @@ def discoverd_register_sources() -> list[SourcePlugin]:
             name="docker",
             factory=make_source,
             description="Running containers of a Docker Engine, one instance per published port.",
-            options=OPTIONS,
+            config=DockerConfig,
         )
     ]

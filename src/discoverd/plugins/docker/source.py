@@ -6,8 +6,13 @@ name it was started with cannot change while its id stays the same, so inspect r
 by id and forgotten when the container is gone. Ports are always taken from the fresh list, since
 a restarted container keeps its id but may get new host ports.
 
-The watch streams the daemon's container events and only *wakes* the core, which then takes a
-full snapshot (level-triggered): a lost or missed event costs nothing but latency.
+The watch streams the daemon's container events and *wakes* the core, which then takes a full
+snapshot (level-triggered). The events also tell what the list cannot yet: a container sent its
+stop signal (``kill``, the start of ``docker stop``) or one that exited (``die``) while the list
+still shows it running. Those are reported by :meth:`DockerSource.stopping` (the interface's
+``Source.stopping``), so the register role removes them before the process exits. A missed
+``kill`` event costs that early removal (the proxies then find the instance gone instead of
+draining it); a missed ``die`` costs the time until the list stops showing the container.
 """
 
 from __future__ import annotations
@@ -35,7 +40,6 @@ from discoverd import (
     ContainerSpec,
     Notify,
     PluginContext,
-    PluginError,
     PortBinding,
     Problem,
     ServiceInstance,
@@ -43,10 +47,11 @@ from discoverd import (
     SourceSnapshot,
     Unavailable,
     ValidationError,
+    exception_chain,
     instances_for,
     parse_env,
 )
-from discoverd.core.errors import exception_chain
+from discoverd.plugins.docker.config import DockerConfig
 
 log = logging.getLogger("discoverd.docker")
 
@@ -122,22 +127,12 @@ class _EventStream:
 
 
 class DockerSource(Source):
-    """Containers of the Docker daemon named by ``ctx.options["host"]`` (see the plugin options)."""
+    """Containers of the Docker daemon named by ``ctx.config.host`` (see :class:`DockerConfig`)."""
 
-    def __init__(self, ctx: PluginContext) -> None:
-        options = ctx.options
-        self._host = str(options.get("host") or "").strip()
-        self._timeout = float(options.get("timeout", 10.0))
-        if not self._timeout > 0:
-            raise PluginError(f"docker: timeout must be a positive number, got {self._timeout!r}")
+    def __init__(self, ctx: PluginContext[DockerConfig]) -> None:
+        self._host = ctx.config.host.strip()
+        self._timeout = ctx.config.timeout
         self.url = self._host or os.environ.get("DOCKER_HOST", "").strip() or DEFAULT_URL
-        if self._host:
-            try:
-                docker.utils.parse_host(self._host)
-            except docker.errors.DockerException as exc:
-                raise PluginError(
-                    f"docker: host {self._host!r} is not a daemon URL: {exc}"
-                ) from None
         self._host_ip = ctx.host.ip
         self._host_id = ctx.host.id
         self._lock = threading.Lock()  # guards _client and _streams
@@ -154,6 +149,7 @@ class DockerSource(Source):
         # is shutting down, and come back only if they are still running after STOPPING_HOLD.
         self._stopping: dict[str, float] = {}
         self._targets: dict[str, CheckTarget] = {}  # instance id -> where its app listens
+        self._instances_of: dict[str, tuple[str, ...]] = {}  # container id -> instance ids
         # How many ``start`` events each container had: an inspect taken before a restart
         # (old pid, maybe old address) must not be cached past it.
         self._starts: dict[str, int] = {}
@@ -232,20 +228,10 @@ class DockerSource(Source):
         problems: list[Problem] = []
         seen: dict[str, _Inspected] = {}
         targets: dict[str, CheckTarget] = {}
-        now = time.monotonic()
+        instances_of: dict[str, tuple[str, ...]] = {}
         with self._lock:
             exited = set(self._exited)
             starts = dict(self._starts)
-            for held, since in list(self._stopping.items()):
-                if now - since > STOPPING_HOLD:
-                    log.warning(
-                        "docker: container %s still runs %.0fs after a stop signal; "
-                        "routing it again",
-                        held[:12],
-                        now - since,
-                    )
-                    del self._stopping[held]
-            exited |= set(self._stopping)
         fresh = self._inspect_new(client, listed)
         for entry in listed:
             if not isinstance(entry, Mapping):
@@ -259,7 +245,7 @@ class DockerSource(Source):
                 if inspected is None:
                     continue  # gone between the list and the inspect
             seen[cid] = inspected
-            if cid in exited or not _eligible(entry):
+            if not _eligible(entry):
                 continue
             spec = ContainerSpec(
                 id=cid,
@@ -278,6 +264,7 @@ class DockerSource(Source):
                 continue
             instances.extend(found)
             problems.extend(refused)
+            instances_of[cid] = tuple(i.id for i in found)
             for instance in found:
                 target = _check_target(inspected, instance)
                 if target is not None:
@@ -289,11 +276,37 @@ class DockerSource(Source):
                     targets = {k: v for k, v in targets.items() if f":{cid[:12]}:" not in k}
             self._cache = seen
             self._targets = targets
+            self._instances_of = instances_of
         with self._lock:  # a hint is needed only while the list still shows the container
             self._exited &= set(seen) | (self._exited - exited)
             for cid in set(self._stopping) - set(seen):
                 del self._stopping[cid]  # gone from the list: the mark has done its job
         return SourceSnapshot(tuple(instances), tuple(problems))
+
+    def stopping(self) -> frozenset[str]:
+        """Instances of the last snapshot whose container was sent its stop signal (the
+        ``kill`` event of ``docker stop``), or exited (``die``) while the list still shows it
+        running. A container still running ``STOPPING_HOLD`` seconds after a stop signal
+        ignored it: it is routed again."""
+        now = time.monotonic()
+        with self._lock:
+            for held, since in list(self._stopping.items()):
+                if now - since > STOPPING_HOLD:
+                    log.warning(
+                        "docker: container %s still runs %.0fs after a stop signal; "
+                        "routing it again",
+                        held[:12],
+                        now - since,
+                    )
+                    del self._stopping[held]
+            leaving = self._exited | set(self._stopping)
+            return frozenset(iid for cid in leaving for iid in self._instances_of.get(cid, ()))
+
+    def inspected(self) -> frozenset[str]:
+        """Ids of the containers whose inspect result is kept (those of the last snapshot):
+        what an idle source holds in memory, for tests and diagnostics."""
+        with self._lock:
+            return frozenset(self._cache)
 
     def check_target(self, instance: ServiceInstance) -> CheckTarget | None:
         """The container's own network namespace and address: a check there reaches the
@@ -374,8 +387,7 @@ class DockerSource(Source):
             for event in stream:
                 if stop.is_set():
                     return
-                action = _watched_action(event)
-                self._note_exit(event, action)
+                action = self.note_event(event)
                 if action is not None:
                     notify(f"docker {action}")
             # The SDK ends the stream without an error when the daemon goes away.
@@ -393,10 +405,19 @@ class DockerSource(Source):
             with self._lock:
                 self._streams.discard(stream)
 
-    def _note_exit(self, event: Any, action: str | None) -> None:
-        """Remember containers that exited or were told to stop (see ``_exited`` and
-        ``_stopping``); forget them when they start again."""
-        if action is None or not isinstance(event, Mapping):
+    def note_event(self, event: Any) -> str | None:
+        """Take in one event of the daemon's stream (the watch calls it for each): remember a
+        container that exited or was sent its stop signal (see :meth:`stopping`), forget it
+        when it starts again. Returns the event's action when it may change the snapshot
+        (``"die"``, ``"health_status: healthy"``), else ``None``. Public so that an event can
+        be replayed, e.g. by a test."""
+        action = _watched_action(event)
+        if action is not None:
+            self._note_exit(event, action)
+        return action
+
+    def _note_exit(self, event: Any, action: str) -> None:
+        if not isinstance(event, Mapping):
             return
         verb = action.split(":", 1)[0].strip()
         if verb not in ("die", "destroy", "start", "kill", "stop"):

@@ -16,7 +16,6 @@ import re
 import socket
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -25,13 +24,12 @@ import requests
 import urllib3
 from etcd3gw import exceptions as etcd_exc
 
-from discoverd import PluginError, Unavailable
-from discoverd.core.errors import exception_chain
+from discoverd import PluginError, Unavailable, exception_chain
+from discoverd.plugins.etcd.config import DEFAULT_PORT, EtcdConfig
 
 log = logging.getLogger("discoverd.etcd")
 T = TypeVar("T")
 
-DEFAULT_PORT = 2379
 API_PATH = "/v3/"  # etcd >= 3.4
 
 # gRPC status codes the gateway puts in its error bodies ("code": N).
@@ -75,80 +73,21 @@ class _Unreachable(Exception):
     """This endpoint cannot serve the call now; try the next one."""
 
 
-def parse_endpoints(values: str | Sequence[str], tls: bool) -> tuple[str, ...]:
-    """``host:port``, ``[v6]:port``, ``host`` or ``http(s)://host:port`` -> base URLs.
-
-    Items may themselves hold comma-separated lists (the seed's ``ETCD_HOST``). Without a scheme,
-    https is used when TLS options are set; TLS options also upgrade an explicit ``http://``.
-    """
-    items = [values] if isinstance(values, str) else list(values)
-    urls: list[str] = []
-    for item in items:
-        for part in str(item).split(","):
-            text = part.strip()
-            if not text:
-                continue
-            url = _endpoint_url(text, tls)
-            if url not in urls:
-                urls.append(url)
-    if not urls:
-        raise PluginError("etcd option endpoints: no endpoint given (e.g. 127.0.0.1:2379)")
-    return tuple(urls)
-
-
-def _endpoint_url(text: str, tls: bool) -> str:
-    has_scheme = "://" in text
-    parts = urlsplit(text if has_scheme else f"//{text}")
-    scheme = parts.scheme.lower() if has_scheme else ""
-    problem = ""
-    if has_scheme and scheme not in ("http", "https"):
-        problem = "the scheme must be http or https"
-    elif parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
-        problem = "expected host:port or http(s)://host:port, nothing more"
-    try:
-        port = parts.port or DEFAULT_PORT
-    except ValueError:
-        problem = "the port is not a number from 1 to 65535"
-        port = DEFAULT_PORT
-    host = parts.hostname
-    if not host:
-        problem = problem or "no host"
-    if problem or host is None:
-        raise PluginError(f"etcd endpoint {text!r}: {problem}")
-    scheme = "https" if tls or scheme == "https" else "http"
-    shown = f"[{host}]" if ":" in host else host
-    return f"{scheme}://{shown}:{port}"
-
-
-@dataclass(frozen=True)
-class ClientSettings:
-    """What every connection shares: timeouts, TLS files and credentials."""
-
-    timeout: float = 5.0
-    ca_cert: str = ""
-    cert: str = ""
-    key: str = ""
-    user: str = ""
-    password: str = ""
-
-    @property
-    def tls(self) -> bool:
-        return bool(self.ca_cert or self.cert or self.key)
-
-    def new_session(self, headers: Mapping[str, str] | None = None) -> requests.Session:
-        session = requests.Session()
-        # No HTTP proxy from the environment, no credentials from ~/.netrc: etcd is dialled
-        # directly, and only our own Authorization header is sent.
-        session.trust_env = False
-        if self.ca_cert:
-            session.verify = self.ca_cert
-        if self.cert and self.key:
-            session.cert = (self.cert, self.key)
-        elif self.cert:
-            session.cert = self.cert
-        if headers:
-            session.headers.update(headers)
-        return session
+def new_session(config: EtcdConfig, headers: Mapping[str, str] | None = None) -> requests.Session:
+    """A session for one endpoint: the TLS files of ``config``, and ``headers``."""
+    session = requests.Session()
+    # No HTTP proxy from the environment, no credentials from ~/.netrc: etcd is dialled
+    # directly, and only our own Authorization header is sent.
+    session.trust_env = False
+    if config.ca_cert:
+        session.verify = config.ca_cert
+    if config.cert and config.key:
+        session.cert = (config.cert, config.key)
+    elif config.cert:
+        session.cert = config.cert
+    if headers:
+        session.headers.update(headers)
+    return session
 
 
 def short_reason(exc: BaseException) -> str:
@@ -188,17 +127,17 @@ def _grpc_code(exc: etcd_exc.Etcd3Exception) -> tuple[int, str]:
 class Connection:
     """One endpoint: a prepared session, an etcd3gw client on it, and its auth token."""
 
-    def __init__(self, url: str, settings: ClientSettings) -> None:
+    def __init__(self, url: str, config: EtcdConfig) -> None:
         self.url = url
-        self.settings = settings
+        self.config = config
         parts = urlsplit(url)
         assert parts.hostname is not None
-        self.session = settings.new_session()
+        self.session = new_session(config)
         self.client = etcd3gw.client(
             host=parts.hostname,
             port=parts.port or DEFAULT_PORT,
             protocol=parts.scheme,
-            timeout=settings.timeout,
+            timeout=config.timeout,
             api_path=API_PATH,
             session=self.session,
         )
@@ -210,11 +149,11 @@ class Connection:
         return self.client.post(self.client.get_url(path), json=payload)
 
     def authenticate(self) -> None:
-        settings = self.settings
+        config = self.config
         self.session.headers.pop("Authorization", None)
         try:
             reply = self.post(
-                "/auth/authenticate", {"name": settings.user, "password": settings.password}
+                "/auth/authenticate", {"name": config.user, "password": config.password}
             )
         except etcd_exc.Etcd3Exception as exc:
             code, message = _grpc_code(exc)
@@ -224,7 +163,7 @@ class Connection:
             if isinstance(exc, (etcd_exc.ConnectionFailedError, etcd_exc.ConnectionTimeoutError)):
                 raise
             raise EtcdError(
-                f"etcd at {self.url}: authentication as {settings.user!r} failed: {message}", code
+                f"etcd at {self.url}: authentication as {config.user!r} failed: {message}", code
             ) from None
         token = reply.get("token") if isinstance(reply, dict) else None
         if not isinstance(token, str) or not token:
@@ -235,7 +174,7 @@ class Connection:
     def open_watch(self, requests_: Sequence[Mapping[str, Any]], idle: float) -> WatchStream:
         """Start a watch stream (several create requests, one HTTP request, own session)."""
         headers = {"Authorization": self.token} if self.token else None
-        session = self.settings.new_session(headers)
+        session = new_session(self.config, headers)
         body = "".join(json.dumps(r, separators=(",", ":")) for r in requests_)
         try:
             response = session.post(
@@ -243,7 +182,7 @@ class Connection:
                 data=body,
                 headers={"Content-Type": "application/json"},
                 stream=True,
-                timeout=(self.settings.timeout, idle),
+                timeout=(self.config.timeout, idle),
             )
         except BaseException:
             session.close()
@@ -270,9 +209,9 @@ def _http_error(status: int, reason: str, text: str) -> etcd_exc.Etcd3Exception:
 class Gateway:
     """All endpoints, with failover: a call goes to the current endpoint, then the next ones."""
 
-    def __init__(self, urls: Sequence[str], settings: ClientSettings) -> None:
-        self.settings = settings
-        self.connections = [Connection(url, settings) for url in urls]
+    def __init__(self, config: EtcdConfig) -> None:
+        self.config = config
+        self.connections = [Connection(url, config) for url in config.urls]
         self._current = 0
         self._lock = threading.Lock()
 
@@ -317,10 +256,22 @@ class Gateway:
             if self.connections[self._current].url == url:
                 self._current = (self._current + 1) % len(self.connections)
 
+    def txn(
+        self,
+        what: str,
+        compare: list[dict[str, Any]],
+        success: list[dict[str, Any]],
+        failure: list[dict[str, Any]],
+    ) -> Mapping[str, Any]:
+        """One transaction (``/v3/kv/txn``), with failover; its answer."""
+        request = {"compare": compare, "success": success, "failure": failure}
+        result = self.call(what, lambda c: c.client.transaction(request))
+        return result if isinstance(result, Mapping) else {}
+
     def _attempt(self, connection: Connection, fn: Callable[[Connection], T]) -> T:
         for attempt in (1, 2):
             try:
-                if self.settings.user and connection.token is None:
+                if self.config.user and connection.token is None:
                     with connection.auth_lock:  # one authentication per endpoint at a time
                         if connection.token is None:
                             connection.authenticate()
@@ -338,7 +289,7 @@ class Gateway:
                 if code in _RETRY_ELSEWHERE:
                     raise _Unreachable(message) from None
                 if needs_auth(code, message):
-                    if attempt == 2 or not self.settings.user:
+                    if attempt == 2 or not self.config.user:
                         raise EtcdError(
                             f"etcd at {connection.url}: {message} (check the etcd options user "
                             "and password)",

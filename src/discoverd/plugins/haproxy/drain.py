@@ -20,10 +20,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from discoverd.plugins.haproxy.runtime import (
+from discoverd import Service
+from discoverd.plugins.haproxy.config import MAX_DRAIN
+from discoverd.plugins.haproxy.sockets import (
     CommandError,
     admin,
     cli,
@@ -32,6 +35,58 @@ from discoverd.plugins.haproxy.runtime import (
 )
 
 log = logging.getLogger(__name__)
+
+#: Instance metadata key holding the drain period of an instance (label SERVICE_DRAIN=10s).
+DRAIN_KEY = "drain"
+
+
+def drain_seconds(value: str) -> float | None:
+    """A drain period from instance metadata ("10", "2.5"; "10s" and "500ms" are accepted too),
+    or ``None`` if it is not a number of seconds from 0 to ``MAX_DRAIN``."""
+    text = value.strip().lower()
+    scale = 1.0
+    if text.endswith("ms"):
+        text, scale = text[:-2], 0.001
+    try:
+        seconds = float(text.removesuffix("s")) * scale
+    except ValueError:
+        return None
+    return seconds if 0 <= seconds <= MAX_DRAIN else None
+
+
+class DrainPeriods:
+    """The drain periods instances ask for (metadata ``drain``), by (backend, server); an
+    instance without one drains for ``default`` (the ``drain_timeout`` option). A value that
+    is not a number of seconds is warned about once per instance."""
+
+    def __init__(self, default: float) -> None:
+        self.default = default
+        self._warned: set[tuple[str, str]] = set()
+
+    def of(self, services: Sequence[Service]) -> dict[tuple[str, str], float]:
+        periods: dict[tuple[str, str], float] = {}
+        for service in services:
+            for instance in service.instances:
+                if not instance.meta:
+                    continue
+                value = dict(instance.meta).get(DRAIN_KEY)
+                if value is None:
+                    continue
+                seconds = drain_seconds(value)
+                key = (service.name, instance.id)
+                if seconds is not None:
+                    periods[key] = seconds
+                elif key not in self._warned:
+                    self._warned.add(key)
+                    log.warning(
+                        "haproxy: instance %s of %s has drain=%r, not a number of seconds; "
+                        "using drain_timeout (%gs)",
+                        instance.id,
+                        service.name,
+                        value[:40],
+                        self.default,
+                    )
+        return periods
 
 
 @dataclass

@@ -10,8 +10,8 @@ in ``server``), ``settings``, ``paths`` and ``stats``, which are fixed for a ren
 every render is a whole render, as before.
 
 The renderer also splits each section into its structure and server lines once
-(:func:`~discoverd.plugins.haproxy.layout.parse_piece`), so the layout of a render is assembled
-from cached pieces instead of parsing the whole text again (:meth:`Renderer.layout`).
+(:func:`~discoverd.plugins.haproxy.config_split.parse_piece`), so the split of a render is
+assembled from cached pieces instead of splitting the whole text again (:meth:`Renderer.split`).
 """
 
 from __future__ import annotations
@@ -28,10 +28,16 @@ from jinja2.runtime import Context
 from jinja2.visitor import NodeTransformer
 
 from discoverd import PluginError, Service, ServiceInstance
-from discoverd.core.templating import load_template as core_load_template
-from discoverd.core.templating import plugin_environment
-from discoverd.plugins.haproxy.layout import Layout, Piece, join_pieces, parse_layout, parse_piece
-from discoverd.plugins.haproxy.settings import Settings
+from discoverd.plugins.haproxy.config import HAProxyConfig
+from discoverd.plugins.haproxy.config_split import (
+    ConfigSplit,
+    Piece,
+    join_pieces,
+    parse_piece,
+    split_config,
+)
+from discoverd.proxykit import load_template as kit_load_template
+from discoverd.proxykit import plugin_environment
 
 TEMPLATE = "haproxy.cfg.j2"
 PACKAGE = "discoverd.plugins.haproxy"
@@ -119,7 +125,7 @@ def environment(template_dir: str) -> jinja2.Environment:
 
 
 def load_template(env: jinja2.Environment) -> jinja2.Template:
-    return core_load_template(env, TEMPLATE, "HAProxy")
+    return kit_load_template(env, TEMPLATE, "HAProxy")
 
 
 def _instance_view(instance: ServiceInstance) -> InstanceView:
@@ -147,12 +153,12 @@ def service_view(service: Service, bind: str) -> ServiceView:
     )
 
 
-def _ordered(settings: Settings, services: Sequence[Service]) -> list[Service]:
+def _ordered(config: HAProxyConfig, services: Sequence[Service]) -> list[Service]:
     """``services`` in render order; raise ``PluginError`` if two services claim one port."""
     ordered = sorted(services, key=lambda s: (s.name, s.frontend_port, s.protocol))
     owners: dict[int, str] = {}
-    if settings.stats_port:
-        owners[settings.stats_port] = "the stats page"
+    if config.stats_port:
+        owners[config.stats_port] = "the stats page"
     for service in ordered:
         if service.protocol == "udp":
             continue
@@ -165,17 +171,15 @@ def _ordered(settings: Settings, services: Sequence[Service]) -> list[Service]:
     return ordered
 
 
-def _context(settings: Settings, state_dir: Path, views: list[ServiceView]) -> dict[str, Any]:
+def _context(config: HAProxyConfig, state_dir: Path, views: list[ServiceView]) -> dict[str, Any]:
     return {
-        "settings": settings,
+        "settings": config,
         "paths": {
             "admin_socket": str(state_dir / "admin.sock"),
             "server_state": str(state_dir / "server-state"),
         },
         "stats": (
-            {"bind": host_port(settings.stats_bind, settings.stats_port)}
-            if settings.stats_port
-            else None
+            {"bind": host_port(config.stats_bind, config.stats_port)} if config.stats_port else None
         ),
         "services": views,
     }
@@ -187,14 +191,14 @@ def _finished(text: str) -> str:
 
 def render_config(
     template: jinja2.Template,
-    settings: Settings,
+    config: HAProxyConfig,
     state_dir: Path,
     services: Sequence[Service],
 ) -> str:
     """Render ``services``; raise ``PluginError`` if two services claim one port."""
-    views = [service_view(s, settings.bind) for s in _ordered(settings, services)]
+    views = [service_view(s, config.bind) for s in _ordered(config, services)]
     try:
-        text = template.render(_context(settings, state_dir, views))
+        text = template.render(_context(config, state_dir, views))
     except jinja2.TemplateError as exc:
         raise PluginError(f"HAProxy template {template.name}: {exc}") from None
     return _finished(text)
@@ -223,7 +227,7 @@ class _Section(str):
 
 @dataclass
 class _Entry:
-    """What is cached of one service: its view and its rendered sections, and their layout."""
+    """What is cached of one service: its view and its rendered sections, and their split."""
 
     service: Service
     view: ServiceView
@@ -349,17 +353,23 @@ def _source(env: jinja2.Environment, name: str) -> str | None:
 
 
 class Renderer:
-    """Renders services like :func:`render_config`, from cached per-service sections."""
+    """Renders services like :func:`render_config`, from cached per-service sections.
+
+    The cache is memoization keyed by the ``Service`` values: it never changes what a render
+    returns. ``cached`` says whether the template allows it (:func:`sections_cacheable`; if
+    not, every render is a whole render); ``sections_rendered`` counts the sections rendered
+    (cache misses), for tests and measurements; ``template`` is the template it renders.
+    """
 
     def __init__(
         self,
         env: jinja2.Environment,
         template: jinja2.Template,
-        settings: Settings,
+        config: HAProxyConfig,
         state_dir: Path,
     ) -> None:
         self.template = template
-        self.settings = settings
+        self.config = config
         self.state_dir = state_dir
         try:
             self.cached = sections_cacheable(env, template)
@@ -374,9 +384,9 @@ class Renderer:
         self.sections_rendered = 0
 
     def render(self, services: Sequence[Service]) -> str:
-        ordered = _ordered(self.settings, services)
+        ordered = _ordered(self.config, services)
         if not self.cached:
-            views = [service_view(s, self.settings.bind) for s in ordered]
+            views = [service_view(s, self.config.bind) for s in ordered]
             text = self._render(views, {})
             self._last = None
             return text
@@ -398,7 +408,7 @@ class Renderer:
                         by_name = {_name(e.service): e for e in self._used}
                     entry = by_name.get(_name(service))
                     if entry is None or entry.service != service:
-                        entry = _Entry(service, service_view(service, self.settings.bind))
+                        entry = _Entry(service, service_view(service, self.config.bind))
                 entry.service = service  # equal: the newest object, for the next lookups
                 entry.members = _identity(service)
             used.append(entry)
@@ -414,13 +424,13 @@ class Renderer:
         self._last = _Rendered(text, chunks)
         return text
 
-    def layout(self, text: str) -> Layout:
-        """The layout of ``text``: assembled from cached pieces when it is the last render."""
+    def split(self, text: str) -> ConfigSplit:
+        """The split of ``text``: assembled from cached pieces when it is the last render."""
         last = self._last
         if last is None or not (last.text is text or last.text == text):
-            return parse_layout(text)
+            return split_config(text)
         if any(not chunk.endswith("\n") for chunk, _ in last.chunks[:-1] if chunk):
-            return parse_layout(text)  # a piece ends inside a line: cut the whole text instead
+            return split_config(text)  # a piece ends inside a line: cut the whole text instead
         pieces: list[Piece] = []
         section = ""
         free: dict[tuple[str, str], Piece] = {}
@@ -447,7 +457,7 @@ class Renderer:
         chunks: list[tuple[str, _Entry | None]] | None = None,
     ) -> str:
         template = self.template
-        context = template.new_context(_context(self.settings, self.state_dir, views))
+        context = template.new_context(_context(self.config, self.state_dir, views))
         if chunks is not None:
             for name in SECTION_BLOCKS:
                 context.blocks.setdefault(name, []).insert(0, self._section_block(name, by_view))

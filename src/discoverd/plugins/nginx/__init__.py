@@ -1,22 +1,29 @@
 """The nginx proxy (``--proxy nginx``): an http server per HTTP service, the stream module for
 tcp and udp services, checked with ``nginx -t`` and reloaded gracefully (verified, batched).
 
-nginx runs as a daemon and outlives discoverd; see :mod:`.proxy` for the files it keeps in
-``<state_dir>/nginx`` and how a reload is checked, and ``templates/nginx.conf.j2`` for what is
-rendered and the blocks a user template can override.
+nginx runs as a daemon and outlives discoverd. The modules, each doing one thing:
+
+- :mod:`.config`: the options (``[nginx]``) and what they imply on this machine;
+- :mod:`.render`: services -> ``nginx.conf`` and the status page (pure;
+  ``templates/nginx.conf.j2`` says what is rendered and which blocks a user template can
+  override);
+- :mod:`.proxy`: validation and the apply (the files kept in ``<state_dir>/nginx``);
+- :mod:`.master`: supervision of the master process (start, adopt, verified reload, stop);
+- :mod:`.processes`: finding nginx's processes in ``/proc``;
+- :mod:`.messages`: nginx's error log and checker output, as one-line reasons.
 """
 
 from __future__ import annotations
 
 from discoverd import PluginContext, Proxy, ProxyPlugin, hookimpl
-from discoverd.plugins.nginx.settings import OPTIONS, parse_settings
+from discoverd.plugins.nginx.config import NginxConfig
 
 
-def make_proxy(ctx: PluginContext) -> Proxy:
-    """Build a :class:`~discoverd.plugins.nginx.proxy.NginxProxy` from validated options."""
+def make_proxy(ctx: PluginContext[NginxConfig]) -> Proxy:
+    """Build a :class:`~discoverd.plugins.nginx.proxy.NginxProxy` from its checked options."""
     from discoverd.plugins.nginx.proxy import NginxProxy
 
-    return NginxProxy(parse_settings(ctx.options), ctx.state_dir)
+    return NginxProxy(ctx.config, ctx.state_dir)
 
 
 @hookimpl
@@ -28,6 +35,6 @@ def discoverd_register_proxies() -> list[ProxyPlugin]:
             description="nginx: an http server per HTTP service, the stream module for tcp and "
             "udp, checked with nginx -t, reloaded gracefully (batched, verified); status page "
             "on 127.0.0.1:1937.",
-            options=OPTIONS,
+            config=NginxConfig,
         )
     ]

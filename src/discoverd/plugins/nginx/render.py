@@ -8,6 +8,7 @@ so the same services render the same text on every host.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -16,11 +17,18 @@ from typing import Any
 
 import jinja2
 
-from discoverd import PluginError, Service, ServiceInstance, ValidationError
-from discoverd.core.model import check_address, check_port, check_service_name
-from discoverd.core.templating import load_template as core_load_template
-from discoverd.core.templating import plugin_environment
-from discoverd.plugins.nginx.settings import Settings
+from discoverd import (
+    PluginError,
+    Service,
+    ServiceInstance,
+    ValidationError,
+    check_address,
+    check_port,
+    check_service_name,
+)
+from discoverd.plugins.nginx.config import NginxConfig, WorkerSettings
+from discoverd.proxykit import load_template as kit_load_template
+from discoverd.proxykit import plugin_environment
 
 TEMPLATE = "nginx.conf.j2"
 PACKAGE = "discoverd.plugins.nginx"
@@ -111,7 +119,7 @@ def environment(template_dir: str) -> jinja2.Environment:
 
 
 def load_template(env: jinja2.Environment) -> jinja2.Template:
-    return core_load_template(env, TEMPLATE, "nginx")
+    return kit_load_template(env, TEMPLATE, "nginx")
 
 
 def _recheck(service: Service) -> None:
@@ -183,17 +191,28 @@ def check_ports(services: Sequence[Service], status_port: int) -> None:
             )
 
 
+def template_settings(config: NginxConfig, workers: WorkerSettings) -> dict[str, Any]:
+    """What a template sees as ``settings``: every option of ``[nginx]`` by name, except that
+    ``user`` and ``group`` are what the workers run as on this machine, plus ``rlimit_nofile``
+    (see :class:`~discoverd.plugins.nginx.config.WorkerSettings`)."""
+    return {**dataclasses.asdict(config), **dataclasses.asdict(workers)}
+
+
 def render_config(
-    template: jinja2.Template, settings: Settings, services: Sequence[Service], stub_status: bool
+    template: jinja2.Template,
+    config: NginxConfig,
+    workers: WorkerSettings,
+    services: Sequence[Service],
+    stub_status: bool,
 ) -> str:
     """Render ``services``; raise ``PluginError`` on a conflict or a template error."""
     sorted_services = ordered(services)
-    check_ports(sorted_services, settings.status_port)
-    views = [service_view(s, settings.bind) for s in sorted_services]
+    check_ports(sorted_services, config.status_port)
+    views = [service_view(s, config.bind) for s in sorted_services]
     http = [v for v in views if v.protocol == "tcp" and v.mode == "http"]
     stream = [v for v in views if v not in http]
     context = {
-        "settings": settings,
+        "settings": template_settings(config, workers),
         "paths": {
             "pid": "nginx.pid",
             "error_log": "error.log",
@@ -201,8 +220,8 @@ def render_config(
             "status": "status",
         },
         "status": (
-            {"listen": host_port(settings.status_bind, settings.status_port), "stub": stub_status}
-            if settings.status_port
+            {"listen": host_port(config.status_bind, config.status_port), "stub": stub_status}
+            if config.status_port
             else None
         ),
         "services": views,
@@ -216,9 +235,9 @@ def render_config(
     return text if text.endswith("\n") else text + "\n"
 
 
-def status_documents(services: Sequence[Service], settings: Settings) -> dict[str, bytes]:
+def status_documents(services: Sequence[Service], config: NginxConfig) -> dict[str, bytes]:
     """The status page's files (``services.json`` and ``services.txt``), deterministic."""
-    views = [service_view(s, settings.bind) for s in ordered(services)]
+    views = [service_view(s, config.bind) for s in ordered(services)]
     listing = [
         {
             "name": v.name,

@@ -1,0 +1,165 @@
+"""The register role: keep exactly this host's eligible instances in the registry."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from discoverd.core.checks import CheckSpec
+from discoverd.core.errors import PluginError
+from discoverd.core.interfaces import Registry, Source
+from discoverd.core.model import ServiceInstance
+from discoverd.core.readiness import FIRST_PASS_MAX, Readiness
+from discoverd.core.role import RESYNC, ProblemLog, Role
+from discoverd.core.scheduling import Backoff
+
+log = logging.getLogger("discoverd")
+
+
+class RegisterRole(Role):
+    """Source -> registry: keep exactly this host's eligible instances registered."""
+
+    name = "register"
+
+    def __init__(
+        self,
+        source: Source,
+        registry: Registry,
+        *,
+        min_wait: float = 0.02,
+        max_wait: float = 0.5,
+        retry_max: float = 10.0,
+        resync_interval: float = 30.0,
+        checks: CheckSpec | None = None,
+        first_check_wait: float = 0.1,
+    ) -> None:
+        super().__init__(min_wait, max_wait, retry_max)
+        self.resync_interval = resync_interval
+        self.source = source
+        self.registry = registry
+        #: The default readiness check; ``None`` registers every instance without checking.
+        self.checks = checks
+        self.first_check_wait = first_check_wait
+        self.readiness: Readiness | None = None
+        self.waiting: set[str] = set()  # wanted, but not answering (yet)
+        self.registered: dict[str, ServiceInstance] = {}
+        self.lock = threading.Lock()
+        self.synced = threading.Event()
+        self._problems = ProblemLog(log)
+
+    def start(self) -> None:
+        self.waker.notify("start")
+        self._spawn("reconcile", self._guarded("reconcile", self._reconcile_loop))
+        self._spawn(
+            "watch",
+            lambda: self._watch_forever(
+                "source watch", lambda: self.source.watch(self.waker.notify, self.stop_event)
+            ),
+        )
+        self._spawn("keepalive", self._guarded("keepalive", self._keepalive_loop))
+
+    def _reconcile_loop(self) -> None:
+        backoff = Backoff(self.retry_max)
+        while (reasons := self.waker.wait(self.stop_event)) is not None:
+            log.debug("register: reconcile (%s)", ", ".join(reasons))
+            try:
+                self.reconcile()
+                backoff.reset()
+                if self.resync_interval > 0:
+                    self.waker.retry_in(self.resync_interval, RESYNC)
+            except PluginError as exc:
+                delay = backoff.next()
+                log.warning("register: %s; retrying in %.1fs", exc, delay)
+                self.counters.inc("register_errors")
+                self.waker.retry_in(delay)
+
+    def reconcile(self) -> None:
+        """One pass: read the source, register what is new or changed and answers its
+        readiness check, remove what is gone or stopped answering."""
+        snapshot = self.source.snapshot()
+        stopping = self.source.stopping()
+        self._problems.update(snapshot.problems)
+        desired = {i.id: i for i in snapshot.instances if i.id not in stopping}
+        # What left the source goes first: a stopping container must not wait for the checks.
+        self._remove(set(self.registered) - set(desired))
+        if self.checks is not None:
+            if self.readiness is None:
+                self.readiness = Readiness(self.checks, self.source.check_target, self.waker.notify)
+            # Only the first pass waits for every first check (an agent starting on a busy
+            # host); later passes must not hold a stopping container's removal for long.
+            settle = FIRST_PASS_MAX if not self.synced.is_set() else 0.0
+            ready = self.readiness.update(desired, self.first_check_wait, settle)
+            waiting = set(desired) - ready
+            for iid in sorted(waiting - self.waiting):
+                log.info(
+                    "register: %s %s not answering yet; registered once it does",
+                    desired[iid].service,
+                    iid,
+                )
+            self.waiting = waiting
+            desired = {iid: i for iid, i in desired.items() if iid in ready}
+        self._remove(set(self.registered) - set(desired))
+        with self.lock:
+            todo = [desired[i] for i in sorted(desired) if self.registered.get(i) != desired[i]]
+            if len(todo) == 1:
+                self.registry.register(todo[0])
+            elif todo:
+                self.registry.register_many(todo)
+            for instance in todo:
+                self.registered[instance.id] = instance
+                self.counters.inc("registered")
+                log.info(
+                    "register: added %s %s (%s)", instance.service, instance.id, instance.endpoint
+                )
+        self.synced.set()
+
+    def _remove(self, ids: set[str]) -> None:
+        with self.lock:
+            for iid in sorted(ids):
+                instance = self.registered.get(iid)
+                if instance is None:
+                    continue
+                self.registry.deregister(instance)
+                del self.registered[iid]
+                self.counters.inc("deregistered")
+                log.info("register: removed %s %s (%s)", instance.service, iid, instance.endpoint)
+
+    def _keepalive_loop(self) -> None:
+        failing = False
+        while not self.stop_event.wait(self._interval(failing)):
+            try:
+                alive = self.registry.keepalive()
+            except PluginError as exc:
+                if not failing:
+                    log.warning("register: keepalive failed: %s; retrying", exc)
+                failing = True
+                continue
+            if failing:
+                log.info("register: registry reachable again")
+            failing = False
+            if not alive:
+                log.warning("register: this host's entries were lost; registering them again")
+                with self.lock:
+                    self.registered.clear()
+                self.counters.inc("reregistrations")
+                self.waker.notify("entries lost")
+
+    def _interval(self, failing: bool) -> float:
+        interval = self.registry.keepalive_interval()
+        return min(1.0, interval) if failing else interval
+
+    def shutdown(self, deregister: bool = True) -> None:
+        """Stop the loops; with ``deregister``, remove this host's entries at once."""
+        self.stop_event.set()
+        try:
+            self.source.close()  # unblocks the source watch before the threads are joined
+        finally:
+            self.stop()
+            if self.readiness is not None:
+                self.readiness.close()
+            try:
+                self.registry.close(deregister=deregister)
+                if deregister:
+                    log.info("register: this host's instances deregistered")
+            except PluginError as exc:
+                log.warning("register: could not deregister on exit (%s); they will expire", exc)

@@ -1,0 +1,119 @@
+"""What the register and discover loops share: threads, stop, backoff, counters, problems.
+
+Both roles are level-triggered: events only wake a loop (:class:`~discoverd.core.scheduling.Waker`);
+the loop then reads a full snapshot and applies the difference, so a missed event, a restart or an
+outage heals by itself at the next wake-up.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from discoverd.core.errors import PluginError
+from discoverd.core.model import Problem
+from discoverd.core.scheduling import Backoff, Waker
+
+log = logging.getLogger("discoverd")
+
+#: The reason of the periodic pass each role makes even without events.
+RESYNC = "periodic resync"
+
+
+class ProblemLog:
+    """Logs each problem once while it persists (not at every reconcile)."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._seen: set[str] = set()
+        self._log = logger
+
+    def update(self, problems: Iterable[Problem]) -> None:
+        current = {str(p) for p in problems}
+        for line in sorted(current - self._seen):
+            self._log.warning("%s", line)
+        self._seen = current
+
+
+@dataclass
+class Counters:
+    """What happened so far; read by tests, ``/metrics`` later, and the logs."""
+
+    values: dict[str, int] = field(default_factory=dict)
+
+    def inc(self, name: str, by: int = 1) -> None:
+        self.values[name] = self.values.get(name, 0) + by
+
+    def __getitem__(self, name: str) -> int:
+        return self.values.get(name, 0)
+
+
+def _thread(name: str, target: Callable[[], None]) -> threading.Thread:
+    return threading.Thread(target=target, name=f"discoverd-{name}", daemon=True)
+
+
+class Role:
+    """Common plumbing: a stop event, threads, a waker, backoff for the loops."""
+
+    name = "role"
+
+    def __init__(self, min_wait: float, max_wait: float, retry_max: float) -> None:
+        self.stop_event = threading.Event()
+        self.waker = Waker(min_wait, max_wait)
+        self.retry_max = retry_max
+        self.counters = Counters()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def _spawn(self, name: str, target: Callable[[], None]) -> None:
+        thread = _thread(f"{self.name}-{name}", target)
+        self._threads.append(thread)
+        thread.start()
+
+    def _guarded(self, what: str, body: Callable[[], None]) -> Callable[[], None]:
+        """Run ``body`` until stop; an unexpected exception is logged and the loop restarted."""
+
+        def run() -> None:
+            backoff = Backoff(self.retry_max)
+            while not self.stop_event.is_set():
+                try:
+                    body()
+                    return
+                except Exception:
+                    log.exception("%s: unexpected error in %s; restarting it", self.name, what)
+                    delay = backoff.next()
+                    # The batch that failed was consumed: make sure the loop runs again.
+                    self.waker.retry_in(delay, "restart after an error")
+                    self.stop_event.wait(delay)
+
+        return run
+
+    def _watch_forever(self, what: str, watch: Callable[[], None]) -> None:
+        """Keep a watch running: when it returns or fails, resync and start it again."""
+        backoff = Backoff(self.retry_max)
+        while not self.stop_event.is_set():
+            started = time.monotonic()
+            try:
+                watch()
+                if self.stop_event.is_set():
+                    return
+                log.warning("%s: %s stream ended; reconnecting", self.name, what)
+            except PluginError as exc:
+                log.warning("%s: %s lost: %s; reconnecting", self.name, what, exc)
+            except Exception:
+                log.exception("%s: %s failed; reconnecting", self.name, what)
+            self.waker.notify(f"{what} reconnect")
+            if time.monotonic() - started > 30:
+                backoff.reset()
+            self.stop_event.wait(backoff.next())
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.stop_event.set()
+        self.waker.wake_all()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))

@@ -1,0 +1,150 @@
+"""The etcd registry's options (the ``[etcd]`` section), and what is derived from them.
+
+Kept free of the client libraries: the core reads this class whenever the plugin is listed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from discoverd import OptionError, option, validators
+
+DEFAULT_PORT = 2379
+
+
+def key_prefix(value: str) -> str:
+    """A key prefix without trailing slashes; an empty one would claim the whole key space."""
+    text = value.strip().rstrip("/")
+    if not text:
+        raise ValueError("must name a key prefix, e.g. /backends")
+    return text
+
+
+class CredentialsInEndpoint(ValueError):
+    """An endpoint written with credentials (``http://user:pass@host``): refused; the message
+    shows it redacted."""
+
+
+def redact(endpoint: str) -> str:
+    """``endpoint`` for a message: credentials in it (``user:pass@``) become ``***@``."""
+    scheme, sep, rest = endpoint.partition("://")
+    if not sep:
+        scheme, rest = "", endpoint
+    netloc, slash, path = rest.partition("/")
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    return f"{scheme}{sep}{netloc}{slash}{path}"
+
+
+def endpoint_url(text: str, tls: bool) -> str:
+    """``host:port``, ``[v6]:port``, ``host`` or ``http(s)://host:port`` -> a base URL.
+
+    Without a scheme, https is used when ``tls``; ``tls`` also upgrades an explicit ``http://``.
+    ``ValueError`` names the endpoint (credentials redacted) and what is wrong with it."""
+    has_scheme = "://" in text
+    parts = urlsplit(text if has_scheme else f"//{text}")
+    scheme = parts.scheme.lower() if has_scheme else ""
+    if "@" in parts.netloc:
+        raise CredentialsInEndpoint(
+            f"{redact(text)!r}: expected host:port or http(s)://host:port, without credentials "
+            "(set user and password)"
+        )
+    problem = ""
+    if has_scheme and scheme not in ("http", "https"):
+        problem = "the scheme must be http or https"
+    elif parts.path not in ("", "/") or parts.query or parts.fragment:
+        problem = "expected host:port or http(s)://host:port, nothing more"
+    try:
+        port = parts.port or DEFAULT_PORT
+    except ValueError:
+        problem = problem or "the port is not a number from 1 to 65535"
+        port = DEFAULT_PORT
+    host = parts.hostname
+    if not host:
+        problem = problem or "no host"
+    if problem or host is None:
+        raise ValueError(f"{redact(text)!r}: {problem}")
+    scheme = "https" if tls or scheme == "https" else "http"
+    shown = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{shown}:{port}"
+
+
+def endpoint_urls(endpoints: tuple[str, ...], tls: bool) -> tuple[str, ...]:
+    """The base URL of every endpoint, in order, without duplicates. An item may itself be a
+    comma-separated list (the seed's ``ETCD_HOST``). ``ValueError`` for a bad one, or none."""
+    urls: list[str] = []
+    for item in endpoints:
+        for part in item.split(","):
+            text = part.strip()
+            if text:
+                url = endpoint_url(text, tls)
+                if url not in urls:
+                    urls.append(url)
+    if not urls:
+        raise ValueError("no endpoint given (e.g. 127.0.0.1:2379)")
+    return tuple(urls)
+
+
+@dataclass(frozen=True)
+class EtcdConfig:
+    """The ``[etcd]`` section."""
+
+    endpoints: tuple[str, ...] = option(
+        ("127.0.0.1:2379",),
+        "etcd client endpoints: host:port or http(s)://host:port, comma separated; "
+        "the next one is tried when one fails",
+        env=("ETCD_HOST",),
+    )
+    prefix: str = option(
+        "/backends", "Key prefix of the instances (the seed's layout).", check=key_prefix
+    )
+    meta_prefix: str = option(
+        "/discoverd/instances",
+        "Key prefix of the instances' metadata (JSON); must lie outside prefix.",
+        check=key_prefix,
+    )
+    ttl: int = option(15, "Lease TTL in seconds: a dead host's entries vanish after it.", min=1)
+    timeout: float = option(
+        5.0, "Timeout of one etcd request, in seconds.", check=validators.positive
+    )
+    ca_cert: str = option("", "CA bundle to verify etcd's certificate (enables https).")
+    cert: str = option("", "Client certificate for TLS (enables https).")
+    key: str = option("", "Private key of the client certificate.")
+    user: str = option("", "User name, when etcd has authentication enabled.")
+    password: str = option("", "Password of user.", secret=True)
+
+    def __post_init__(self) -> None:
+        # Endpoints are checked here rather than by a field check, which would echo the whole
+        # value: an endpoint may carry credentials (refused, and redacted in the message). Nor
+        # is the key named for those: the core would add where it was set, and a --set flag's
+        # origin quotes the value.
+        try:
+            endpoint_urls(self.endpoints, self.tls)
+        except CredentialsInEndpoint as exc:
+            raise OptionError(f"endpoints: {exc}") from None
+        except ValueError as exc:
+            raise OptionError(f"endpoints: {exc}", "endpoints") from None
+        if self.key and not self.cert:
+            raise OptionError("key is set but cert is not: give both (client TLS)", "key", "cert")
+        if self.password and not self.user:
+            raise OptionError("password is set but user is not", "password", "user")
+        a, b = self.prefix + "/", self.meta_prefix + "/"
+        if a.startswith(b) or b.startswith(a):
+            raise OptionError(
+                f"prefix {self.prefix!r} and meta_prefix {self.meta_prefix!r} overlap: "
+                "docker-discover would read the metadata as backends. "
+                "Choose two separate prefixes.",
+                "prefix",
+                "meta_prefix",
+            )
+
+    @property
+    def tls(self) -> bool:
+        """Whether TLS options are set: every endpoint is then dialled with https."""
+        return bool(self.ca_cert or self.cert or self.key)
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """The endpoints' base URLs (``https://`` when :attr:`tls`), in order of preference."""
+        return endpoint_urls(self.endpoints, self.tls)

@@ -1,0 +1,303 @@
+"""The etcd key scheme: where discoverd keeps instances, and how a catalog is read back (pure).
+
+The scheme is the seed's (docker-register / docker-discover), so both can run side by side::
+
+    <prefix>/<service>/<instance id>   = IP:PORT        (one key per instance)
+    <prefix>/<service>/port            = frontend port  (written by every host, last one wins)
+    <meta_prefix>/<service>/<instance id> = {"frontend_port": 8000, "protocol": "tcp",
+                                             "tags": [...], "meta": {...}, "host_id": "..."}
+
+The metadata lives outside ``<prefix>``: the original docker-discover reads every key under a
+service directory of ``<prefix>`` (except ``port``) as a backend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from discoverd import (
+    Catalog,
+    Problem,
+    ServiceInstance,
+    ValidationError,
+    check_port,
+    check_service_name,
+)
+from discoverd import parse_endpoint as _parse_endpoint
+
+PORT_KEY = "port"
+
+
+def range_of(prefix: str) -> tuple[bytes, bytes]:
+    """The ``[start, end)`` key range holding everything below ``prefix`` + ``/``."""
+    start = (prefix + "/").encode()
+    return start, prefix.encode() + b"0"  # "0" is the byte after "/"
+
+
+@dataclass(frozen=True)
+class KeyScheme:
+    """The two key prefixes (checked and normalised by ``EtcdConfig``) and the keys below them."""
+
+    prefix: str = "/backends"
+    meta_prefix: str = "/discoverd/instances"
+
+    def backend_key(self, service: str, instance_id: str) -> str:
+        return f"{self.prefix}/{service}/{instance_id}"
+
+    def port_key(self, service: str) -> str:
+        return f"{self.prefix}/{service}/{PORT_KEY}"
+
+    def meta_key(self, service: str, instance_id: str) -> str:
+        return f"{self.meta_prefix}/{service}/{instance_id}"
+
+    def ranges(self) -> list[tuple[bytes, bytes]]:
+        """The key ranges of every service: ``<prefix>/`` and ``<meta_prefix>/``."""
+        return [range_of(self.prefix), range_of(self.meta_prefix)]
+
+    def service_ranges(self, service: str) -> list[tuple[bytes, bytes]]:
+        """The key ranges of one service: its directory below each prefix."""
+        return [range_of(f"{self.prefix}/{service}"), range_of(f"{self.meta_prefix}/{service}")]
+
+    def service_of(self, raw_key: bytes) -> str | None:
+        """The service a key of either prefix belongs to; ``None`` for a key outside any
+        ``<prefix>/<service>/`` directory."""
+        key = _text(raw_key)
+        for head in (self.prefix + "/", self.meta_prefix + "/"):
+            if key.startswith(head):
+                service, sep, _ = key[len(head) :].partition("/")
+                return service if sep else None
+        return None
+
+
+def encode_metadata(instance: ServiceInstance, host_id: str = "") -> str:
+    """The JSON stored under the metadata key (compact, keys sorted: stable bytes)."""
+    document = {
+        "frontend_port": instance.frontend_port,
+        "protocol": instance.protocol,
+        "tags": list(instance.tags),
+        "meta": instance.meta_dict,
+        "host_id": instance.host_id or host_id,
+    }
+    return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+@dataclass(frozen=True)
+class _Metadata:
+    frontend_port: int | None
+    protocol: str
+    tags: tuple[str, ...]
+    meta: tuple[tuple[str, str], ...]
+    host_id: str
+
+
+def _decode_metadata(raw: bytes) -> _Metadata:
+    """Parse a metadata value; raise ValidationError naming what is wrong."""
+    try:
+        document = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise ValidationError("value is not JSON") from None
+    if not isinstance(document, dict):
+        raise ValidationError("value is not a JSON object")
+    port: Any = document.get("frontend_port")
+    frontend_port = None if port is None else check_port(port, "frontend_port")
+    protocol = document.get("protocol", "tcp")
+    if protocol not in ("tcp", "udp"):
+        raise ValidationError(f"protocol {protocol!r} must be tcp or udp")
+    tags = document.get("tags", [])
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise ValidationError("tags must be a list of strings")
+    meta = document.get("meta", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ValidationError("meta must be an object of strings")
+    host_id = document.get("host_id", "")
+    if not isinstance(host_id, str):
+        raise ValidationError("host_id must be a string")
+    return _Metadata(frontend_port, protocol, tuple(tags), tuple(meta.items()), host_id)
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", errors="replace")
+
+
+def read_catalog(
+    scheme: KeyScheme,
+    backend_kvs: Iterable[tuple[bytes, bytes]],
+    meta_kvs: Iterable[tuple[bytes, bytes]],
+    revision: int,
+) -> Catalog:
+    """Turn the keys under both prefixes (``(key, value)`` pairs) into a catalog.
+
+    Never raises for bad data: every malformed entry becomes a ``Problem`` naming its key, and
+    affects only that entry (or, for a bad service name or a service without any frontend port,
+    only that service).
+    """
+    grouped = _group_entries(scheme, backend_kvs, meta_kvs)
+    instances: list[ServiceInstance] = []
+    problems = list(grouped.problems)
+    for service in sorted(grouped.services):
+        found, trouble = _read_service(scheme, service, grouped.services[service], grouped.metadata)
+        instances.extend(found)
+        problems.extend(trouble)
+    return Catalog(instances=tuple(instances), problems=tuple(problems), revision=revision)
+
+
+@dataclass
+class _Grouped:
+    """Keys sorted by service: ``services[service][name] = (key, value)`` with ``name`` an
+    instance id or ``port``; ``metadata[(service, id)] = (key, value)``; ``problems`` for keys
+    that belong to no service."""
+
+    services: dict[str, dict[str, tuple[str, bytes]]]
+    metadata: dict[tuple[str, str], tuple[str, bytes]]
+    problems: list[Problem]
+
+
+def _group_entries(
+    scheme: KeyScheme,
+    backend_kvs: Iterable[tuple[bytes, bytes]],
+    meta_kvs: Iterable[tuple[bytes, bytes]],
+) -> _Grouped:
+    problems: list[Problem] = []
+    services: dict[str, dict[str, tuple[str, bytes]]] = {}
+    head = scheme.prefix + "/"
+    for raw_key, value in sorted(backend_kvs):
+        key = _text(raw_key)
+        service, sep, name = key[len(head) :].partition("/")
+        if not sep or not name:
+            problems.append(
+                Problem(key, f"unexpected key: expected {head}<service>/<instance id>; ignored")
+            )
+            continue
+        services.setdefault(service, {})[name] = (key, value)
+
+    metadata: dict[tuple[str, str], tuple[str, bytes]] = {}
+    meta_head = scheme.meta_prefix + "/"
+    for raw_key, value in meta_kvs:
+        key = _text(raw_key)
+        service, sep, name = key[len(meta_head) :].partition("/")
+        if sep and name:
+            metadata[(service, name)] = (key, value)
+    return _Grouped(services, metadata, problems)
+
+
+def _read_service(
+    scheme: KeyScheme,
+    service: str,
+    found_entries: dict[str, tuple[str, bytes]],
+    metadata: dict[tuple[str, str], tuple[str, bytes]],
+) -> tuple[list[ServiceInstance], list[Problem]]:
+    """The instances of one service directory, and the problems of its keys (each naming the
+    service, so that a partial read of the service replaces them)."""
+    found, problems = _read_service_keys(scheme, service, found_entries, metadata)
+    return found, [dataclasses.replace(p, service=service) for p in problems]
+
+
+def _read_service_keys(
+    scheme: KeyScheme,
+    service: str,
+    found_entries: dict[str, tuple[str, bytes]],
+    metadata: dict[tuple[str, str], tuple[str, bytes]],
+) -> tuple[list[ServiceInstance], list[Problem]]:
+    head = scheme.prefix + "/"
+    problems: list[Problem] = []
+    entries = dict(found_entries)
+    for name in [n for n in entries if "/" in n]:
+        key, _ = entries.pop(name)
+        problems.append(
+            Problem(key, f"unexpected key: expected {head}<service>/<instance id>; ignored")
+        )
+    try:
+        check_service_name(service)
+    except (ValidationError, ValueError) as exc:
+        problems.append(
+            Problem(f"{head}{service}", f"{exc}; its {len(entries)} key(s) are ignored")
+        )
+        return [], problems
+    port_entry = entries.pop(PORT_KEY, None)
+    port_key = scheme.port_key(service)
+    port_from_key: int | None = None
+    port_problem = ""
+    if port_entry is not None:
+        try:
+            port_from_key = check_port(_text(port_entry[1]).strip(), "frontend port")
+        except (ValidationError, ValueError) as exc:
+            port_problem = str(exc)
+    found = _read_instances(service, entries, metadata, port_from_key, problems)
+    if not found:
+        return [], problems
+    if port_from_key is None and all(i.frontend_port is None for i in found):
+        what = f"invalid ({port_problem})" if port_problem else "missing"
+        problems.append(
+            Problem(
+                port_key,
+                f"{what}, and no instance's metadata names a frontend port; "
+                f"service {service} ({len(found)} instance(s)) is skipped",
+            )
+        )
+        return [], problems
+    if port_problem:
+        problems.append(
+            Problem(port_key, f"{port_problem}; using the frontend port from the metadata")
+        )
+    return found, problems
+
+
+def _read_instances(
+    service: str,
+    entries: dict[str, tuple[str, bytes]],
+    metadata: dict[tuple[str, str], tuple[str, bytes]],
+    port_from_key: int | None,
+    problems: list[Problem],
+) -> list[ServiceInstance]:
+    found: list[ServiceInstance] = []
+    for name in sorted(entries):
+        key, value = entries[name]
+        try:
+            address, port = _parse_endpoint(_text(value))
+        except (ValidationError, ValueError) as exc:
+            problems.append(Problem(key, f"{exc}; entry ignored"))
+            continue
+        instance: ServiceInstance | None = None
+        meta_problem: Problem | None = None
+        meta_entry = metadata.get((service, name))
+        if meta_entry is not None:
+            meta_key, raw = meta_entry
+            try:
+                decoded = _decode_metadata(raw)
+                instance = ServiceInstance(
+                    service=service,
+                    id=name,
+                    address=address,
+                    port=port,
+                    protocol=decoded.protocol,  # type: ignore[arg-type]  # checked above
+                    frontend_port=(
+                        port_from_key if port_from_key is not None else decoded.frontend_port
+                    ),
+                    tags=decoded.tags,
+                    meta=decoded.meta,
+                    host_id=decoded.host_id,
+                )
+            except (ValidationError, ValueError) as exc:
+                meta_problem = Problem(
+                    meta_key, f"{exc}; metadata ignored, the plain entry {key} is used"
+                )
+        if instance is None:
+            try:
+                instance = ServiceInstance(
+                    service=service,
+                    id=name,
+                    address=address,
+                    port=port,
+                    frontend_port=port_from_key,
+                )
+            except (ValidationError, ValueError) as exc:
+                problems.append(Problem(key, f"{exc}; entry ignored"))
+                continue
+            if meta_problem is not None:
+                problems.append(meta_problem)
+        found.append(instance)
+    return found

@@ -1,0 +1,302 @@
+"""The discover side of the etcd registry: consistent reads of the catalog, and the watch.
+
+Nothing read is kept between calls: ``snapshot`` reads both prefixes, ``read_services`` the
+directories of the services it is given, each at one revision, and ``watch`` names the services
+its events touched so the core knows what to read again. The only state here is the set of open
+watch streams, so that ``close`` can abort them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Collection, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from discoverd import Catalog, Notify, PluginError, Unavailable
+from discoverd.plugins.etcd.gateway import (
+    GRPC_OUT_OF_RANGE,
+    GRPC_UNAUTHENTICATED,
+    EtcdError,
+    Gateway,
+    StreamBroken,
+    StreamIdle,
+    WatchStream,
+    b64,
+    needs_auth,
+    unb64,
+)
+from discoverd.plugins.etcd.keys import KeyScheme, read_catalog
+
+log = logging.getLogger("discoverd.etcd")
+
+#: Seconds without any byte on a watch stream before it is re-established (from the last
+#: revision seen, so nothing is lost): a silently dead (half-open) connection cannot block.
+WATCH_IDLE_TIMEOUT = 30.0
+#: Services read per transaction: two ranges each, within etcd's 128 operations.
+SERVICES_PER_READ = 60
+#: Attempts of a ``read_services`` whose revision was compacted between two of its reads.
+READ_ATTEMPTS = 3
+
+
+@dataclass
+class _Target:
+    """One watched key range and the first revision not yet seen on it (0: from now)."""
+
+    watch_id: int
+    start: bytes
+    end: bytes
+    next_revision: int
+
+    def create_request(self) -> dict[str, Any]:
+        request: dict[str, Any] = {
+            "key": b64(self.start),
+            "range_end": b64(self.end),
+            "watch_id": self.watch_id,
+            "progress_notify": True,
+        }
+        if self.next_revision > 0:
+            request["start_revision"] = self.next_revision
+        return {"create_request": request}
+
+
+class CatalogReader:
+    """Reads the catalog under ``scheme``'s prefixes and watches them for changes."""
+
+    def __init__(self, gateway: Gateway, scheme: KeyScheme) -> None:
+        self.gateway = gateway
+        self.scheme = scheme
+        #: Seconds of silence after which a watch stream is re-established.
+        self.idle_timeout = WATCH_IDLE_TIMEOUT
+        self._lock = threading.Lock()
+        self._streams: set[WatchStream] = set()
+        self._closed = False
+
+    # ------------------------------------------------------------------------------------
+    # Reads
+
+    def snapshot(self) -> Catalog:
+        # One read-only transaction with a range per prefix: both are read at one revision,
+        # in one round trip (a linearizable read; no raft proposal for read-only txns).
+        reply = self._read("snapshot", self.scheme.ranges())
+        try:
+            revision = int(reply["header"]["revision"])
+            backend, meta = (_kvs(r["response_range"]) for r in reply.get("responses", []))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PluginError(f"etcd: unexpected answer to the snapshot read ({exc!r})") from None
+        return read_catalog(self.scheme, backend, meta, revision)
+
+    def read_services(self, names: Collection[str]) -> Catalog:
+        """The directories of ``names`` under both prefixes, read at one revision: the first
+        read's, which the following reads (``SERVICES_PER_READ`` services each) ask for."""
+        # A name that is not one path segment names no service directory: nothing to read.
+        services = sorted({name for name in names if name and "/" not in name})
+        for attempt in range(1, READ_ATTEMPTS + 1):
+            try:
+                return self._read_services(services)
+            except EtcdError as exc:
+                if exc.code != GRPC_OUT_OF_RANGE or attempt == READ_ATTEMPTS:
+                    raise
+                log.debug("etcd: revision compacted between two reads; reading again")
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _read_services(self, services: list[str]) -> Catalog:
+        backend: list[tuple[bytes, bytes]] = []
+        meta: list[tuple[bytes, bytes]] = []
+        revision = 0
+        chunks = [
+            services[first : first + SERVICES_PER_READ]
+            for first in range(0, len(services), SERVICES_PER_READ)
+        ]
+        for chunk in chunks or [[]]:
+            ranges = [r for service in chunk for r in self.scheme.service_ranges(service)]
+            reply = self._read("read services", ranges, revision)
+            try:
+                revision = revision or int(reply["header"]["revision"])
+                responses = [_kvs(r["response_range"]) for r in reply.get("responses", [])]
+                for index in range(len(chunk)):
+                    backend.extend(responses[2 * index])
+                    meta.extend(responses[2 * index + 1])
+            except (KeyError, TypeError, ValueError, IndexError) as exc:
+                raise PluginError(f"etcd: unexpected answer to a services read ({exc!r})") from None
+        return read_catalog(self.scheme, backend, meta, revision)
+
+    def _read(
+        self, what: str, ranges: list[tuple[bytes, bytes]], revision: int = 0
+    ) -> Mapping[str, Any]:
+        """One read-only transaction of ``ranges``, at ``revision`` (0: the latest)."""
+        success: list[dict[str, Any]] = []
+        for start, end in ranges:
+            request: dict[str, Any] = {"key": b64(start), "range_end": b64(end)}
+            if revision > 0:
+                request["revision"] = str(revision)
+            success.append({"request_range": request})
+        return self.gateway.txn(what, [], success, [])
+
+    # ------------------------------------------------------------------------------------
+    # Watch
+
+    def watch(self, notify: Notify, stop: threading.Event, since: int) -> None:
+        first = since + 1 if since > 0 else 0
+        prefix, meta = self.scheme.ranges()
+        targets = {1: _Target(1, *prefix, first), 2: _Target(2, *meta, first)}
+        reauthenticated = False
+        while not stop.is_set() and not self._closed:
+            # A stream re-established here (idle, or after a new token) resumes from each
+            # target's next revision: no change can fall in between.
+            stream = self._open_watch([t.create_request() for t in targets.values()])
+            with self._tracked(stream, stop):
+                try:
+                    again = self._consume(stream, targets, notify, stop)
+                except StreamIdle:
+                    log.debug("etcd: watch on %s idle; re-establishing it", stream.url)
+                    continue
+                except StreamBroken as exc:
+                    if stream.aborted or stop.is_set():
+                        return
+                    self.gateway.mark_failed(stream.url)
+                    raise Unavailable(f"etcd watch stream from {stream.url} lost: {exc}") from None
+                except EtcdError as exc:
+                    if exc.code != GRPC_UNAUTHENTICATED:
+                        raise
+                    if reauthenticated or not self.gateway.config.user:
+                        hint = "check the etcd options user and password"
+                        raise EtcdError(f"{exc} ({hint})", exc.code) from None
+                    reauthenticated = True
+                    stream.connection.token = None
+                    continue
+            if not again:
+                return
+
+    def _open_watch(self, body: list[dict[str, Any]]) -> WatchStream:
+        idle = self.idle_timeout
+        return self.gateway.call("watch", lambda c: c.open_watch(body, idle))
+
+    def _consume(
+        self,
+        stream: WatchStream,
+        targets: dict[int, _Target],
+        notify: Notify,
+        stop: threading.Event,
+    ) -> bool:
+        """Read one stream. True: re-establish it from ``targets``; False: return to the core."""
+        for message in stream.messages():
+            if stop.is_set():
+                return False
+            if "error" in message:
+                raise _stream_error(stream.url, message["error"])
+            result = message.get("result")
+            if not isinstance(result, dict):
+                continue
+            header = result.get("header") or {}
+            revision = int(header.get("revision", 0) or 0)
+            target = targets.get(int(result.get("watch_id", 0) or 0))
+            if result.get("canceled"):
+                compacted = int(result.get("compact_revision", 0) or 0)
+                reason = result.get("cancel_reason")
+                if compacted:
+                    # Changes between the start revision and the compaction are lost: the
+                    # core must read everything again.
+                    log.info("etcd: watch start revision compacted (now %d); re-listing", compacted)
+                    notify("etcd watch compacted")
+                    return False
+                if reason:
+                    code = GRPC_UNAUTHENTICATED if needs_auth(0, str(reason)) else 0
+                    raise EtcdError(f"etcd at {stream.url} canceled the watch: {reason}", code)
+                return False
+            if target is None:
+                continue
+            if result.get("created"):
+                if target.next_revision == 0:
+                    target.next_revision = revision + 1
+                elif target.next_revision > revision + 1:
+                    # The store's revision went back (a new or restored cluster): what we had is
+                    # meaningless here. Re-list, and watch from now.
+                    log.warning("etcd: revision went back to %d; re-listing", revision)
+                    notify("etcd revision reset")
+                    for each in targets.values():
+                        each.next_revision = revision + 1
+                    return True
+                continue
+            events = result.get("events") or []
+            if events:
+                last = max(int(e.get("kv", {}).get("mod_revision", 0) or 0) for e in events)
+                target.next_revision = max(target.next_revision, last + 1)
+                services = self._services_of(events)
+                if services is None:
+                    notify("etcd watch")
+                else:
+                    notify("etcd watch", services=services)
+            elif revision:  # a progress notification: everything up to it was delivered
+                target.next_revision = max(target.next_revision, revision + 1)
+        if not stream.aborted and not stop.is_set():
+            log.debug("etcd: watch stream from %s ended", stream.url)
+        return False
+
+    def _services_of(self, events: list[Any]) -> frozenset[str] | None:
+        """The services ``events`` touched; ``None`` when one of them belongs to no service
+        directory (the core then reads everything)."""
+        services: set[str] = set()
+        for event in events:
+            kv = event.get("kv") if isinstance(event, Mapping) else None
+            if not isinstance(kv, Mapping):
+                return None
+            try:
+                service = self.scheme.service_of(unb64(kv.get("key", "")))
+            except (ValueError, TypeError):
+                return None
+            if service is None:
+                return None
+            services.add(service)
+        return frozenset(services)
+
+    @contextmanager
+    def _tracked(self, stream: WatchStream, stop: threading.Event) -> Iterator[None]:
+        """Keep ``stream`` abortable by ``close()`` and by ``stop``; close it afterwards."""
+        finished = threading.Event()
+
+        def guard() -> None:
+            while not finished.wait(0.2):
+                if stop.is_set():
+                    stream.abort()
+                    return
+
+        with self._lock:
+            self._streams.add(stream)
+            if self._closed:
+                stream.abort()
+        thread = threading.Thread(target=guard, name="discoverd-etcd-watch-stop", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            finished.set()
+            with self._lock:
+                self._streams.discard(stream)
+            stream.close()
+
+    def close(self) -> None:
+        """Abort every watch stream; a running ``watch`` returns, later ones return at once."""
+        with self._lock:
+            self._closed = True
+            streams = list(self._streams)
+        for stream in streams:
+            stream.abort()
+
+
+def _kvs(response: Mapping[str, Any]) -> list[tuple[bytes, bytes]]:
+    return [(unb64(kv["key"]), unb64(kv.get("value", ""))) for kv in response.get("kvs", [])]
+
+
+def _stream_error(url: str, error: Any) -> EtcdError:
+    if isinstance(error, dict):
+        code = error.get("grpc_code", error.get("code", 0))
+        message = error.get("message") or error.get("error") or str(error)
+    else:
+        code, message = 0, str(error)
+    code = code if isinstance(code, int) else 0
+    if needs_auth(code, str(message)):
+        code = GRPC_UNAUTHENTICATED
+    return EtcdError(f"etcd watch on {url} failed: {message}", code)

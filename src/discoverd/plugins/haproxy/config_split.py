@@ -1,0 +1,266 @@
+"""A rendered configuration split into its structure and its server lines (pure, no I/O).
+
+The runtime API can add, remove and move servers, but nothing else. So a candidate configuration
+is compared with the one HAProxy runs in two parts:
+
+- the *server lines* of ``backend`` and ``listen`` sections that have the plain shape
+  ``server <name> <ip>:<port> <options>``, with a name, an address and options made of characters
+  that cannot escape a command of the runtime API;
+- the *structure*: every other line, in order (a server line of another shape stays here).
+
+When the structures are equal and every common server kept its options, the difference is a set of
+runtime commands (:func:`runtime_changes`); otherwise it takes a reload.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+# Keywords that open a section of haproxy.cfg.
+_SECTIONS = frozenset(
+    {
+        "global",
+        "defaults",
+        "frontend",
+        "backend",
+        "listen",
+        "peers",
+        "resolvers",
+        "userlist",
+        "mailers",
+        "program",
+        "http-errors",
+        "ring",
+        "cache",
+        "fcgi-app",
+    }
+)
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}")
+# Options of a server line that may be sent to the runtime API as they are: no quotes, no
+# backslashes, no ';' (which separates CLI commands), no '#'.
+_ARGS_RE = re.compile(r"[A-Za-z0-9 _.:/,=@%+-]*")
+_ENDPOINT_RE = re.compile(r"(?:\[([0-9A-Fa-f:.]+)\]|([0-9.]+)):([0-9]{1,5})")
+
+
+@dataclass(frozen=True)
+class ServerLine:
+    """One plain server line of a backend (``section``)."""
+
+    section: str
+    name: str
+    address: str
+    port: int
+    args: str  # the options after the address, single-spaced
+
+    @property
+    def endpoint(self) -> str:
+        if ":" in self.address:
+            return f"[{self.address}]:{self.port}"
+        return f"{self.address}:{self.port}"
+
+    @property
+    def checked(self) -> bool:
+        """True if the line asks for health checks (``check``)."""
+        return "check" in self.args.split()
+
+    @property
+    def agent_checked(self) -> bool:
+        return "agent-check" in self.args.split()
+
+
+@dataclass(frozen=True)
+class ConfigSplit:
+    """A configuration as :func:`split_config` splits it."""
+
+    structure: str
+    servers: Mapping[str, Mapping[str, ServerLine]]
+    #: A server name used twice in a section (``haproxy -c`` must judge such a candidate).
+    duplicates: bool = False
+    #: A ``default-server`` line exists: HAProxy 2.6 does not apply it to servers added at run
+    #: time, so such a server would differ from the same line loaded from the file.
+    default_server: bool = False
+    args: frozenset[str] = field(default=frozenset())
+
+    def count(self) -> int:
+        return sum(len(servers) for servers in self.servers.values())
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What the runtime API must do to go from one split to the next."""
+
+    added: tuple[ServerLine, ...] = ()
+    removed: tuple[ServerLine, ...] = ()
+    moved: tuple[ServerLine, ...] = ()  # same name and options, new address or port
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed or self.moved)
+
+
+@functools.lru_cache(maxsize=1 << 15)
+def _server_line(section: str, line: str) -> ServerLine | None:
+    """The plain server line ``line`` is, or ``None`` if it has another shape. Cached: from one
+    candidate to the next nearly every server line is the same."""
+    fields = line.split()
+    if len(fields) < 3 or not _NAME_RE.fullmatch(fields[1]):
+        return None
+    match = _ENDPOINT_RE.fullmatch(fields[2])
+    if match is None:
+        return None
+    text = match.group(1) or match.group(2)
+    port = int(match.group(3))
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if (address.version == 6) != (match.group(1) is not None) or not 0 < port < 65536:
+        return None
+    args = " ".join(fields[3:])
+    if not _ARGS_RE.fullmatch(args):
+        return None
+    return ServerLine(section, fields[1], str(address), port, args)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A part of a configuration (whole lines) split like :func:`split_config` splits the whole;
+    :func:`join_pieces` puts the parts of a configuration back together into its split.
+
+    How a part splits depends on the section it starts in only when a ``server`` line comes
+    before its first section keyword (``uses_start``).
+    """
+
+    structure: str  # its structure lines, joined by "\n"
+    lines: int  # how many structure lines (0: none; a structure of one empty line is 1)
+    servers: Mapping[str, Mapping[str, ServerLine]]
+    other_names: Mapping[str, frozenset[str]]  # names of server lines kept in the structure
+    duplicates: bool
+    default_server: bool
+    args: frozenset[str]
+    start: str  # the section it was split in at its first line
+    end: str | None  # the section at its end; None: the one it started in
+    uses_start: bool
+
+
+def parse_piece(text: str, section: str = "") -> Piece:
+    """Split the whole lines of ``text``, starting inside ``section`` ("" outside a backend)."""
+    start = section
+    structure: list[str] = []
+    servers: dict[str, dict[str, ServerLine]] = {}
+    other_names: dict[str, set[str]] = {}  # server names of lines kept in the structure
+    duplicates = default_server = uses_start = False
+    keyword_seen = False
+    for line in text.splitlines():
+        fields = line.split()
+        if not fields:
+            structure.append(line)
+            continue
+        keyword = fields[0]
+        if keyword in _SECTIONS:
+            keyword_seen = True
+            named = keyword in ("backend", "listen") and len(fields) == 2
+            section = fields[1] if named and _NAME_RE.fullmatch(fields[1]) else ""
+        elif keyword == "default-server":
+            default_server = True
+        elif keyword == "server":
+            uses_start = uses_start or not keyword_seen
+            if section:
+                server = _server_line(section, line)
+                if server is not None:
+                    own = servers.setdefault(section, {})
+                    if server.name in own:
+                        duplicates = True
+                    own[server.name] = server
+                    continue
+                if len(fields) > 1:
+                    other_names.setdefault(section, set()).add(fields[1])
+        structure.append(line)
+    return Piece(
+        structure="\n".join(structure),
+        lines=len(structure),
+        servers=servers,
+        other_names={name: frozenset(names) for name, names in other_names.items()},
+        duplicates=duplicates,
+        default_server=default_server,
+        args=frozenset(s.args for own in servers.values() for s in own.values()),
+        start=start,
+        end=section if keyword_seen else None,
+        uses_start=uses_start,
+    )
+
+
+def join_pieces(pieces: Sequence[Piece]) -> ConfigSplit:
+    """The split of a configuration made of ``pieces`` (in order, each split in the section the
+    previous one ended in). The servers of a section that one piece holds are that piece's own
+    mapping (not a copy): :func:`runtime_changes` skips those that are the same object."""
+    servers: dict[str, Mapping[str, ServerLine]] = {}
+    other_names: dict[str, set[str]] = {}
+    duplicates = default_server = False
+    for piece in pieces:
+        duplicates = duplicates or piece.duplicates
+        default_server = default_server or piece.default_server
+        for section, own in piece.servers.items():
+            earlier = servers.get(section)
+            if earlier is None:
+                servers[section] = own
+                continue
+            if not own.keys().isdisjoint(earlier):
+                duplicates = True
+            servers[section] = {**earlier, **own}
+        for section, names in piece.other_names.items():
+            other_names.setdefault(section, set()).update(names)
+    for section, kept in other_names.items():
+        if not kept.isdisjoint(servers.get(section, {})):
+            duplicates = True
+    structure = "\n".join(piece.structure for piece in pieces if piece.lines)
+    args: set[str] = set()
+    for piece in pieces:
+        args |= piece.args
+    return ConfigSplit(structure, servers, duplicates, default_server, frozenset(args))
+
+
+def split_config(text: str) -> ConfigSplit:
+    """Split ``text`` into structure and plain server lines."""
+    return join_pieces([parse_piece(text)])
+
+
+def runtime_changes(old: ConfigSplit, new: ConfigSplit) -> Changes | None:
+    """The runtime commands that turn ``old`` into ``new``; ``None`` if it takes a reload."""
+    if old.structure != new.structure or new.duplicates:
+        return None
+    added: list[ServerLine] = []
+    removed: list[ServerLine] = []
+    moved: list[ServerLine] = []
+    for section in sorted(set(old.servers) | set(new.servers)):
+        before = old.servers.get(section, {})
+        after = new.servers.get(section, {})
+        if before is after:
+            continue  # the same piece of the same cached section: nothing changed
+        for name, server in after.items():
+            previous = before.get(name)
+            if previous is None:
+                added.append(server)
+            elif previous.args != server.args:
+                return None
+            elif (previous.address, previous.port) != (server.address, server.port):
+                moved.append(server)
+        removed.extend(server for name, server in before.items() if name not in after)
+    if added and new.default_server:
+        return None
+    return Changes(tuple(added), tuple(removed), tuple(moved))
+
+
+def checked_without_haproxy(candidate: ConfigSplit, accepted: ConfigSplit | None) -> bool:
+    """True if ``candidate`` needs no ``haproxy -c``: it differs from a configuration HAProxy
+    accepted (``accepted``: the one confirmed running) only in plain server lines whose options
+    that one had too."""
+    return (
+        accepted is not None
+        and not candidate.duplicates
+        and candidate.structure == accepted.structure
+        and candidate.args <= accepted.args
+    )

@@ -1,0 +1,206 @@
+"""HAProxy's unix-socket CLIs: the master CLI (``master.sock``) and the runtime API (the admin
+socket, ``admin.sock``), and how to read their answers. No process handling here (see
+:mod:`.master`).
+
+Everything here was checked against HAProxy 2.6 in master-worker mode:
+
+- The master CLI (``-S master.sock``) answers ``show proc``: a ``master`` line whose reload
+  column reads ``<reloads> [failed: <n>]`` and one line per worker (``<pid> worker <reloads>``).
+  ``failed`` counts reloads that failed since the last good one; a new worker (a pid not seen
+  before) appears only when a reload succeeded.
+- ``reload`` on the master CLI re-executes the master; the connection is cut without an answer,
+  and the master socket answers again (sometimes with an empty first answer) once the new
+  configuration is loaded -- or refused, in which case the old worker keeps serving.
+- ``show servers state`` on the admin socket prints the server-state file format. Loading it
+  restores each server's address and port too, not only its health, so a state line must be
+  dropped when the server moved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+_FAILED_RE = re.compile(r"\[failed:\s*(\d+)\]")
+
+
+def cli(path: Path, command: str, timeout: float = 2.0) -> str:
+    """Send one command to a HAProxy unix-socket CLI and return the whole answer.
+
+    Raises ``OSError`` if the socket cannot be reached or does not answer within ``timeout``.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        sock.sendall(command.encode() + b"\n")
+        sock.shutdown(socket.SHUT_WR)  # non-interactive: the CLI closes after answering
+        chunks: list[bytes] = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks).decode("utf-8", errors="replace")
+
+
+def send_only(path: Path, command: str, timeout: float = 2.0) -> None:
+    """Send a command whose answer does not matter (``reload`` cuts the connection)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        sock.sendall(command.encode() + b"\n")
+        sock.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(OSError):
+            while sock.recv(65536):
+                pass
+
+
+@dataclass(frozen=True)
+class ProcStatus:
+    """What the master CLI's ``show proc`` says."""
+
+    master: int
+    reloads: int
+    failed: int
+    workers: tuple[int, ...]
+
+
+def parse_show_proc(text: str) -> ProcStatus | None:
+    """Parse ``show proc``; ``None`` if the answer has no master line (e.g. mid-reload)."""
+    master: tuple[int, int, int] | None = None
+    workers: list[int] = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 3 or line.startswith("#") or not fields[0].isdigit():
+            continue
+        pid, kind = int(fields[0]), fields[1]
+        if kind == "master":
+            reloads = int(fields[2]) if fields[2].isdigit() else 0
+            failed = _FAILED_RE.search(line)
+            master = (pid, reloads, int(failed.group(1)) if failed else 0)
+        elif kind == "worker":
+            workers.append(pid)
+    if master is None:
+        return None
+    return ProcStatus(master[0], master[1], master[2], tuple(sorted(workers)))
+
+
+def show_proc(master_socket: Path, timeout: float = 2.0) -> ProcStatus | None:
+    """``show proc`` through the master socket; ``None`` if it cannot answer now."""
+    try:
+        return parse_show_proc(cli(master_socket, "show proc", timeout))
+    except OSError:
+        return None
+
+
+def _same_address(a: str, b: str) -> bool:
+    try:
+        return ipaddress.ip_address(a) == ipaddress.ip_address(b)
+    except ValueError:
+        return False
+
+
+def filter_server_state(dump: str, servers: Mapping[tuple[str, str], tuple[str, int]]) -> str:
+    """Keep the lines of a ``show servers state`` dump whose server is still at the same place.
+
+    ``servers`` maps (backend, server) of the next configuration to its (address, port). A line
+    for a server that is gone or moved is dropped: HAProxy would otherwise restore the old address
+    and port over the new configuration. Returns a server-state file (possibly with no servers).
+    """
+    lines = dump.splitlines()
+    version = next((line.strip() for line in lines if line.strip()), "1")
+    header = next((line for line in lines if line.startswith("# be_id")), "")
+    if not header or version != "1":
+        return ""
+    columns = header.lstrip("#").split()
+    try:
+        be, srv, addr, port = (
+            columns.index(name) for name in ("be_name", "srv_name", "srv_addr", "srv_port")
+        )
+    except ValueError:
+        return ""
+    kept = [version, header]
+    for line in lines:
+        fields = line.split()
+        if line.startswith("#") or len(fields) != len(columns):
+            continue
+        wanted = servers.get((fields[be], fields[srv]))
+        if wanted is None or not fields[port].isdigit():
+            continue
+        if _same_address(fields[addr], wanted[0]) and int(fields[port]) == wanted[1]:
+            kept.append(line)
+    return "\n".join(kept) + "\n"
+
+
+def master_reload_count(state_dir: Path | str) -> int | None:
+    """How many reloads the HAProxy master of a discoverd state directory has done since it
+    started (its ``show proc`` count), or ``None`` if no master answers.
+
+    ``state_dir`` is the agent's state directory (the one holding ``haproxy/``) or the plugin's
+    own ``haproxy`` folder. For tests and benchmarks: pure membership churn must leave it as is.
+    """
+    base = Path(state_dir)
+    folder = base if (base / "master.sock").exists() else base / "haproxy"
+    status = show_proc(folder / "master.sock")
+    return None if status is None else status.reloads
+
+
+class CommandError(Exception):
+    """A runtime API command failed: HAProxy refused it, or the socket could not be used."""
+
+
+def admin(path: Path, command: str, *, expect: str = "", timeout: float = 2.0) -> str:
+    """Run one command on the admin socket; raise ``CommandError`` unless it succeeded.
+
+    HAProxy answers most commands that succeed with nothing, and the others with a known
+    sentence: ``expect`` is a part of that sentence (empty: the answer must be empty).
+    """
+    try:
+        answer = cli(path, command, timeout).strip()
+    except OSError as exc:
+        raise CommandError(f"{command!r}: {exc}") from None
+    if (expect and expect not in answer) or (not expect and answer):
+        raise CommandError(f"{command!r}: HAProxy answered {answer[:200]!r}")
+    return answer
+
+
+def server_ids(dump: str) -> dict[str, tuple[int, int]]:
+    """``show servers state <backend>`` -> {server name: (backend id, server id)}."""
+    found: dict[str, tuple[int, int]] = {}
+    for line in dump.splitlines():
+        fields = line.split()
+        numbered = len(fields) > 4 and fields[0].isdigit() and fields[2].isdigit()
+        if numbered and not line.startswith("#"):
+            found[fields[3]] = (int(fields[0]), int(fields[2]))
+    return found
+
+
+def server_names(dump: str) -> dict[str, set[str]]:
+    """``show servers state`` -> {backend name: its server names}."""
+    found: dict[str, set[str]] = {}
+    for line in dump.splitlines():
+        fields = line.split()
+        if len(fields) > 4 and not line.startswith("#") and fields[0].isdigit():
+            found.setdefault(fields[1], set()).add(fields[3])
+    return found
+
+
+def sessions(stat_csv: str) -> dict[str, int]:
+    """``show stat <backend id> 4 -1`` (CSV) -> {server name: current plus queued sessions}."""
+    lines = stat_csv.splitlines()
+    if not lines or not lines[0].startswith("# "):
+        return {}
+    columns = lines[0][2:].split(",")
+    try:
+        name, queued, current = (columns.index(c) for c in ("svname", "qcur", "scur"))
+    except ValueError:
+        return {}
+    found: dict[str, int] = {}
+    for line in lines[1:]:
+        fields = line.split(",")
+        if len(fields) > max(name, queued, current):
+            count = sum(int(fields[i]) for i in (queued, current) if fields[i].isdigit())
+            found[fields[name]] = count
+    return found
