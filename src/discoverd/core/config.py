@@ -108,6 +108,16 @@ class CoreConfig:
         1.0, "Seconds a check may take before it counts as failed.", min=0.05, max=3600
     )
 
+    removal_hold: float = option(
+        30.0,
+        "When one pass would take away half or more of a service's instances at once (leases "
+        "that expired while the registry was away, an agent restarted after its TTL), those "
+        "that still answer a probe from this host keep being served for up to this many "
+        "seconds while their hosts register them again; 0: off.",
+        min=0,
+        max=3600,
+    )
+
     def __post_init__(self) -> None:
         if self.min_wait > self.max_wait:
             raise OptionError(

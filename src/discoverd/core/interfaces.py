@@ -14,7 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
-from discoverd.core.model import Catalog, HostInfo, Service, ServiceInstance, SourceSnapshot
+from discoverd.core.model import (
+    Catalog,
+    HostInfo,
+    Problem,
+    Service,
+    ServiceInstance,
+    SourceSnapshot,
+)
 from discoverd.core.schema import NoOptions, OptionInfo, options_of
 
 if TYPE_CHECKING:
@@ -162,6 +169,13 @@ class Registry(ABC):
         (``notify(reason, services=...)``). Return or raise ``Unavailable`` when the stream is
         lost; the core takes a new snapshot and calls ``watch`` again."""
 
+    def conflicts(self) -> list[Problem]:
+        """Problems of this host's registrations that only the registry can see: a frontend
+        port another service holds fleet-wide, a frontend port other hosts gave the same
+        service differently. The register role reads them after each pass and reports them
+        on this host (the claimant). Default: none."""
+        return []
+
     def close(self, deregister: bool = False) -> None:  # noqa: B027 - optional, no-op default
         """Release connections and unblock ``watch``. With ``deregister``, remove this host's
         entries at once (e.g. revoke the lease) instead of letting them expire."""
@@ -200,6 +214,15 @@ class Proxy(ABC):
     def reserved_ports(self) -> frozenset[int]:
         """Ports the proxy itself uses (e.g. a stats page): no service may take them."""
         return frozenset()
+
+    def unservable(self, services: Sequence[Service]) -> dict[str, str]:
+        """The services of a candidate the proxy cannot serve now, by name, with the reason
+        (e.g. "frontend port 8000 is held by another process"). The core leaves them out of
+        the configuration it renders, reports each as a problem of that service alone, and
+        asks again later, so one service that cannot be served never holds the others back.
+        Called before every ``validate``; must not touch the running proxy and must be cheap
+        (a few socket binds). Default: none."""
+        return {}
 
     def close(self) -> None:  # noqa: B027 - optional hook with a no-op default
         """Stop managing the proxy. The proxy process keeps running with its last good

@@ -228,12 +228,16 @@ class Catalog:
 
     ``instances`` carry their ``frontend_port`` when the registry knows it; ``problems`` name the
     entries that were skipped (malformed values, missing ports) so they can be logged once.
-    ``revision`` is an opaque position the registry can resume watching from.
+    ``revision`` is an opaque position the registry can resume watching from. ``claims`` are
+    the frontend ports claimed fleet-wide, as ``(port, service)`` pairs, when the registry keeps
+    such claims: every discover host then routes a port to the same service, whatever it saw
+    first.
     """
 
     instances: tuple[ServiceInstance, ...] = ()
     problems: tuple[Problem, ...] = ()
     revision: int = 0
+    claims: tuple[tuple[int, str], ...] = ()
 
 
 @dataclass(frozen=True)
