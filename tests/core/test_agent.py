@@ -12,6 +12,7 @@ import pytest
 from discoverd import (
     Catalog,
     Notify,
+    Problem,
     Proxy,
     ProxyConfigError,
     Registry,
@@ -402,3 +403,18 @@ def test_register_hands_many_new_instances_over_at_once() -> None:
     source.instances = [inst(n) for n in range(6)]
     role.reconcile()  # one new instance: a plain register
     assert registry.batches == [5] and len(registry.entries) == 6
+
+
+def test_register_reports_the_registrys_conflicts_once(
+    register: tuple[RegisterRole, FakeSource, FakeRegistry],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    role, source, registry = register
+    source.instances = [inst(1)]
+    clash = Problem("service whoami", "frontend port 8000 is claimed by service web", "whoami")
+    registry.conflicts = lambda: [clash]  # type: ignore[method-assign]
+    with caplog.at_level("WARNING", "discoverd"):
+        role.reconcile()
+        role.reconcile()
+    assert [r.getMessage() for r in caplog.records].count(str(clash)) == 1
+    assert inst(1).id in registry.entries  # the instance itself is still registered

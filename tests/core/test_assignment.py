@@ -74,3 +74,33 @@ def test_cache_gives_what_a_fresh_build_gives_and_reuses_unchanged_services() ->
     mixed = Catalog(instances=(inst("c", 1), inst("c", 2, protocol="udp")))
     assert build_services(mixed, cache=cache).problems == build_services(mixed).problems
     assert build_services(mixed, cache=cache).problems == build_services(mixed).problems
+
+
+def test_a_fleet_wide_claim_wins_on_every_host() -> None:
+    catalog = Catalog(instances=(inst("zeta", 1), inst("alpha", 2)), claims=((8000, "zeta"),))
+    fresh = build_services(catalog)  # a host that saw nothing before: the claim decides
+    assert [s.name for s in fresh.services] == ["zeta"]
+    held = build_services(catalog, previous_owners={8000: "alpha"})  # over memory too
+    assert [s.name for s in held.services] == ["zeta"]
+    assert any(p.service == "alpha" and "claimed fleet-wide" in p.message for p in held.problems)
+    # The claimant has no instance now: the port stays its own, nobody else gets it.
+    orphan = build_services(Catalog(instances=(inst("alpha", 2),), claims=((8000, "zeta"),)))
+    assert orphan.services == ()
+    assert [p.service for p in orphan.problems] == ["alpha"]
+
+
+def test_two_entries_with_one_id_keep_the_first_and_name_both() -> None:
+    a = ServiceInstance("web", "dup:1", "10.0.0.1", 30001, "tcp", 8000, host_id="node-a")
+    b = ServiceInstance("web", "dup:1", "10.0.0.2", 30002, "tcp", 8000, host_id="node-b")
+    ok = ServiceInstance("web", "ok:1", "10.0.0.3", 30003, "tcp", 8000, host_id="node-c")
+    for order in ((a, b, ok), (ok, b, a)):
+        result = build_services(Catalog(instances=order))
+        [service] = result.services
+        assert [i.id for i in service.instances] == ["dup:1", "ok:1"]
+        assert service.instances[0] == a  # the same one on every host
+        [problem] = result.problems
+        assert (
+            problem.service == "web"
+            and "node-a" in problem.message
+            and "node-b" in (problem.message)
+        )

@@ -143,7 +143,11 @@ class Agent:
                 manager=self.manager,
                 default_mode=core.default_mode,
                 resync_interval=core.resync_interval,
-                **timing,
+                min_wait=core.min_wait,
+                max_wait=core.max_wait,
+                retry_max=core.retry_max,
+                removal_hold=core.removal_hold,
+                served_file=self.settings.state_dir / "discover" / "served.json",
             )
 
     def active(self) -> Iterable[Role]:

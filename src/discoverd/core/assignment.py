@@ -55,7 +55,7 @@ def _build_one(
     name: str, members_in: Iterable[ServiceInstance], default_mode: Mode
 ) -> tuple[Service | None, list[Problem]]:
     problems: list[Problem] = []
-    members = sorted(set(members_in))
+    members = _one_per_id(name, sorted(set(members_in)), problems)
     protocol = members[0].protocol
     if any(m.protocol != protocol for m in members):
         dropped = [m.id for m in members if m.protocol != protocol]
@@ -63,12 +63,15 @@ def _build_one(
             Problem(
                 f"service {name}",
                 f"mixes tcp and udp instances; {protocol} kept, refused: {', '.join(dropped)}",
+                service=name,
             )
         )
         members = [m for m in members if m.protocol == protocol]
     ports = Counter(m.frontend_port for m in members if m.frontend_port is not None)
     if not ports:
-        problems.append(Problem(f"service {name}", "no frontend port is known; skipped"))
+        problems.append(
+            Problem(f"service {name}", "no frontend port is known; skipped", service=name)
+        )
         return None, problems
     top = max(ports.values())
     frontend = min(p for p, n in ports.items() if n == top)
@@ -84,6 +87,30 @@ def _build_one(
     return service, problems
 
 
+def _one_per_id(
+    name: str, members: list[ServiceInstance], problems: list[Problem]
+) -> list[ServiceInstance]:
+    """One instance per id: two entries with one id (two hosts registering the same id in a
+    registry keyed by something else, e.g. Consul's per-node services) would make two servers
+    of one name, which no proxy accepts. The first in sort order is kept (the same on every
+    host), the others refused with a problem naming both."""
+    kept: dict[str, ServiceInstance] = {}
+    for member in members:  # sorted: deterministic
+        first = kept.setdefault(member.id, member)
+        if first is not member:
+            where = member.host_id or member.endpoint
+            there = first.host_id or first.endpoint
+            problems.append(
+                Problem(
+                    f"service {name}",
+                    f"instance id {member.id} is registered twice ({there} at "
+                    f"{first.endpoint}, {where} at {member.endpoint}); the first is kept",
+                    service=name,
+                )
+            )
+    return list(kept.values())
+
+
 def build_services(
     catalog: Catalog,
     *,
@@ -95,9 +122,12 @@ def build_services(
     """Group instances into services, pick each service's frontend port, settle conflicts.
 
     - The frontend port is the one most instances ask for (ties: the lowest).
-    - Two services claiming one port: the service that held it before keeps it (so a newcomer
-      can never take traffic away from a running service); between newcomers, the name first in
-      sort order wins. The other is refused with a problem naming both.
+    - A port claimed fleet-wide in the registry (``Catalog.claims``) goes to the service that
+      claims it, on every host; any other service asking for it is refused.
+    - Otherwise, two services asking for one port: the service that held it before keeps it
+      (so a newcomer can never take traffic away from a running service); between newcomers,
+      the name first in sort order wins. The other is refused with a problem naming both.
+    - Two entries with one instance id in a service: the first in sort order is kept.
     - A port the proxy reserves for itself (stats page) is refused.
     - Instances of another protocol than the service's first one are refused.
     """
@@ -128,18 +158,34 @@ def build_services(
     for service in candidates.values():
         claims.setdefault(service.frontend_port, []).append(service.name)
     accepted: list[Service] = []
+    fleet = dict(catalog.claims)
     for port in sorted(claims):
         names = sorted(claims[port])
+        if port in fleet and fleet[port] not in names:
+            for name in names:
+                problems.append(
+                    Problem(
+                        f"service {name}",
+                        f"frontend port {port} is claimed fleet-wide by service {fleet[port]}; "
+                        f"{name} is not served. Give it another port (label SERVICE_<port>_PORT)",
+                        service=name,
+                    )
+                )
+            continue
         if port in reserved:
             for name in names:
                 problems.append(
                     Problem(
                         f"service {name}",
                         f"frontend port {port} is reserved by the proxy itself; skipped",
+                        service=name,
                     )
                 )
             continue
-        winner = previous.get(port) if previous.get(port) in names else names[0]
+        if fleet.get(port) in names:
+            winner: str | None = fleet[port]
+        else:
+            winner = previous.get(port) if previous.get(port) in names else names[0]
         assert winner is not None
         owners[port] = winner
         accepted.append(candidates[winner])
@@ -148,9 +194,12 @@ def build_services(
                 problems.append(
                     Problem(
                         f"service {loser}",
-                        f"frontend port {port} is already taken by service {winner}; "
+                        f"frontend port {port} is "
+                        f"{'claimed fleet-wide' if fleet.get(port) == winner else 'already taken'}"
+                        f" by service {winner}; "
                         f"{loser} is not served. Give it another port "
                         f"(label SERVICE_<port>_PORT)",
+                        service=loser,
                     )
                 )
     accepted.sort(key=lambda s: s.name)

@@ -1,21 +1,47 @@
-"""The discover role: keep the local proxy serving what the registry holds."""
+"""The discover role: keep the local proxy serving what the registry holds.
+
+One pass reads the registry (in full, or the services the watch named: :mod:`.catalog`), adds
+the instances held while they still answer (:mod:`.holding`), groups everything into services
+(:mod:`.assignment`), leaves out what the proxy cannot serve now, renders, validates and
+applies. One service never holds the others back:
+
+- the proxy names the services it cannot serve now (``Proxy.unservable``: a frontend port
+  another process holds); they are left out, reported, and asked about again every
+  ``EXCLUDED_RETRY`` seconds until they can be served;
+- when the candidate fails validation, the services that differ from the last applied set are
+  bisected until the ones that cause it are found; those are left out (until they change) and
+  the rest is applied;
+- when the proxy refuses an apply that passed validation (a port taken between the probe and
+  the reload), ``unservable`` is asked again and the apply retried once without what it names.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import tempfile
 import threading
-from collections.abc import Collection
+import time
+from collections.abc import Collection, Sequence
+from pathlib import Path
 
 from discoverd.core.assignment import ServiceCache, build_services
 from discoverd.core.catalog import CatalogReader
-from discoverd.core.errors import PluginError, ProxyConfigError
+from discoverd.core.errors import PluginError, ProxyConfigError, Unavailable, ValidationError
+from discoverd.core.holding import Holds
 from discoverd.core.interfaces import Proxy, Registry
 from discoverd.core.manager import PluginManager
-from discoverd.core.model import Mode, Service
+from discoverd.core.model import Catalog, Mode, Problem, Service, ServiceInstance
 from discoverd.core.role import RESYNC, ProblemLog, Role
 from discoverd.core.scheduling import Backoff
 
 log = logging.getLogger("discoverd")
+
+#: Seconds between two looks at services left out because the proxy could not serve them.
+EXCLUDED_RETRY = 2.0
+#: At most one write of the served set per this many seconds (it is read after a restart).
+SERVED_WRITE_EVERY = 2.0
 
 
 class DiscoverRole(Role):
@@ -35,6 +61,8 @@ class DiscoverRole(Role):
         max_wait: float = 0.5,
         retry_max: float = 10.0,
         resync_interval: float = 30.0,
+        removal_hold: float = 0.0,
+        served_file: Path | None = None,
     ) -> None:
         super().__init__(min_wait, max_wait, retry_max)
         self.resync_interval = resync_interval
@@ -51,6 +79,14 @@ class DiscoverRole(Role):
         self.first_snapshot = threading.Event()
         self.converged = threading.Event()
         self.reader = CatalogReader(registry)
+        #: Services left out of the last pass, with the reason (unservable or invalid).
+        self.excluded: dict[str, str] = {}
+        self.holds = Holds(removal_hold, self.waker.notify)
+        #: Where the served set is kept across restarts (``None``: not kept).
+        self.served_file = served_file
+        self._served: dict[str, tuple[ServiceInstance, ...]] = _read_served(served_file)
+        self._served_written = 0.0
+        self._invalid: dict[str, tuple[Service, str]] = {}  # refused by validation, until changed
         self._service_cache = ServiceCache()
         self._problems = ProblemLog(log)
 
@@ -107,6 +143,11 @@ class DiscoverRole(Role):
         catalog = self.reader.read()
         self.revision = self.reader.revision
         self.first_snapshot.set()
+        held = self.holds.update(self._served, catalog.instances)
+        if held:
+            catalog = Catalog(
+                (*catalog.instances, *held), catalog.problems, catalog.revision, catalog.claims
+            )
         assignment = build_services(
             catalog,
             default_mode=self.default_mode,
@@ -114,40 +155,63 @@ class DiscoverRole(Role):
             previous_owners=self.owners,
             cache=self._service_cache,
         )
-        self._problems.update(assignment.problems)
         self.owners = assignment.owners
-        services = assignment.services
+        services, excluded = self._servable(assignment.services)
         config = self.proxy.render(services)
-        if config == self.applied:
-            self._publish(services)
-            if force_apply:
-                result = self.proxy.apply(config, services)
-                if result != "unchanged":
-                    log.warning("discover: %s was not running its configuration: %s",
-                                self.proxy_name, result)  # fmt: skip
-                    self.counters.inc("proxy_restarts")
-            self.converged.set()
-            return "unchanged"
-        if config == self.rejected:
-            return "rejected"  # already reported; wait for the input to change
-        delay = self.proxy.apply_delay(config, services)
-        if delay > 0:
-            self.counters.inc("deferred_applies")
-            log.debug("discover: %s asks to wait %.3fs before applying", self.proxy_name, delay)
-            self.waker.retry_in(delay, "deferred apply")
-            return "deferred"  # observers hear of these services once they are applied
         try:
-            self.proxy.validate(config)
-        except ProxyConfigError as exc:
-            self.rejected = config
-            self.counters.inc("validation_failures")
-            log.error(
-                "discover: candidate configuration refused by %s; keeping the running one: %s",
-                self.proxy_name,
-                exc,
-            )
-            return "rejected"
-        result = self.proxy.apply(config, services)
+            if config == self.applied:
+                self._publish(services)
+                if force_apply:
+                    result = self.proxy.apply(config, services)
+                    if result != "unchanged":
+                        log.warning("discover: %s was not running its configuration: %s",
+                                    self.proxy_name, result)  # fmt: skip
+                        self.counters.inc("proxy_restarts")
+                self.converged.set()
+                return "unchanged"
+            if config == self.rejected:
+                return "rejected"  # already reported; wait for the input to change
+            delay = self.proxy.apply_delay(config, services)
+            if delay > 0:
+                self.counters.inc("deferred_applies")
+                log.debug("discover: %s asks to wait %.3fs before applying", self.proxy_name, delay)
+                self.waker.retry_in(delay, "deferred apply")
+                return "deferred"  # observers hear of these services once they are applied
+            try:
+                self.proxy.validate(config)
+            except ProxyConfigError as exc:
+                narrowed = self._narrow(services, exc)
+                if narrowed is None:
+                    self.rejected = config
+                    self.counters.inc("validation_failures")
+                    log.error(
+                        "discover: candidate configuration refused by %s; keeping the running "
+                        "one: %s",
+                        self.proxy_name,
+                        exc,
+                    )
+                    return "rejected"
+                services = narrowed
+                excluded.update({n: r for n, (_, r) in self._invalid.items()})
+                config = self.proxy.render(services)
+            try:
+                result = self.proxy.apply(config, services)
+            except Unavailable:
+                raise
+            except PluginError as exc:
+                # Refused although it passed validation: a port taken since the probe?
+                late = self.proxy.unservable(services)
+                if not late:
+                    raise
+                log.warning("discover: %s refused the configuration (%s); leaving out %s",
+                            self.proxy_name, exc, ", ".join(sorted(late)))  # fmt: skip
+                excluded.update(late)
+                services = tuple(s for s in services if s.name not in late)
+                config = self.proxy.render(services)
+                self.proxy.validate(config)
+                result = self.proxy.apply(config, services)
+        finally:
+            self._settle(assignment.problems, excluded)
         self._publish(services)
         self.applied = config
         self.rejected = None
@@ -164,11 +228,92 @@ class DiscoverRole(Role):
         self.converged.set()
         return "applied"
 
+    def _servable(
+        self, candidates: Sequence[Service]
+    ) -> tuple[tuple[Service, ...], dict[str, str]]:
+        """``candidates`` without what the proxy cannot serve now and what validation refused
+        (until it changes); and what was left out, with the reason."""
+        by_name = {s.name: s for s in candidates}
+        for name in [n for n, (service, _) in self._invalid.items() if by_name.get(n) != service]:
+            del self._invalid[name]  # changed or gone: judged again
+        excluded = {name: reason for name, (_, reason) in self._invalid.items()}
+        rest = [s for s in candidates if s.name not in excluded]
+        excluded.update(self.proxy.unservable(rest) if rest else {})
+        return tuple(s for s in candidates if s.name not in excluded), excluded
+
+    def _narrow(
+        self, services: Sequence[Service], error: ProxyConfigError
+    ) -> tuple[Service, ...] | None:
+        """The largest part of ``services`` the proxy accepts, found by bisecting the services
+        that differ from the last applied set; the others go to ``_invalid``. ``None`` when
+        even the unchanged services are refused (nothing to narrow)."""
+        known = {s.name: s for s in self.services or ()}
+        good = [s for s in services if known.get(s.name) == s]
+        suspects = [s for s in services if known.get(s.name) != s]
+        if not suspects or not self._accepted(good):
+            return None
+        accepted, culprits = self._bisect(good, suspects, str(error))
+        for service, reason in culprits:
+            self._invalid[service.name] = (service, f"refused by {self.proxy_name}: {reason}")
+        self.counters.inc("validation_failures")
+        kept = {s.name for s in (*good, *accepted)}
+        return tuple(s for s in services if s.name in kept)
+
+    def _bisect(
+        self, base: list[Service], suspects: list[Service], error: str
+    ) -> tuple[list[Service], list[tuple[Service, str]]]:
+        """``suspects`` split into those ``base`` accepts and the culprits (with the reason)."""
+        if len(suspects) == 1:
+            return [], [(suspects[0], error)]
+        middle = len(suspects) // 2
+        accepted: list[Service] = []
+        culprits: list[tuple[Service, str]] = []
+        for part in (suspects[:middle], suspects[middle:]):
+            reason = self._refusal([*base, *accepted, *part])
+            if reason is None:
+                accepted.extend(part)
+                continue
+            ok, bad = self._bisect([*base, *accepted], part, reason)
+            accepted.extend(ok)
+            culprits.extend(bad)
+        return accepted, culprits
+
+    def _refusal(self, services: Sequence[Service]) -> str | None:
+        try:
+            self.proxy.validate(self.proxy.render(services))
+        except ProxyConfigError as exc:
+            return str(exc)
+        return None
+
+    def _accepted(self, services: Sequence[Service]) -> bool:
+        return self._refusal(services) is None
+
+    def _settle(self, problems: Sequence[Problem], excluded: dict[str, str]) -> None:
+        """Report the pass's problems (each once while it lasts) and what was left out; look
+        again at left-out services that may come back on their own."""
+        if set(excluded) - set(self.excluded):
+            self.counters.inc("services_left_out", len(set(excluded) - set(self.excluded)))
+        self.excluded = excluded
+        left_out = [
+            Problem(f"service {name}", f"not served: {reason}", service=name)
+            for name, reason in sorted(excluded.items())
+        ]
+        self._problems.update([*problems, *left_out])
+        if any(name not in self._invalid for name in excluded):
+            self.waker.retry_in(EXCLUDED_RETRY, "services left out")
+
     def _publish(self, services: tuple[Service, ...]) -> None:
-        """Remember ``services`` and tell the ``discoverd_services_changed`` observers."""
+        """Remember ``services`` (and keep them across restarts) and tell the
+        ``discoverd_services_changed`` observers."""
         if services != self.services and self.manager is not None:
             self.manager.services_changed(services)
+        if services != self.services:
+            self._served = {s.name: s.instances for s in services}
         self.services = services
+        now = time.monotonic()
+        if self.served_file is not None and now - self._served_written >= SERVED_WRITE_EVERY:
+            self._served_written = now
+            _write_served(self.served_file, services)
 
     def shutdown(self) -> None:
         self.stop_event.set()
@@ -176,4 +321,70 @@ class DiscoverRole(Role):
             self.registry.close()  # unblocks the registry watch before the threads are joined
         finally:
             self.stop()
+            self.holds.close()
+            if self.served_file is not None and self.services is not None:
+                _write_served(self.served_file, self.services)
             self.proxy.close()
+
+
+# -- the served set, kept across restarts ---------------------------------------------------------
+# A discover role that restarts (after a crash, an upgrade, a kill) has not served anything
+# yet; what the proxy still serves is what it served before. It reads that back, so that
+# instances the registry lost meanwhile (their leases expired while the agent was away) are
+# held like any others instead of being removed by the first pass.
+
+
+def _write_served(path: Path, services: Sequence[Service]) -> None:
+    document = [
+        {
+            "service": i.service,
+            "id": i.id,
+            "address": i.address,
+            "port": i.port,
+            "protocol": i.protocol,
+            "frontend_port": i.frontend_port,
+            "tags": list(i.tags),
+            "meta": i.meta_dict,
+            "host_id": i.host_id,
+        }
+        for s in services
+        for i in s.instances
+    ]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, name = tempfile.mkstemp(prefix=".served.", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(document, handle, separators=(",", ":"))
+        os.replace(name, path)
+    except OSError as exc:
+        log.warning("discover: cannot keep the served set in %s: %s", path, exc)
+
+
+def _read_served(path: Path | None) -> dict[str, tuple[ServiceInstance, ...]]:
+    if path is None:
+        return {}
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        log.warning("discover: ignoring the served set in %s: %s", path, exc)
+        return {}
+    served: dict[str, list[ServiceInstance]] = {}
+    for entry in document if isinstance(document, list) else ():
+        try:
+            instance = ServiceInstance(
+                service=entry["service"],
+                id=entry["id"],
+                address=entry["address"],
+                port=entry["port"],
+                protocol=entry["protocol"],
+                frontend_port=entry["frontend_port"],
+                tags=tuple(entry["tags"]),
+                meta=tuple(entry["meta"].items()),
+                host_id=entry["host_id"],
+            )
+        except (KeyError, TypeError, AttributeError, ValidationError):
+            continue  # a damaged entry holds nothing back
+        served.setdefault(instance.service, []).append(instance)
+    return {name: tuple(instances) for name, instances in served.items()}

@@ -78,7 +78,6 @@ class RegisterRole(Role):
         readiness check, remove what is gone or stopped answering."""
         snapshot = self.source.snapshot()
         stopping = self.source.stopping()
-        self._problems.update(snapshot.problems)
         desired = {i.id: i for i in snapshot.instances if i.id not in stopping}
         # What left the source goes first: a stopping container must not wait for the checks.
         self._remove(set(self.registered) - set(desired))
@@ -111,6 +110,8 @@ class RegisterRole(Role):
                 log.info(
                     "register: added %s %s (%s)", instance.service, instance.id, instance.endpoint
                 )
+        # What the source refused, and what the registry says of this host's claims.
+        self._problems.update([*snapshot.problems, *self.registry.conflicts()])
         self.synced.set()
 
     def _remove(self, ids: set[str]) -> None:
