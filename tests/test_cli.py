@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tomllib
 from importlib import metadata
 from pathlib import Path
 
@@ -256,3 +257,52 @@ def test_a_state_dir_others_can_write_is_refused(tmp_path: Path, mode: int) -> N
     result = discoverd("--state-dir", str(state), env={"ETCD_HOST": f"127.0.0.1:{free_port()}"})
     line = one_line_error(result, 2)
     assert str(state) in line and "writable by group or others" in line
+
+
+def test_config_shows_each_value_with_its_origin_and_hides_secrets(tmp_path: Path) -> None:
+    path = tmp_path / "d.toml"
+    path.write_text('registry = "etcd"\n[etcd]\nttl = 30\nuser = "root"\npassword = "hunter2"\n')
+    result = discoverd(
+        "config", "--config", str(path), "--proxy", "nginx", "--json",
+        env={"ETCD_HOST": "10.0.0.2:2379", "HOST_IP": "10.0.0.5"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = {(r["section"], r["key"]): r for r in json.loads(result.stdout)}
+    assert rows[("", "proxy")] == {"section": "", "key": "proxy", "value": "nginx",
+                                   "origin": "command line"}  # fmt: skip
+    assert rows[("", "host_ip")]["origin"] == "environment variable HOST_IP"
+    assert rows[("etcd", "ttl")]["value"] == 30
+    assert rows[("etcd", "ttl")]["origin"] == f"config file {path}"
+    assert rows[("etcd", "endpoints")]["value"] == ["10.0.0.2:2379"]
+    assert rows[("etcd", "password")]["value"] == "***"
+    assert rows[("nginx", "status_port")]["origin"] == "default"
+    assert ("consul", "address") not in rows  # only the plugins in use
+    text = discoverd("config", "--config", str(path))
+    assert text.returncode == 0 and "hunter2" not in text.stdout + text.stderr
+    assert "ttl = 30" in text.stdout and f"# config file {path}" in text.stdout
+
+
+def test_config_refuses_what_the_plugins_in_use_refuse(tmp_path: Path) -> None:
+    line = one_line_error(discoverd("config", env={"DISCOVERD_ETCD_TTL": "0"}), 2)
+    assert "environment variable DISCOVERD_ETCD_TTL" in line and "etcd.ttl" in line
+
+
+def test_config_defaults_is_a_complete_valid_file(tmp_path: Path) -> None:
+    result = discoverd("config", "--defaults")
+    assert result.returncode == 0, result.stderr
+    path = tmp_path / "all.toml"
+    path.write_text(result.stdout)
+    data = tomllib.loads(result.stdout)
+    for component in get_plugin_manager().components():
+        if component.options:
+            assert set(data[component.name]) == {o.name for o in component.options}
+    assert set(data) >= {"source", "registry", "proxy", "etcd", "haproxy", "nginx", "consul"}
+    assert discoverd("check", str(path)).returncode == 0
+
+
+def test_the_shipped_example_is_the_generated_one() -> None:
+    from discoverd.core.reference import builtin_schemas, defaults_toml
+
+    assert (REPO / "discoverd.toml").read_text() == defaults_toml(builtin_schemas()), (
+        "discoverd.toml drifted: python -m discoverd.core.reference --toml > discoverd.toml"
+    )

@@ -311,6 +311,38 @@ def plugins(as_json: bool) -> None:
     _print_table(table)
 
 
+@cli.command("config")
+@common_options
+@click.option(
+    "--defaults",
+    is_flag=True,
+    help="Print a complete commented config file for the installed plugins, with defaults.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of TOML.")
+@click.pass_context
+def config_command(ctx: click.Context, /, defaults: bool, as_json: bool, **kwargs: Any) -> None:
+    """Print the configuration in effect (flags, variables, file, defaults), with where each
+    value came from and secrets hidden; or, with --defaults, every option and its default."""
+    from discoverd.core.agent import plugin_schemas
+    from discoverd.core.manager import get_plugin_manager
+    from discoverd.core.reference import defaults_toml, effective, effective_toml
+
+    with operator_errors():
+        if defaults:
+            click.echo(defaults_toml(plugin_schemas(get_plugin_manager())), nl=False)
+            return
+        settings, manager = load(_merge(ctx, kwargs))
+        core = settings.core
+        manager.source(core.source)
+        manager.registry(core.registry)
+        manager.proxy(core.proxy)
+        rows = effective(settings, sorted({core.source, core.registry, core.proxy}))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        click.echo(effective_toml(rows), nl=False)
+
+
 @cli.command()
 @click.argument("file", type=click.Path(path_type=Path))
 def check(file: Path) -> None:
