@@ -35,6 +35,7 @@ from discoverd.core.manager import PluginManager
 from discoverd.core.model import Catalog, Mode, Problem, Service, ServiceInstance
 from discoverd.core.role import RESYNC, ProblemLog, Role
 from discoverd.core.scheduling import Backoff
+from discoverd.core.telemetry import Histogram
 
 log = logging.getLogger("discoverd")
 
@@ -82,6 +83,9 @@ class DiscoverRole(Role):
         #: Services left out of the last pass, with the reason (unservable or invalid).
         self.excluded: dict[str, str] = {}
         self.holds = Holds(removal_hold, self.waker.notify)
+        #: Durations of every apply, and of those that started or reloaded the proxy.
+        self.apply_seconds = Histogram()
+        self.reload_seconds = Histogram()
         #: Where the served set is kept across restarts (``None``: not kept).
         self.served_file = served_file
         self._served: dict[str, tuple[ServiceInstance, ...]] = _read_served(served_file)
@@ -105,12 +109,15 @@ class DiscoverRole(Role):
         since = self.reader.revision
         self.reader.watching(True)
         try:
+            self.watch_live.set()
             self.registry.watch(self._changed, self.stop_event, since)
         finally:
+            self.watch_live.clear()
             self.reader.watching(False)
 
     def _changed(self, reason: str, services: Collection[str] | None = None) -> None:
         """The registry's ``Notify``: remember what changed, wake the loop."""
+        self.counters.inc("watch_events")
         self.reader.changed(services)
         self.waker.notify(reason)
 
@@ -118,6 +125,8 @@ class DiscoverRole(Role):
         backoff = Backoff(self.retry_max)
         while (reasons := self.waker.wait(self.stop_event)) is not None:
             log.debug("discover: reconcile (%s)", ", ".join(reasons))
+            if RESYNC in reasons:
+                self.counters.inc("resyncs")
             try:
                 # The periodic pass also hands the proxy its configuration again, so a proxy
                 # that died while nothing changed is started again.
@@ -127,6 +136,7 @@ class DiscoverRole(Role):
                     self.waker.retry_in(self.resync_interval, RESYNC)
             except PluginError as exc:
                 delay = backoff.next()
+                self.counters.inc("passes", outcome="failed")
                 log.warning(
                     "discover: %s; the proxy keeps its last good configuration; retry in %.1fs",
                     exc,
@@ -140,7 +150,12 @@ class DiscoverRole(Role):
 
         With ``force_apply`` an unchanged configuration is still handed to the proxy (whose
         ``apply`` is cheap when it already runs it, and starts it again when it died)."""
-        catalog = self.reader.read()
+        try:
+            catalog = self.reader.read()
+        except PluginError as exc:
+            self.registry_contact.failed(str(exc))
+            raise
+        self.registry_contact.ok()
         self.revision = self.reader.revision
         self.first_snapshot.set()
         held = self.holds.update(self._served, catalog.instances)
@@ -161,8 +176,9 @@ class DiscoverRole(Role):
         try:
             if config == self.applied:
                 self._publish(services)
+                self.counters.inc("passes", outcome="unchanged")
                 if force_apply:
-                    result = self.proxy.apply(config, services)
+                    result = self._apply(config, services)
                     if result != "unchanged":
                         log.warning("discover: %s was not running its configuration: %s",
                                     self.proxy_name, result)  # fmt: skip
@@ -170,10 +186,12 @@ class DiscoverRole(Role):
                 self.converged.set()
                 return "unchanged"
             if config == self.rejected:
+                self.counters.inc("passes", outcome="refused")
                 return "rejected"  # already reported; wait for the input to change
             delay = self.proxy.apply_delay(config, services)
             if delay > 0:
                 self.counters.inc("deferred_applies")
+                self.counters.inc("passes", outcome="deferred")
                 log.debug("discover: %s asks to wait %.3fs before applying", self.proxy_name, delay)
                 self.waker.retry_in(delay, "deferred apply")
                 return "deferred"  # observers hear of these services once they are applied
@@ -184,6 +202,7 @@ class DiscoverRole(Role):
                 if narrowed is None:
                     self.rejected = config
                     self.counters.inc("validation_failures")
+                    self.counters.inc("passes", outcome="refused")
                     log.error(
                         "discover: candidate configuration refused by %s; keeping the running "
                         "one: %s",
@@ -195,7 +214,7 @@ class DiscoverRole(Role):
                 excluded.update({n: r for n, (_, r) in self._invalid.items()})
                 config = self.proxy.render(services)
             try:
-                result = self.proxy.apply(config, services)
+                result = self._apply(config, services)
             except Unavailable:
                 raise
             except PluginError as exc:
@@ -209,13 +228,14 @@ class DiscoverRole(Role):
                 services = tuple(s for s in services if s.name not in late)
                 config = self.proxy.render(services)
                 self.proxy.validate(config)
-                result = self.proxy.apply(config, services)
+                result = self._apply(config, services)
         finally:
             self._settle(assignment.problems, excluded)
         self._publish(services)
         self.applied = config
         self.rejected = None
         self.counters.inc("applies")
+        self.counters.inc("passes", outcome="runtime" if result == "runtime" else result)
         log.info(
             "discover: %s %s (%d services, %d instances)",
             self.proxy_name,
@@ -227,6 +247,21 @@ class DiscoverRole(Role):
             self.manager.after_apply(self.proxy_name, config, result)
         self.converged.set()
         return "applied"
+
+    def _apply(self, config: str, services: Sequence[Service]) -> str:
+        """``proxy.apply``, timed (reloads and starts apart)."""
+        began = time.monotonic()
+        try:
+            result = self.proxy.apply(config, services)
+        except Exception:
+            self.counters.inc("apply_failures")
+            raise
+        spent = time.monotonic() - began
+        self.apply_seconds.observe(spent)
+        if result in ("reloaded", "started"):
+            self.reload_seconds.observe(spent)
+            self.counters.inc("proxy_reloads", proxy=self.proxy_name, result=result)
+        return result
 
     def _servable(
         self, candidates: Sequence[Service]

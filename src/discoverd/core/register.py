@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Collection
 
 from discoverd.core.checks import CheckSpec
 from discoverd.core.errors import PluginError
 from discoverd.core.interfaces import Registry, Source
-from discoverd.core.model import ServiceInstance
+from discoverd.core.model import ServiceInstance, SourceSnapshot
 from discoverd.core.readiness import FIRST_PASS_MAX, Readiness
 from discoverd.core.role import RESYNC, ProblemLog, Role
 from discoverd.core.scheduling import Backoff
+from discoverd.core.telemetry import Contact
 
 log = logging.getLogger("discoverd")
 
@@ -46,22 +48,33 @@ class RegisterRole(Role):
         self.lock = threading.Lock()
         self.synced = threading.Event()
         self._problems = ProblemLog(log)
+        #: When the source was last read (and the error since, if any).
+        self.source_contact = Contact()
 
     def start(self) -> None:
         self.waker.notify("start")
         self._spawn("reconcile", self._guarded("reconcile", self._reconcile_loop))
-        self._spawn(
-            "watch",
-            lambda: self._watch_forever(
-                "source watch", lambda: self.source.watch(self.waker.notify, self.stop_event)
-            ),
-        )
+        self._spawn("watch", lambda: self._watch_forever("source watch", self._watch_once))
         self._spawn("keepalive", self._guarded("keepalive", self._keepalive_loop))
+
+    def _watch_once(self) -> None:
+        self.watch_live.set()
+        try:
+            self.source.watch(self._changed, self.stop_event)
+        finally:
+            self.watch_live.clear()
+
+    def _changed(self, reason: str, services: Collection[str] | None = None) -> None:
+        """The source's ``Notify``: count it, wake the loop."""
+        self.counters.inc("watch_events")
+        self.waker.notify(reason)
 
     def _reconcile_loop(self) -> None:
         backoff = Backoff(self.retry_max)
         while (reasons := self.waker.wait(self.stop_event)) is not None:
             log.debug("register: reconcile (%s)", ", ".join(reasons))
+            if RESYNC in reasons:
+                self.counters.inc("resyncs")
             try:
                 self.reconcile()
                 backoff.reset()
@@ -76,7 +89,19 @@ class RegisterRole(Role):
     def reconcile(self) -> None:
         """One pass: read the source, register what is new or changed and answers its
         readiness check, remove what is gone or stopped answering."""
-        snapshot = self.source.snapshot()
+        try:
+            snapshot = self.source.snapshot()
+        except PluginError as exc:
+            self.source_contact.failed(str(exc))
+            raise
+        self.source_contact.ok()
+        try:
+            self._apply(snapshot)
+        except PluginError as exc:
+            self.registry_contact.failed(str(exc))
+            raise
+
+    def _apply(self, snapshot: SourceSnapshot) -> None:
         stopping = self.source.stopping()
         desired = {i.id: i for i in snapshot.instances if i.id not in stopping}
         # What left the source goes first: a stopping container must not wait for the checks.
@@ -104,6 +129,8 @@ class RegisterRole(Role):
                 self.registry.register(todo[0])
             elif todo:
                 self.registry.register_many(todo)
+            if todo:
+                self.registry_contact.ok()
             for instance in todo:
                 self.registered[instance.id] = instance
                 self.counters.inc("registered")
@@ -131,10 +158,12 @@ class RegisterRole(Role):
             try:
                 alive = self.registry.keepalive()
             except PluginError as exc:
+                self.registry_contact.failed(str(exc))
                 if not failing:
                     log.warning("register: keepalive failed: %s; retrying", exc)
                 failing = True
                 continue
+            self.registry_contact.ok()
             if failing:
                 log.info("register: registry reachable again")
             failing = False

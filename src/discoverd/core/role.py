@@ -11,11 +11,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 
 from discoverd.core.errors import PluginError
 from discoverd.core.model import Problem
 from discoverd.core.scheduling import Backoff, Waker
+from discoverd.core.telemetry import Contact, Counters
 
 log = logging.getLogger("discoverd")
 
@@ -24,30 +24,21 @@ RESYNC = "periodic resync"
 
 
 class ProblemLog:
-    """Logs each problem once while it persists (not at every reconcile)."""
+    """Logs each problem once while it persists (not at every reconcile), and keeps the
+    current ones for ``/healthz`` and ``explain``."""
 
     def __init__(self, logger: logging.Logger) -> None:
         self._seen: set[str] = set()
         self._log = logger
+        self.current: tuple[Problem, ...] = ()
 
     def update(self, problems: Iterable[Problem]) -> None:
-        current = {str(p) for p in problems}
+        found = tuple(dict.fromkeys(problems))
+        current = {str(p) for p in found}
         for line in sorted(current - self._seen):
             self._log.warning("%s", line)
         self._seen = current
-
-
-@dataclass
-class Counters:
-    """What happened so far; read by tests, ``/metrics`` later, and the logs."""
-
-    values: dict[str, int] = field(default_factory=dict)
-
-    def inc(self, name: str, by: int = 1) -> None:
-        self.values[name] = self.values.get(name, 0) + by
-
-    def __getitem__(self, name: str) -> int:
-        return self.values.get(name, 0)
+        self.current = found
 
 
 def _thread(name: str, target: Callable[[], None]) -> threading.Thread:
@@ -64,6 +55,9 @@ class Role:
         self.waker = Waker(min_wait, max_wait)
         self.retry_max = retry_max
         self.counters = Counters()
+        #: When this role last reached the registry (and the error since, if any).
+        self.registry_contact = Contact()
+        self.watch_live = threading.Event()  # a watch stream is open now
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
@@ -110,6 +104,10 @@ class Role:
             if time.monotonic() - started > 30:
                 backoff.reset()
             self.stop_event.wait(backoff.next())
+
+    def alive(self) -> bool:
+        """Every thread of this role runs (for ``/healthz/live``)."""
+        return bool(self._threads) and all(t.is_alive() for t in self._threads)
 
     def stop(self, timeout: float = 5.0) -> None:
         self.stop_event.set()
