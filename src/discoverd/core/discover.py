@@ -33,7 +33,7 @@ from discoverd.core.holding import Holds
 from discoverd.core.interfaces import Proxy, Registry
 from discoverd.core.manager import PluginManager
 from discoverd.core.model import Catalog, Mode, Problem, Service, ServiceInstance
-from discoverd.core.role import RESYNC, ProblemLog, Role
+from discoverd.core.role import RESYNC, Role
 from discoverd.core.scheduling import Backoff
 from discoverd.core.telemetry import Histogram
 
@@ -92,7 +92,6 @@ class DiscoverRole(Role):
         self._served_written = 0.0
         self._invalid: dict[str, tuple[Service, str]] = {}  # refused by validation, until changed
         self._service_cache = ServiceCache()
-        self._problems = ProblemLog(log)
 
     def start(self) -> None:
         self.waker.notify("start")
@@ -333,7 +332,7 @@ class DiscoverRole(Role):
             Problem(f"service {name}", f"not served: {reason}", service=name)
             for name, reason in sorted(excluded.items())
         ]
-        self._problems.update([*problems, *left_out])
+        self.problems.update([*problems, *left_out])
         if any(name not in self._invalid for name in excluded):
             self.waker.retry_in(EXCLUDED_RETRY, "services left out")
 

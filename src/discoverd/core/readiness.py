@@ -76,6 +76,7 @@ class Readiness:
         )
         self._thread.start()
         self._netns_failed = False
+        self._results = {"ok": 0, "failed": 0}
 
     def update(
         self,
@@ -134,6 +135,11 @@ class Readiness:
             state = self._states.get(iid)
             return state.reason if state is not None else ""
 
+    def results(self) -> dict[str, int]:
+        """How many checks answered (``ok``) and how many did not (``failed``), so far."""
+        with self._cond:
+            return dict(self._results)
+
     def close(self) -> None:
         with self._cond:
             self._stopped = True
@@ -184,6 +190,7 @@ class Readiness:
             reason = f"check failed: {type(exc).__name__}: {exc}"
         changed = None
         with self._cond:
+            self._results["ok" if reason is None else "failed"] += 1
             state.running = None
             if self._states.get(iid) is not state:
                 return  # gone or replaced meanwhile

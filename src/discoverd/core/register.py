@@ -11,7 +11,7 @@ from discoverd.core.errors import PluginError
 from discoverd.core.interfaces import Registry, Source
 from discoverd.core.model import ServiceInstance, SourceSnapshot
 from discoverd.core.readiness import FIRST_PASS_MAX, Readiness
-from discoverd.core.role import RESYNC, ProblemLog, Role
+from discoverd.core.role import RESYNC, Role
 from discoverd.core.scheduling import Backoff
 from discoverd.core.telemetry import Contact
 
@@ -47,7 +47,6 @@ class RegisterRole(Role):
         self.registered: dict[str, ServiceInstance] = {}
         self.lock = threading.Lock()
         self.synced = threading.Event()
-        self._problems = ProblemLog(log)
         #: When the source was last read (and the error since, if any).
         self.source_contact = Contact()
 
@@ -138,7 +137,7 @@ class RegisterRole(Role):
                     "register: added %s %s (%s)", instance.service, instance.id, instance.endpoint
                 )
         # What the source refused, and what the registry says of this host's claims.
-        self._problems.update([*snapshot.problems, *self.registry.conflicts()])
+        self.problems.update([*snapshot.problems, *self.registry.conflicts()])
         self.synced.set()
 
     def _remove(self, ids: set[str]) -> None:

@@ -55,6 +55,8 @@ class Role:
         self.waker = Waker(min_wait, max_wait)
         self.retry_max = retry_max
         self.counters = Counters()
+        #: The problems of the last pass (each logged once while it lasts).
+        self.problems = ProblemLog(log)
         #: When this role last reached the registry (and the error since, if any).
         self.registry_contact = Contact()
         self.watch_live = threading.Event()  # a watch stream is open now
