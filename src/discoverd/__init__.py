@@ -31,7 +31,13 @@ from discoverd.core.interfaces import (
     Source,
     SourcePlugin,
 )
-from discoverd.core.metadata import ContainerSpec, PortBinding, instances_for, parse_env
+from discoverd.core.metadata import (
+    ContainerSpec,
+    ExposurePolicy,
+    PortBinding,
+    instances_for,
+    parse_env,
+)
 from discoverd.core.model import (
     INSTANCE_ID_RE,
     SERVICE_NAME_RE,
@@ -60,6 +66,7 @@ __all__ = [
     "CheckTarget",
     "ConfigError",
     "ContainerSpec",
+    "ExposurePolicy",
     "HostInfo",
     "NoOptions",
     "Notify",

@@ -99,6 +99,16 @@ def test_set_overrides_last() -> None:
         ("min_wait = 5\nmax_wait = 1\n", ["min_wait", "max_wait"]),
         ("registyr = 'etcd'\n", ["unknown key 'registyr'", "the top level"]),
         ("[etcd]\nendpoints = [1, 2]\n", ["'etcd.endpoints'", "list of strings"]),
+        ("host_ip = '169.254.169.254'\n", ["host_ip", "link-local"]),
+        ("host_ip = '0.0.0.0'\n", ["host_ip", "unspecified"]),
+        ("expose = 'some'\n", ["'expose'", "all, labelled"]),
+        ("frontend_ports = '8000-'\n", ["'frontend_ports'", "8000-8999 or 9100"]),
+        ("frontend_ports = '0-80'\n", ["'frontend_ports'", "from 1 to 65535"]),
+        ("service_images = ['web']\n", ["'service_images'", "SERVICE=REPOSITORY"]),
+        ("service_images = ['web=team/web:1']\n", ["'service_images'", "not an image repo"]),
+        ("meta_keys = ['name']\n", ["'meta_keys'", "not a metadata key"]),
+        ("meta_keys = ['a.b']\n", ["'meta_keys'", "not a metadata key"]),
+        ("single_machine = 'maybe'\n", ["'single_machine'", "true or false"]),
     ],
 )
 def test_bad_file_names_file_key_and_expectation(
@@ -195,3 +205,21 @@ def test_a_refused_core_value_names_where_it_was_set(tmp_path: Path) -> None:
     message = str(caught.value)
     assert f"min_wait: config file {config}" in message
     assert "max_wait: environment variable DISCOVERD_MAX_WAIT" in message
+
+
+def test_exposure_options_and_their_defaults(tmp_path: Path) -> None:
+    core = load_settings(SCHEMAS, env={}).core
+    assert (core.expose, core.frontend_ports, core.service_images) == ("all", "1-65535", ())
+    assert (core.meta_keys, core.single_machine) == ((), False)
+    path = write(
+        tmp_path,
+        'expose = "labelled"\nfrontend_ports = "9000-9999, 8000"\n'
+        'service_images = [" web = registry.example.com/team/web "]\n'
+        'meta_keys = ["Weight", "weight"]\nsingle_machine = true\n',
+    )
+    core = load_settings(SCHEMAS, config_file=path, env={}).core
+    assert core.expose == "labelled"
+    assert core.frontend_ports == "8000,9000-9999"  # normalised
+    assert core.service_images == ("web=registry.example.com/team/web",)
+    assert core.meta_keys == ("weight",)
+    assert core.single_machine is True

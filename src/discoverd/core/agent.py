@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import stat
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from discoverd.core.checks import CheckSpec
 from discoverd.core.config import ConfigError, Settings
 from discoverd.core.discover import DiscoverRole
 from discoverd.core.interfaces import PluginContext, Proxy, Registry, Source
+from discoverd.core.logs import configure_logging as configure_logging
 from discoverd.core.manager import PluginManager
 from discoverd.core.register import RegisterRole
 from discoverd.core.role import Role
@@ -26,20 +28,29 @@ T = TypeVar("T")
 ROLES = ("register", "discover")
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+#: Mode of the state directory, and of the parents discoverd creates for it, as root: the
+#: proxies' unprivileged workers (nginx's) must pass through it to their temp folders, but
+#: nobody else may list it. Otherwise 0700.
+ROOT_STATE_DIR_MODE = 0o711
+USER_STATE_DIR_MODE = 0o700
+
+
+def state_dir_mode() -> int:
+    """The mode discoverd creates the state directory (and its missing parents) with."""
+    return ROOT_STATE_DIR_MODE if os.geteuid() == 0 else USER_STATE_DIR_MODE
 
 
 def ensure_state_dir(settings: Settings) -> Path:
     """Create the state directory if needed, and refuse one that others could tamper with
-    (the proxy runs what is written there, often as root)."""
-    path = settings.state_dir
+    (the proxy runs what is written there, often as root).
+
+    Missing directories of the path are created with :data:`ROOT_STATE_DIR_MODE` (as root) or
+    0700, whatever the umask. A path that is, or goes through, a symbolic link is refused: the
+    directory checked must be the directory used."""
+    path = Path(os.path.abspath(settings.state_dir))
     try:
-        path.mkdir(parents=True, exist_ok=True, mode=0o755 if os.geteuid() == 0 else 0o700)
-        info = path.stat()
+        _make_dirs(path, state_dir_mode())
+        info = path.lstat()
     except OSError as exc:
         raise ConfigError(f"state_dir {path}: cannot be created ({exc.strerror})") from None
     if info.st_uid != os.geteuid():
@@ -55,6 +66,36 @@ def ensure_state_dir(settings: Settings) -> Path:
     if not os.access(path, os.W_OK):
         raise ConfigError(f"state_dir {path}: not writable by this user")
     return path
+
+
+def _make_dirs(path: Path, mode: int) -> None:
+    """Create ``path`` and its missing parents with ``mode`` exactly (the umask can neither
+    widen nor narrow it); ``ConfigError`` when a component is a symbolic link or not a
+    directory."""
+    current = Path(path.anchor)
+    for part in path.parts[1:]:
+        current = current / part
+        try:
+            info = current.lstat()
+        except FileNotFoundError:
+            try:
+                os.mkdir(current, mode)
+            except FileExistsError:
+                pass  # created meanwhile: examined below like any existing directory
+            else:
+                fd = os.open(current, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+                try:
+                    os.fchmod(fd, mode)
+                finally:
+                    os.close(fd)
+            info = current.lstat()
+        if stat.S_ISLNK(info.st_mode):
+            raise ConfigError(
+                f"state_dir {path}: {current} is a symbolic link (to {os.readlink(current)}); "
+                f"symbolic links are refused: use the real path, {path.resolve()}"
+            )
+        if not stat.S_ISDIR(info.st_mode):
+            raise ConfigError(f"state_dir {path}: {current} is not a directory")
 
 
 def context_for(settings: Settings, plugin: str, *, create: bool = True) -> PluginContext[Any]:
@@ -148,6 +189,8 @@ class Agent:
                 retry_max=core.retry_max,
                 removal_hold=core.removal_hold,
                 served_file=self.settings.state_dir / "discover" / "served.json",
+                own_host_id=self.settings.host().id,
+                single_machine=core.single_machine,
             )
 
     def active(self) -> Iterable[Role]:

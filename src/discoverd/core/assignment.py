@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from discoverd.core.model import Catalog, Mode, Problem, Service, ServiceInstance
@@ -118,6 +118,7 @@ def build_services(
     reserved_ports: Iterable[int] = (),
     previous_owners: Mapping[int, str] | None = None,
     cache: ServiceCache | None = None,
+    accept: Callable[[ServiceInstance], Problem | None] | None = None,
 ) -> Assignment:
     """Group instances into services, pick each service's frontend port, settle conflicts.
 
@@ -128,6 +129,7 @@ def build_services(
       (so a newcomer can never take traffic away from a running service); between newcomers,
       the name first in sort order wins. The other is refused with a problem naming both.
     - Two entries with one instance id in a service: the first in sort order is kept.
+    - ``accept`` (the discover host's address policy) refuses an instance with a problem.
     - A port the proxy reserves for itself (stats page) is refused.
     - Instances of another protocol than the service's first one are refused.
     """
@@ -136,6 +138,10 @@ def build_services(
     problems: list[Problem] = list(catalog.problems)
     grouped: dict[str, list[ServiceInstance]] = {}
     for instance in catalog.instances:
+        refused = accept(instance) if accept is not None else None
+        if refused is not None:
+            problems.append(refused)
+            continue
         grouped.setdefault(instance.service, []).append(instance)
 
     candidates: dict[str, Service] = {}

@@ -31,7 +31,7 @@ from discoverd.core.schema import (
     redact_url,
     unknown_key,
 )
-from discoverd.core.validators import host_address, host_id
+from discoverd.core.validators import host_address, host_id, meta_keys, port_ranges, service_images
 
 __all__ = ["ConfigError", "CoreConfig", "Settings", "default_state_dir", "load_settings"]
 
@@ -106,6 +106,40 @@ class CoreConfig:
     )
     check_timeout: float = option(
         1.0, "Seconds a check may take before it counts as failed.", min=0.05, max=3600
+    )
+
+    expose: Literal["all", "labelled"] = option(
+        "all",
+        "Which published ports the register role registers: all, or labelled (only those "
+        "whose container asks with SERVICE_NAME or SERVICE_<port>_NAME, like registrator's "
+        "-explicit).",
+    )
+    frontend_ports: str = option(
+        "1-65535",
+        "Frontend ports this host's containers may ask for (SERVICE_PORT, or the private "
+        "port by default), as ranges: 8000-8999,9100. A port outside is refused.",
+        check=port_ranges,
+    )
+    service_images: tuple[str, ...] = option(
+        (),
+        "Services only some images may join: SERVICE=REPOSITORY entries "
+        "(web=registry.example.com/team/web, or a folder: web=registry.example.com/team/*). "
+        "A container of another image naming itself so is refused; services not listed are "
+        "open to any container.",
+        check=service_images,
+    )
+    meta_keys: tuple[str, ...] = option(
+        (),
+        "Metadata keys published beside the documented ones (mode, drain, check...), for "
+        "user templates: weight publishes SERVICE_WEIGHT. Other SERVICE_* keys are ignored.",
+        check=meta_keys,
+    )
+    single_machine: bool = option(
+        False,
+        "Every agent runs on this one machine (tests, demos): backends on loopback addresses "
+        "are routed whichever host id registered them, and a port published on loopback only "
+        "is registered without HOST_IP. Off: a loopback backend is routed only by the proxy "
+        "of the host that registered it.",
     )
 
     removal_hold: float = option(

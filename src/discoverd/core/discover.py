@@ -32,7 +32,14 @@ from discoverd.core.errors import PluginError, ProxyConfigError, Unavailable, Va
 from discoverd.core.holding import Holds
 from discoverd.core.interfaces import Proxy, Registry
 from discoverd.core.manager import PluginManager
-from discoverd.core.model import Catalog, Mode, Problem, Service, ServiceInstance
+from discoverd.core.model import (
+    Catalog,
+    Mode,
+    Problem,
+    Service,
+    ServiceInstance,
+    backend_problem,
+)
 from discoverd.core.role import RESYNC, Role
 from discoverd.core.scheduling import Backoff
 from discoverd.core.telemetry import Histogram
@@ -64,6 +71,8 @@ class DiscoverRole(Role):
         resync_interval: float = 30.0,
         removal_hold: float = 0.0,
         served_file: Path | None = None,
+        own_host_id: str = "",
+        single_machine: bool = True,
     ) -> None:
         super().__init__(min_wait, max_wait, retry_max)
         self.resync_interval = resync_interval
@@ -91,6 +100,11 @@ class DiscoverRole(Role):
         self._served: dict[str, tuple[ServiceInstance, ...]] = _read_served(served_file)
         self._served_written = 0.0
         self._invalid: dict[str, tuple[Service, str]] = {}  # refused by validation, until changed
+        #: Who this host is, for the address policy (loopback only from this host's own
+        #: instances, unless every agent runs on one machine).
+        self.own_host_id = own_host_id
+        self.single_machine = single_machine
+        self._address_verdicts: dict[tuple[str, str, str], Problem | None] = {}
         self._service_cache = ServiceCache()
 
     def start(self) -> None:
@@ -168,6 +182,7 @@ class DiscoverRole(Role):
             reserved_ports=self.proxy.reserved_ports(),
             previous_owners=self.owners,
             cache=self._service_cache,
+            accept=None if self.single_machine else self._acceptable,
         )
         self.owners = assignment.owners
         services, excluded = self._servable(assignment.services)
@@ -246,6 +261,18 @@ class DiscoverRole(Role):
             self.manager.after_apply(self.proxy_name, config, result)
         self.converged.set()
         return "applied"
+
+    def _acceptable(self, instance: ServiceInstance) -> Problem | None:
+        """The address policy (:func:`~discoverd.core.model.backend_problem`), remembered by
+        address and registering host (a registry of 10,000 instances has few of those)."""
+        key = (instance.address, instance.host_id, instance.id)
+        if key not in self._address_verdicts:
+            if len(self._address_verdicts) > 100_000:
+                self._address_verdicts.clear()
+            self._address_verdicts[key] = backend_problem(
+                instance, self.own_host_id, single_machine=self.single_machine
+            )
+        return self._address_verdicts[key]
 
     def _apply(self, config: str, services: Sequence[Service]) -> str:
         """``proxy.apply``, timed (reloads and starts apart)."""

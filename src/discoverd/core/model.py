@@ -51,7 +51,14 @@ def check_port(port: object, what: str = "port") -> int:
 
 
 def check_address(address: str) -> str:
-    """An IPv4 or IPv6 literal (host names are not accepted: proxies must not resolve them)."""
+    """An IPv4 or IPv6 literal that can be a backend on some host, normalised.
+
+    Host names are not accepted (proxies must not resolve them), nor addresses that mean
+    something else on every host that reads them: unspecified (``0.0.0.0/8``, ``::``),
+    link-local (``169.254.0.0/16`` with the cloud metadata service, ``fe80::/10``), multicast
+    and broadcast, also written as IPv4-mapped IPv6 (``::ffff:169.254.169.254``). Loopback is
+    accepted here: whether a proxy may use it depends on who registered it
+    (:func:`check_backend_address`)."""
     if isinstance(address, str):
         return _checked_address(address)
     return _check_address(address)
@@ -63,6 +70,10 @@ def _checked_address(address: str) -> str:
     return _check_address(address)
 
 
+_THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+
+
 def _check_address(address: str) -> str:
     try:
         parsed = ipaddress.ip_address(address)
@@ -71,7 +82,66 @@ def _check_address(address: str) -> str:
     if isinstance(parsed, ipaddress.IPv6Address) and parsed.scope_id is not None:
         # A scope id may hold any text but '%' and '/': spaces and proxy keywords included.
         raise ValidationError(f"address {_short(address)}: IPv6 scope ids are not accepted")
+    kind = _unusable_kind(parsed)
+    if kind:
+        raise ValidationError(
+            f"address {parsed} is {kind}: it means another machine on every host that reads "
+            "it, never a backend"
+        )
     return str(parsed)
+
+
+def _unusable_kind(parsed: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """What makes ``parsed`` unusable as a backend address anywhere ("" if nothing)."""
+    if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None:
+        parsed = parsed.ipv4_mapped
+    if parsed.is_unspecified or (
+        isinstance(parsed, ipaddress.IPv4Address) and parsed in _THIS_NETWORK
+    ):
+        return "unspecified (0.0.0.0/8, ::)"
+    if parsed.is_link_local:
+        return "link-local (169.254.0.0/16, fe80::/10)"
+    if parsed.is_multicast:
+        return "multicast"
+    if parsed == _BROADCAST:
+        return "the broadcast address"
+    return ""
+
+
+def is_loopback(address: str) -> bool:
+    """``127.0.0.0/8``, ``::1`` (also IPv4-mapped: ``::ffff:127.0.0.1``); False for anything
+    that is not an IP address."""
+    try:
+        parsed = ipaddress.ip_address(address)
+    except (ValueError, TypeError):
+        return False
+    if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None:
+        return parsed.ipv4_mapped.is_loopback
+    return parsed.is_loopback
+
+
+def check_backend_address(
+    address: str, *, host_id: str, own_host_id: str, single_machine: bool = False
+) -> str:
+    """``address`` normalised, if a proxy on the host ``own_host_id`` may send traffic to it for
+    an instance the host ``host_id`` registered; ``ValidationError`` with the rule otherwise.
+
+    The rules of :func:`check_address` (no unspecified, link-local, multicast or broadcast
+    address), and loopback only for the host's own instances: ``127.0.0.1`` written into the
+    registry by another host (or by anyone, with no host id) would reach this host's own
+    services. ``single_machine`` (every agent runs on one machine: tests, demos) accepts
+    loopback from any host id. A pure function: the register role and the discover role
+    (``build_services``) both apply it."""
+    checked = check_address(address)
+    if not single_machine and is_loopback(checked) and not (host_id and host_id == own_host_id):
+        owner = f"host {host_id}" if host_id else "a host that did not say which"
+        raise ValidationError(
+            f"address {checked} is loopback and was registered by {owner}, not by this host "
+            f"({own_host_id or 'no host id'}): it would reach this host's own services; "
+            "refused (core option single_machine accepts it when every agent runs on one "
+            "machine)"
+        )
+    return checked
 
 
 def check_tag(tag: str) -> str:
@@ -254,3 +324,58 @@ def frozen_meta(
     """Metadata in the frozen, sorted form ``ServiceInstance.meta`` keeps."""
     pairs = items.items() if isinstance(items, Mapping) else items
     return tuple(sorted(pairs))
+
+
+def backend_problem(
+    instance: ServiceInstance, own_host_id: str, *, single_machine: bool = False
+) -> Problem | None:
+    """``None`` if a proxy on the host ``own_host_id`` may route to ``instance``; otherwise the
+    :class:`Problem` to report (its ``service`` set), by the rules of
+    :func:`check_backend_address`. Pure: the discover role calls it on every instance it
+    reads from the registry."""
+    try:
+        check_backend_address(
+            instance.address,
+            host_id=instance.host_id,
+            own_host_id=own_host_id,
+            single_machine=single_machine,
+        )
+    except ValidationError as exc:
+        return Problem(f"instance {instance.id} of {instance.service}", str(exc), instance.service)
+    return None
+
+
+_PORT_RANGE = re.compile(r"([0-9]{1,5})(?:\s*-\s*([0-9]{1,5}))?")
+
+
+@dataclass(frozen=True)
+class PortRanges:
+    """A set of ports written as ranges, e.g. ``8000-8999,9100`` (the core option
+    ``frontend_ports``): ``port in ranges``."""
+
+    ranges: tuple[tuple[int, int], ...] = ((1, 65535),)
+
+    @classmethod
+    def parse(cls, text: str) -> PortRanges:
+        """``"1-65535"``, ``"8000-8999, 9100"``; ``ValidationError`` naming the rule."""
+        found: list[tuple[int, int]] = []
+        for part in text.split(","):
+            match = _PORT_RANGE.fullmatch(part.strip())
+            if match is None:
+                raise ValidationError(
+                    "port ranges must look like 8000-8999 or 9100, separated by commas"
+                )
+            low = int(match.group(1))
+            high = int(match.group(2) or low)
+            if not 1 <= low <= high <= 65535:
+                raise ValidationError(
+                    f"port range {low}-{high}: ports go from 1 to 65535, low end first"
+                )
+            found.append((low, high))
+        return cls(tuple(sorted(set(found))))
+
+    def __contains__(self, port: object) -> bool:
+        return isinstance(port, int) and any(low <= port <= high for low, high in self.ranges)
+
+    def __str__(self) -> str:
+        return ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in self.ranges)

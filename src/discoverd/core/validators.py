@@ -17,7 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from discoverd.core.errors import ValidationError
-from discoverd.core.model import INSTANCE_ID_RE, check_address, check_tag
+from discoverd.core.metadata import check_meta_key_names, parse_service_images
+from discoverd.core.model import INSTANCE_ID_RE, PortRanges, check_address, check_tag
 
 
 def one_line(value: str) -> str:
@@ -60,13 +61,35 @@ def ip_or_empty(value: str) -> str:
 
 
 def host_address(value: str) -> str:
-    """An address other hosts can reach (the model's rules), or ``""``."""
+    """An address other hosts can reach (the model's rules: no unspecified, link-local,
+    multicast or broadcast address), or ``""``."""
     if not value:
         return ""
     try:
         return check_address(value)
     except ValidationError as exc:
         raise ValueError(str(exc)) from None
+
+
+def port_ranges(value: str) -> str:
+    """Ports as ranges (``8000-8999,9100``), normalised."""
+    try:
+        return str(PortRanges.parse(one_line(value)))
+    except ValidationError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def service_images(value: tuple[str, ...]) -> tuple[str, ...]:
+    """``SERVICE=REPOSITORY`` entries (``web=registry.example.com/team/web``, or a folder of
+    repositories: ``web=registry.example.com/team/*``)."""
+    parse_service_images(value)
+    pairs = (entry.partition("=") for entry in value)
+    return tuple(f"{name.strip()}={pattern.strip()}" for name, _, pattern in pairs)
+
+
+def meta_keys(value: tuple[str, ...]) -> tuple[str, ...]:
+    """Metadata key names (``weight``), lower case."""
+    return check_meta_key_names(value)
 
 
 def host_id(value: str) -> str:

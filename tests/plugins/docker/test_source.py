@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -24,13 +25,16 @@ from discoverd import (
     build_config,
 )
 from discoverd.core.checks import CheckSpec, run_check
+from discoverd.core.config import CoreConfig
 from discoverd.plugins.docker import discoverd_register_sources, make_source
 from discoverd.plugins.docker.config import DockerConfig
 from discoverd.plugins.docker.source import (
     DockerSource,
     _bindings,
+    _container_address,
     _container_name,
     _eligible,
+    _signal_number,
     _watched_action,
 )
 from tests.support.services import (
@@ -54,12 +58,14 @@ SourceFactory = Callable[..., DockerSource]
 
 
 def make_ctx(
-    host: str, host_ip: str = HOST_IP, timeout: float = 10.0
+    host: str, host_ip: str = HOST_IP, timeout: float = 10.0, **core: Any
 ) -> PluginContext[DockerConfig]:
+    """A factory's context; ``core`` sets core options (``single_machine=True``, ...)."""
     return PluginContext(
         config=build_config(DockerConfig, {"host": host, "timeout": timeout}, section="docker"),
         host=HostInfo(ip=host_ip, id=HOST_ID),
         state_dir=Path("."),
+        core=build_config(CoreConfig, core) if core else None,
     )
 
 
@@ -68,8 +74,8 @@ def new_source(docker_daemon: DockerDaemon) -> Iterator[SourceFactory]:
     """Build sources for the shared daemon; all are closed after the test."""
     made: list[DockerSource] = []
 
-    def build(host_ip: str = HOST_IP, host: str | None = None) -> DockerSource:
-        source = make_source(make_ctx(host or docker_daemon.host, host_ip))
+    def build(host_ip: str = HOST_IP, host: str | None = None, **core: Any) -> DockerSource:
+        source = make_source(make_ctx(host or docker_daemon.host, host_ip, **core))
         assert isinstance(source, DockerSource)
         made.append(source)
         return source
@@ -161,10 +167,21 @@ def test_snapshot_of_a_whoami_container(
 def test_without_host_ip_the_binding_address_is_used(
     new_source: SourceFactory, docker_client: docker.DockerClient
 ) -> None:
-    source = new_source(host_ip="")
+    source = new_source(host_ip="", single_machine=True)
     container = whoami(docker_client)
     [instance] = of(source.snapshot(), container)
     assert (instance.address, instance.port) == ("127.0.0.1", published_port(container))
+
+
+def test_a_port_published_on_loopback_only_is_not_published_to_other_hosts_silently(
+    new_source: SourceFactory, docker_client: docker.DockerClient
+) -> None:
+    source = new_source(host_ip="")
+    container = whoami(docker_client)
+    snapshot = source.snapshot()
+    assert of(snapshot, container) == []
+    [problem] = problems_of(snapshot, container)
+    assert "127.0.0.1:" in problem and "HOST_IP" in problem and "single_machine" in problem
 
 
 def test_labels_and_environment(
@@ -207,7 +224,7 @@ def test_service_ignore(new_source: SourceFactory, docker_client: docker.DockerC
     [
         ("SERVICE_NAME", "bad\nname"),
         ("SERVICE_TAGS", "fine,{oops}"),
-        ("SERVICE_NOTE", "x" * 10_000),
+        ("SERVICE_DRAIN", "x" * 10_000),
         ("SERVICE_8000_PORT", "99999"),
     ],
 )
@@ -249,7 +266,7 @@ def test_two_published_ports_give_two_named_instances(
 def test_ipv6_binding_beside_ipv4_is_not_a_second_instance(
     new_source: SourceFactory, docker_client: docker.DockerClient
 ) -> None:
-    source = new_source(host_ip="")
+    source = new_source(host_ip="", single_machine=True)
     container = run_plain(docker_client, ports={"8000/tcp": [("127.0.0.1", None), ("::1", None)]})
     [instance] = of(source.snapshot(), container)
     assert instance.address == "127.0.0.1"
@@ -443,7 +460,7 @@ def test_daemon_killed_and_restarted(
 ) -> None:
     daemon = docker_daemon_factory()  # stopped (and its containers with it) after the test
     client = daemon.client()
-    source = make_source(make_ctx(daemon.host, host_ip=""))
+    source = make_source(make_ctx(daemon.host, host_ip="", single_machine=True))
     assert isinstance(source, DockerSource)
     try:
         container = run_whoami(client)
@@ -544,6 +561,19 @@ def test_names_and_actions_from_odd_json() -> None:
     assert _container_name(["/other/alias", "/web"]) == "web"
     assert _container_name(None) == ""
     assert _container_name([None, 3]) == ""
+    assert _container_name(["/evil\nWARNING forged", "/only/alias"]) == ""
+
+
+def test_odd_values_of_an_inspect_result() -> None:
+    assert _container_address({"IPAddress": "172.17.0.2"}) == "172.17.0.2"
+    networks = {"b": {"IPAddress": "10.1.0.2"}, "a": {"IPAddress": "metadata.internal"}}
+    assert _container_address({"IPAddress": "", "Networks": networks}) == "10.1.0.2"
+    assert _container_address({"Networks": {1: {}, "x": {"IPAddress": 5}}}) == ""
+    assert _container_address(None) == ""
+    assert _signal_number("SIGTERM") == _signal_number("TERM") == _signal_number(15) == 15
+    assert _signal_number("SIGRTMIN+3") == int(signal.SIGRTMIN) + 3
+    for odd in ("\u00b2", "SIGRTMIN+" + "9" * 50, "9" * 30, 10**30, ["15"], None, True, "0"):
+        assert _signal_number(odd) is None, odd
     assert _watched_action({"Type": "container", "Action": "start"}) == "start"
     assert _watched_action({"status": "die"}) == "die"
     assert _watched_action({"Action": "health_status: healthy"}) == "health_status: healthy"

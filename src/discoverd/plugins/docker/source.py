@@ -18,12 +18,14 @@ draining it); a missed ``die`` costs the time until the list stops showing the c
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import re
 import signal
 import threading
 import time
+import traceback
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,6 +40,7 @@ import urllib3
 from discoverd import (
     CheckTarget,
     ContainerSpec,
+    ExposurePolicy,
     Notify,
     PluginContext,
     PortBinding,
@@ -46,7 +49,6 @@ from discoverd import (
     Source,
     SourceSnapshot,
     Unavailable,
-    ValidationError,
     exception_chain,
     instances_for,
     parse_env,
@@ -77,6 +79,10 @@ _TIMEOUTS: tuple[type[BaseException], ...] = (
 _HEALTH_IN_STATUS = re.compile(r"\((healthy|unhealthy|health: starting)\)")
 # Seconds between two looks at ``stop`` while a watch is blocked reading the event stream.
 _STOP_POLL = 0.2
+# The names Docker gives containers.
+_CONTAINER_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,254}")
+# The largest process id Linux hands out (pid_max's ceiling).
+_PID_MAX = 4_194_304
 
 
 #: Signals after which a container is about to exit (``docker stop`` sends TERM, then KILL).
@@ -99,6 +105,9 @@ class _Inspected:
     pid: int = 0
     address: str = ""
     stop_signal: int = 15  # the image's StopSignal: what `docker stop` sends first
+    #: Why the container cannot be used ("" if it can): an inspect refused by the daemon, or
+    #: a result that cannot be read. Such an entry is not cached.
+    problem: str = ""
 
 
 class _EventStream:
@@ -135,6 +144,14 @@ class DockerSource(Source):
         self.url = self._host or os.environ.get("DOCKER_HOST", "").strip() or DEFAULT_URL
         self._host_ip = ctx.host.ip
         self._host_id = ctx.host.id
+        self._policy = ExposurePolicy.from_config(ctx.core)
+        if _is_loopback(self._host_ip) and not self._policy.single_machine:
+            log.warning(
+                "docker: HOST_IP %s is a loopback address: only this machine's proxy will "
+                "route to these instances (other hosts refuse them); set the core option "
+                "single_machine when every agent runs on this machine",
+                self._host_ip,
+            )
         self._lock = threading.Lock()  # guards _client and _streams
         self._snapshot_lock = threading.Lock()  # one snapshot at a time (it owns the cache)
         self._client: docker.APIClient | None = None
@@ -239,36 +256,43 @@ class DockerSource(Source):
             cid = entry.get("Id")
             if not isinstance(cid, str) or not cid:
                 continue
-            inspected = self._cache.get(cid) or fresh.get(cid)
-            if inspected is None:
-                inspected = self._inspect(client, cid)
-                if inspected is None:
-                    continue  # gone between the list and the inspect
-            seen[cid] = inspected
-            if not _eligible(entry):
-                continue
-            spec = ContainerSpec(
-                id=cid,
-                name=_container_name(entry.get("Names")),
-                image=inspected.image or _text(entry.get("Image")),
-                labels=_string_map(entry.get("Labels")),
-                env=inspected.env,
-                ports=_bindings(entry.get("Ports")),
-            )
             try:
-                found, refused = instances_for(spec, host_ip=self._host_ip, host_id=self._host_id)
-            except ValidationError as exc:
-                problems.append(
-                    Problem(f"container {spec.name or cid[:12]} ({cid[:12]})", str(exc))
+                inspected = self._cache.get(cid) or fresh.get(cid)
+                if inspected is None:
+                    inspected = self._inspect(client, cid)
+                    if inspected is None:
+                        continue  # gone between the list and the inspect
+                if inspected.problem:
+                    problems.append(Problem(_subject(entry, cid), inspected.problem))
+                    continue  # not cached: inspected again next time
+                seen[cid] = inspected
+                if not _eligible(entry):
+                    continue
+                spec = ContainerSpec(
+                    id=cid,
+                    name=_container_name(entry.get("Names")),
+                    image=inspected.image or _text(entry.get("Image")),
+                    labels=_string_map(entry.get("Labels")),
+                    env=inspected.env,
+                    ports=_bindings(entry.get("Ports")),
                 )
+                found, refused = instances_for(
+                    spec, host_ip=self._host_ip, host_id=self._host_id, policy=self._policy
+                )
+                container_targets: dict[str, CheckTarget] = {}
+                for instance in found:
+                    target = _check_target(inspected, instance)
+                    if target is not None:
+                        container_targets[instance.id] = target
+            except _DAEMON_ERRORS:
+                raise  # the daemon itself: the whole snapshot is unavailable
+            except Exception as exc:  # one odd container never stops the host's snapshot
+                problems.append(Problem(_subject(entry, cid), _unexpected(exc)))
                 continue
             instances.extend(found)
             problems.extend(refused)
             instances_of[cid] = tuple(i.id for i in found)
-            for instance in found:
-                target = _check_target(inspected, instance)
-                if target is not None:
-                    targets[instance.id] = target
+            targets.update(container_targets)
         with self._lock:
             for cid, count in self._starts.items():
                 if starts.get(cid, 0) != count and seen.pop(cid, None) is not None:
@@ -335,26 +359,23 @@ class DockerSource(Source):
         return found
 
     def _inspect(self, client: docker.APIClient, cid: str) -> _Inspected | None:
+        """The container's inspect result, ``None`` if it is gone, or one with a ``problem``
+        if the daemon refused it or it cannot be read. Raises only when the daemon cannot be
+        reached (the whole snapshot is then unavailable)."""
         try:
             data = client.inspect_container(cid)
         except docker.errors.NotFound:
             return None
-        if not isinstance(data, Mapping):
-            data = {}
-        config = data.get("Config")
-        if not isinstance(config, Mapping):
-            config = {}
-        raw_env = config.get("Env")
-        env_list = [e for e in raw_env if isinstance(e, str)] if isinstance(raw_env, list) else []
-        state = data.get("State")
-        pid = state.get("Pid") if isinstance(state, Mapping) else None
-        return _Inspected(
-            image=_text(config.get("Image")),
-            env=parse_env(env_list),
-            pid=pid if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 else 0,
-            address=_container_address(data.get("NetworkSettings")),
-            stop_signal=_signal_number(config.get("StopSignal")) or 15,
-        )
+        except docker.errors.APIError as exc:
+            return _Inspected(image="", env={}, problem=f"inspect refused: {self._reason(exc)}")
+        except _DAEMON_ERRORS:
+            raise  # the daemon cannot be reached: the whole snapshot is unavailable
+        except Exception as exc:  # the SDK tripped over this container's answer
+            return _Inspected(image="", env={}, problem=_unexpected(exc))
+        try:
+            return _read_inspect(data)
+        except Exception as exc:  # an odd answer refuses that container only
+            return _Inspected(image="", env={}, problem=_unexpected(exc))
 
     # -- watch
 
@@ -458,6 +479,29 @@ class DockerSource(Source):
                 client.close()
 
 
+def _read_inspect(data: Any) -> _Inspected:
+    """What the snapshot needs of an inspect result, whatever its shape: a value of the wrong
+    type reads as absent."""
+    if not isinstance(data, Mapping):
+        data = {}
+    config = data.get("Config")
+    if not isinstance(config, Mapping):
+        config = {}
+    raw_env = config.get("Env")
+    env_list = [e for e in raw_env if isinstance(e, str)] if isinstance(raw_env, list) else []
+    state = data.get("State")
+    pid = state.get("Pid") if isinstance(state, Mapping) else None
+    if not (isinstance(pid, int) and not isinstance(pid, bool) and 0 < pid <= _PID_MAX):
+        pid = 0
+    return _Inspected(
+        image=_text(config.get("Image")),
+        env=parse_env(env_list),
+        pid=pid,
+        address=_container_address(data.get("NetworkSettings")),
+        stop_signal=_signal_number(config.get("StopSignal")) or 15,
+    )
+
+
 def _close_on_stop(stop: threading.Event, finished: threading.Event, stream: _EventStream) -> None:
     """Close ``stream`` once ``stop`` is set, so a watch blocked in a read returns promptly."""
     while not finished.wait(_STOP_POLL):
@@ -481,32 +525,50 @@ def _watched_action(event: Any) -> str | None:
 
 
 def _signal_number(value: Any) -> int | None:
-    """``"15"``, ``"SIGTERM"``, ``"TERM"``, ``"SIGRTMIN+3"`` -> a signal number, else None."""
-    text = str(value or "").strip().upper()
-    if text.isdigit():
-        return int(text)
-    name = text if text.startswith("SIG") else f"SIG{text}"
-    base, plus, offset = name.partition("+")
-    try:
-        number = int(signal.Signals[base]) if base != "SIGRTMIN" else signal.SIGRTMIN
-    except KeyError:
+    """``"15"``, ``15``, ``"SIGTERM"``, ``"TERM"``, ``"SIGRTMIN+3"`` -> a signal number from 1
+    to 64, else None (whatever ``value`` is)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        text = str(value)
+    elif isinstance(value, str):
+        text = value.strip().upper()
+    else:
         return None
-    return int(number) + (int(offset) if plus and offset.isdigit() else 0)
+    if len(text) > 16 or not text.isascii():
+        return None
+    if text.isdigit():
+        number = int(text)
+    else:
+        name = text if text.startswith("SIG") else f"SIG{text}"
+        base, plus, offset = name.partition("+")
+        try:
+            number = int(signal.Signals[base]) if base != "SIGRTMIN" else int(signal.SIGRTMIN)
+        except KeyError:
+            return None
+        if plus:
+            if not offset.isdigit():
+                return None
+            number += int(offset)
+    return number if 1 <= number <= 64 else None
 
 
 def _container_address(settings: Any) -> str:
-    """The container's IPv4 address on its first network ("" if it has none)."""
+    """The container's IP address on its first network ("" if it has none): an IP literal,
+    never a name a check would resolve."""
     if not isinstance(settings, Mapping):
         return ""
-    address = _text(settings.get("IPAddress"))
-    if address:
-        return address
+    candidates = [settings.get("IPAddress")]
     networks = settings.get("Networks")
     if isinstance(networks, Mapping):
-        for name in sorted(networks):
+        for name in sorted(n for n in networks if isinstance(n, str)):
             network = networks[name]
-            if isinstance(network, Mapping) and _text(network.get("IPAddress")):
-                return _text(network.get("IPAddress"))
+            if isinstance(network, Mapping):
+                candidates.append(network.get("IPAddress"))
+    for candidate in candidates:
+        if isinstance(candidate, str) and candidate:
+            try:
+                return str(ipaddress.ip_address(candidate))
+            except ValueError:
+                continue
     return ""
 
 
@@ -567,21 +629,26 @@ def _bindings(raw: Any) -> tuple[PortBinding, ...]:
 def _port_number(value: Any) -> int | None:
     if isinstance(value, bool):
         return None
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value.strip())
+    if isinstance(value, str):
+        text = value.strip()
+        if not (text.isascii() and text.isdigit() and len(text) <= 5):  # "²".isdigit() is true
+            return None
+        value = int(text)
     if isinstance(value, int) and 1 <= value <= 65535:
         return value
     return None
 
 
 def _container_name(names: Any) -> str:
-    """The container's own name: the entry of ``Names`` that is not a link alias (``/a/b``)."""
+    """The container's own name: the entry of ``Names`` that is not a link alias (``/a/b``).
+    Names Docker would not give (its rule: ``[a-zA-Z0-9][a-zA-Z0-9_.-]+``) are not used: the
+    problems then name the container by its id."""
     candidates = [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
     for name in candidates:
         bare = name.removeprefix("/")
-        if bare and "/" not in bare:
+        if _CONTAINER_NAME.fullmatch(bare):
             return bare
-    return candidates[0].removeprefix("/") if candidates else ""
+    return ""
 
 
 def _string_map(raw: Any) -> dict[str, str]:
@@ -592,6 +659,29 @@ def _string_map(raw: Any) -> dict[str, str]:
 
 def _text(value: Any) -> str:
     return value if isinstance(value, str) else ""
+
+
+def _subject(entry: Mapping[str, Any], cid: str) -> str:
+    """How a problem names a container of the list: ``container web (4aa832c39b65)``."""
+    return f"container {_container_name(entry.get('Names')) or cid[:12]} ({cid[:12]})"
+
+
+def _unexpected(exc: BaseException) -> str:
+    """A problem for an error no rule foresaw, naming the exception's type and where it was
+    raised, never its message (which may quote a hostile value)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" in {frames[-1].name}, line {frames[-1].lineno}" if frames else ""
+    return f"skipped: unexpected {type(exc).__name__} reading it{where}"
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None:
+        return parsed.ipv4_mapped.is_loopback
+    return parsed.is_loopback
 
 
 def _one_line(text: str) -> str:
