@@ -201,6 +201,7 @@ def _assignment(params: dict[str, Any], with_proxy: bool) -> tuple[Any, Any]:
     """Read the registry once and group it into services, as the discover role would."""
     from discoverd.core.agent import make_proxy, make_registry
     from discoverd.core.assignment import build_services
+    from discoverd.core.model import backend_problem
 
     settings, manager = load(params)
     proxy = make_proxy(manager, settings, create=False) if with_proxy else None
@@ -209,10 +210,12 @@ def _assignment(params: dict[str, Any], with_proxy: bool) -> tuple[Any, Any]:
         catalog = registry.snapshot()
     finally:
         registry.close()
+    own, single = settings.host().id, settings.core.single_machine
     assignment = build_services(
         catalog,
         default_mode=settings.core.default_mode,
         reserved_ports=proxy.reserved_ports() if proxy is not None else (),
+        accept=None if single else (lambda i: backend_problem(i, own, single_machine=single)),
     )
     for problem in assignment.problems:
         click.echo(f"warning: {problem}", err=True)

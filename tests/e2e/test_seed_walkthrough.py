@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import service_unavailable
-from tests.e2e.agents import DiscoverdProcess, free_port, requests_through, until
 from tests.support.consul import Consul
+from tests.support.discoverd import DiscoverdProcess, free_port, requests_through, until
 from tests.support.services import (
     DockerDaemon,
     Etcd,
@@ -61,7 +61,13 @@ class Cluster:
         self.containers: list[Any] = []
 
     def env(self, **extra: str) -> dict[str, str]:
-        env = {"DISCOVERD_REGISTRY": self.registry, "DISCOVERD_PROXY": self.proxy}
+        # Every "host" of this test is one machine (HOST_IPs on loopback): accept loopback
+        # backends from any host id, which a real fleet refuses.
+        env = {
+            "DISCOVERD_REGISTRY": self.registry,
+            "DISCOVERD_PROXY": self.proxy,
+            "DISCOVERD_SINGLE_MACHINE": "1",
+        }
         if self.registry == "consul":
             assert self.consul is not None
             env["CONSUL_HTTP_ADDR"] = self.consul.address
