@@ -105,6 +105,7 @@ def common_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--host-id", help="Stable id of this agent [host name]."),
         click.option("--state-dir", help="Directory for rendered configs, pid files, sockets."),
         click.option("--log-level", help="debug, info, warning or error [info]."),
+        click.option("--log-format", help="text or json [text]."),
         click.option(
             "--set",
             "sets",
@@ -118,7 +119,16 @@ def common_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
-FLAG_KEYS = ("source", "registry", "proxy", "host_ip", "host_id", "state_dir", "log_level")
+FLAG_KEYS = (
+    "source",
+    "registry",
+    "proxy",
+    "host_ip",
+    "host_id",
+    "state_dir",
+    "log_level",
+    "log_format",
+)
 
 
 def _merge(ctx: click.Context, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -149,11 +159,23 @@ def load(params: dict[str, Any]) -> tuple[Settings, PluginManager]:
 
 def _run_roles(params: dict[str, Any], roles: tuple[str, ...]) -> None:
     from discoverd.core.agent import Agent, configure_logging
+    from discoverd.core.agent import plugin_schemas as schemas_of
+    from discoverd.core.config import load_settings
 
     with operator_errors():
         settings, manager = load(params)
-        configure_logging(settings.core.log_level)
-        agent = Agent(settings, manager, roles=roles)
+        configure_logging(settings.core.log_level, settings.core.log_format)
+
+        def reload_settings() -> Settings:
+            """The same sources again (flags, variables, the file) for a SIGHUP."""
+            return load_settings(
+                schemas_of(manager),
+                config_file=params.get("config_file"),
+                flags={k: params.get(k) for k in FLAG_KEYS},
+                sets=params.get("sets") or (),
+            )
+
+        agent = Agent(settings, manager, roles=roles, reload_settings=reload_settings)
         agent.build()
     sys.exit(agent.run())
 

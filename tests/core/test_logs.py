@@ -89,3 +89,23 @@ def test_configure_logging_installs_the_formatter(monkeypatch: pytest.MonkeyPatc
     handler.setStream(stream)
     logging.getLogger("discoverd.docker").warning("container %s", "a\nb")
     assert stream.getvalue().count("\n") == 1 and "container a\\nb" in stream.getvalue()
+
+
+def test_the_json_format_is_one_object_per_line_with_the_fields() -> None:
+    import json
+    import logging
+
+    from discoverd.core.logs import JsonFormatter
+
+    record = logging.LogRecord(
+        "discoverd", logging.WARNING, __file__, 1, "refused %s", ("a\nforged line",), None
+    )
+    record.service = "web"
+    record.container = "c0ffee"
+    line = JsonFormatter().format(record)
+    assert "\n" not in line
+    document = json.loads(line)
+    assert document["level"] == "warning" and document["logger"] == "discoverd"
+    assert document["message"] == "refused a\nforged line"  # escaped by JSON, not lost
+    assert document["service"] == "web" and document["container"] == "c0ffee"
+    assert document["time"].endswith("Z") and "instance" not in document

@@ -7,15 +7,18 @@ import os
 import signal
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
 
+from discoverd.core import systemd
 from discoverd.core.checks import CheckSpec
 from discoverd.core.config import ConfigError, Settings
 from discoverd.core.discover import DiscoverRole
+from discoverd.core.errors import PluginError
 from discoverd.core.interfaces import PluginContext, Proxy, Registry, Source
 from discoverd.core.logs import configure_logging as configure_logging
 from discoverd.core.manager import PluginManager
@@ -149,6 +152,11 @@ class Agent:
     register: RegisterRole | None = None
     discover: DiscoverRole | None = None
     stop_requested: threading.Event = field(default_factory=threading.Event)
+    #: Reads the settings again (flags, variables, the file) for a reload on SIGHUP; ``None``:
+    #: SIGHUP is logged and ignored.
+    reload_settings: Callable[[], Settings] | None = None
+    reload_requested: threading.Event = field(default_factory=threading.Event)
+    endpoint: Any = None
 
     def build(self) -> None:
         core = self.settings.core
@@ -177,9 +185,11 @@ class Agent:
                 **timing,
             )
         if "discover" in self.roles:
+            proxy = make_proxy(self.manager, self.settings)
+            proxy.preflight()  # what can never work fails the start, not every pass
             self.discover = DiscoverRole(
                 make_registry(self.manager, self.settings),
-                make_proxy(self.manager, self.settings),
+                proxy,
                 proxy_name=core.proxy,
                 manager=self.manager,
                 default_mode=core.default_mode,
@@ -218,30 +228,143 @@ class Agent:
 
         The discover role stops first: it must not see this host's own deregistration and
         leave the proxy serving a configuration without this host's instances."""
+        systemd.notify("STOPPING=1")
+        self._stop_roles(deregister=True)
+        if self.endpoint is not None:
+            self.endpoint.close()
+            self.endpoint = None
+        log.info("stopped; the proxy keeps serving its last configuration")
+
+    def _stop_roles(self, *, deregister: bool) -> None:
         if self.discover is not None:
             self.discover.shutdown()
         if self.register is not None:
-            self.register.shutdown(deregister=True)
-        log.info("stopped; the proxy keeps serving its last configuration")
+            self.register.shutdown(deregister=deregister)
+
+    # -- the endpoint ---------------------------------------------------------------------
+
+    def start_endpoint(self) -> None:
+        """Start the HTTP endpoint on ``listen`` (when set). A port another process holds is
+        logged, not fatal: the agent's work matters more than its reports."""
+        address = self.settings.core.listen
+        if not address:
+            return
+        from discoverd.core.endpoint import Endpoint
+
+        host, _, port = address.rpartition(":")
+        try:
+            self.endpoint = Endpoint(self.active, host.strip("[]"), int(port))
+        except OSError as exc:
+            log.error(
+                "cannot listen on %s (%s): no /healthz or /metrics; set listen to another "
+                "address, or to empty to turn the endpoint off",
+                address,
+                exc.strerror or exc,
+            )
+            return
+        self.endpoint.start()
+        log.info("endpoint on http://%s/ (healthz/live, healthz/ready, metrics)", address)
+
+    # -- running until a signal -----------------------------------------------------------
 
     def run(self) -> int:
-        """Build (unless done), start, wait for SIGTERM/SIGINT, shut down; returns 0."""
+        """Build (unless done), start, serve until SIGTERM/SIGINT (SIGHUP: reload the
+        configuration), shut down; returns 0."""
         if self.register is None and self.discover is None:
             self.build()
         previous: dict[signal.Signals, Any] = {}
 
-        def handler(signum: int, frame: FrameType | None) -> None:
+        def stop(signum: int, frame: FrameType | None) -> None:
             log.info("received %s; shutting down", signal.Signals(signum).name)
             self.request_stop()
 
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        def reload(signum: int, frame: FrameType | None) -> None:
+            log.info("received SIGHUP; reloading the configuration")
+            self.reload_requested.set()
+
+        for sig, handler in (
+            (signal.SIGTERM, stop),
+            (signal.SIGINT, stop),
+            (signal.SIGHUP, reload),
+        ):
             previous[sig] = signal.signal(sig, handler)
+        watchdog = systemd.watchdog_interval()
+        ready = False
         try:
+            self.start_endpoint()
             self.start()
-            while not self.stop_requested.wait(1.0):
-                pass
+            beat = time.monotonic()
+            while not self.stop_requested.wait(0.2):
+                if self.reload_requested.is_set():
+                    self.reload()
+                if not ready and self._first_passes_done():
+                    ready = True
+                    systemd.notify("READY=1", f"STATUS={self._status_line()}")
+                now = time.monotonic()
+                if watchdog is not None and now - beat >= watchdog:
+                    beat = now
+                    if all(role.alive() for role in self.active()):
+                        systemd.notify("WATCHDOG=1")
         finally:
             self.shutdown()
             for signum, old in previous.items():
                 signal.signal(signum, old)
         return 0
+
+    def _first_passes_done(self) -> bool:
+        register_done = self.register is None or self.register.synced.is_set()
+        discover_done = self.discover is None or self.discover.converged.is_set()
+        return register_done and discover_done
+
+    def _status_line(self) -> str:
+        parts = []
+        if self.register is not None:
+            parts.append(f"{len(self.register.registered)} instances registered")
+        if self.discover is not None:
+            services = self.discover.services or ()
+            parts.append(f"{len(services)} services served")
+        return ", ".join(parts) or "running"
+
+    def reload(self) -> bool:
+        """Read the configuration again (SIGHUP). A bad one is logged and the running settings
+        stay; a good one that differs replaces the roles, without deregistering anything (the
+        new register role writes the same instances again, the proxy keeps serving)."""
+        self.reload_requested.clear()
+        if self.reload_settings is None:
+            log.warning("reload: this agent was not started from a command line; ignored")
+            return False
+        systemd.notify("RELOADING=1")
+        try:
+            try:
+                settings = self.reload_settings()
+                candidate = Agent(settings, self.manager, roles=self.roles)
+                candidate.build()
+            except (ConfigError, PluginError) as exc:
+                log.error("reload: %s; the running configuration stays", exc)
+                return False
+            if _same(settings, self.settings):
+                log.info("reload: the configuration did not change")
+                candidate._stop_roles(deregister=False)
+                return False
+            log.info("reload: applying the new configuration")
+            configure_logging(settings.core.log_level, settings.core.log_format)
+            self._stop_roles(deregister=False)
+            listen_changed = settings.core.listen != self.settings.core.listen
+            self.settings, self.register, self.discover = (
+                settings,
+                candidate.register,
+                candidate.discover,
+            )
+            if listen_changed:
+                if self.endpoint is not None:
+                    self.endpoint.close()
+                    self.endpoint = None
+                self.start_endpoint()
+            self.start()
+            return True
+        finally:
+            systemd.notify("READY=1", f"STATUS={self._status_line()}")
+
+
+def _same(a: Settings, b: Settings) -> bool:
+    return (a.core, a.values, a.source_file) == (b.core, b.values, b.source_file)

@@ -31,7 +31,14 @@ from discoverd.core.schema import (
     redact_url,
     unknown_key,
 )
-from discoverd.core.validators import host_address, host_id, meta_keys, port_ranges, service_images
+from discoverd.core.validators import (
+    host_address,
+    host_id,
+    listen_address,
+    meta_keys,
+    port_ranges,
+    service_images,
+)
 
 __all__ = ["ConfigError", "CoreConfig", "Settings", "default_state_dir", "load_settings"]
 
@@ -76,6 +83,19 @@ class CoreConfig:
     )
     log_level: Literal["debug", "info", "warning", "error"] = option(
         "info", "debug, info, warning or error."
+    )
+    log_format: Literal["text", "json"] = option(
+        "text",
+        "text (one line per record, values from outside escaped) or json (one object per "
+        "line: time, level, logger, message, and the service, instance or container it is "
+        "about).",
+    )
+    listen: str = option(
+        "127.0.0.1:9275",
+        "Address of the agent's HTTP endpoint (/healthz/live, /healthz/ready, /metrics), "
+        "host:port; empty: no endpoint. Loopback by default: put a proxy or a firewall in "
+        "front of it before opening it to the network.",
+        check=listen_address,
     )
     default_mode: Literal["tcp", "http"] = option(
         "tcp",

@@ -215,6 +215,12 @@ class Proxy(ABC):
         """Ports the proxy itself uses (e.g. a stats page): no service may take them."""
         return frozenset()
 
+    def preflight(self) -> None:  # noqa: B027 - optional hook with a no-op default
+        """Called once when an agent starts the discover role, before anything runs: raise
+        ``PluginError`` for what can never work (the proxy's executable is missing), so the
+        agent fails at start with a clear error instead of retrying for ever. Transient
+        troubles (a port in use, a proxy that died) are not for here."""
+
     def unservable(self, services: Sequence[Service]) -> dict[str, str]:
         """The services of a candidate the proxy cannot serve now, by name, with the reason
         (e.g. "frontend port 8000 is held by another process"). The core leaves them out of

@@ -11,8 +11,12 @@ discoverd logger writes to.
 
 from __future__ import annotations
 
+import json
 import logging
+from datetime import UTC, datetime
 from types import TracebackType
+
+from discoverd.core.model import ServiceInstance
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -60,11 +64,61 @@ def _indent(text: str) -> str:
     return "\n".join("  " + escape(line) for line in text.splitlines())
 
 
-def configure_logging(level: str) -> None:
-    """Log to stderr at ``level``, every record on one line (see :class:`OneLineFormatter`)."""
+#: Fields a log call may attach (``log.info(..., extra={"service": name})``); the JSON format
+#: writes them as keys of their own.
+FIELDS = ("service", "instance", "container", "host", "proxy", "registry")
+
+
+def fields(instance: ServiceInstance) -> dict[str, str]:
+    """The ``extra=`` of a log call about ``instance``: its service, id, container and host."""
+    parts = instance.id.split(":")
+    found = {"service": instance.service, "instance": instance.id}
+    if len(parts) == 4:  # <host id>:<container, 12 chars>:<private port>:<protocol>
+        found["container"] = parts[1]
+    if instance.host_id:
+        found["host"] = instance.host_id
+    return found
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ``time`` (RFC 3339, UTC), ``level``, ``logger``, ``message``,
+    the :data:`FIELDS` a record carries, and ``exception`` (the traceback) when there is one.
+    Every value is a JSON string, so nothing from outside can break the line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        document: dict[str, object] = {
+            "time": self.formatTime(record),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for name in FIELDS:
+            value = record.__dict__.get(name)
+            if value is not None:
+                document[name] = str(value)
+        if record.exc_info:
+            document["exception"] = self.formatException(record.exc_info)
+        return json.dumps(document, ensure_ascii=False)
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        moment = datetime.fromtimestamp(record.created, tz=UTC)
+        return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def configure_logging(level: str, log_format: str = "text") -> None:
+    """Log to stderr at ``level``: every record on one line (see :class:`OneLineFormatter`),
+    or, with ``log_format="json"``, one JSON object per line (:class:`JsonFormatter`). Called
+    again (a reload), it changes the level and format of the handler it installed."""
     root = logging.getLogger()
-    before = list(root.handlers)
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format=FORMAT)
-    for handler in root.handlers:
-        if handler not in before:
-            handler.setFormatter(OneLineFormatter(FORMAT))
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+    formatter: logging.Formatter = (
+        JsonFormatter() if log_format == "json" else OneLineFormatter(FORMAT)
+    )
+    ours = [h for h in root.handlers if getattr(h, "discoverd", False)]
+    if not ours:
+        stream = logging.StreamHandler()
+        stream.discoverd = True  # type: ignore[attr-defined]
+        root.addHandler(stream)
+        ours = [stream]
+    for each in ours:
+        each.setFormatter(formatter)

@@ -9,6 +9,7 @@ from collections.abc import Collection
 from discoverd.core.checks import CheckSpec
 from discoverd.core.errors import PluginError
 from discoverd.core.interfaces import Registry, Source
+from discoverd.core.logs import fields
 from discoverd.core.model import ServiceInstance, SourceSnapshot
 from discoverd.core.readiness import FIRST_PASS_MAX, Readiness
 from discoverd.core.role import RESYNC, Role
@@ -118,6 +119,7 @@ class RegisterRole(Role):
                     "register: %s %s not answering yet; registered once it does",
                     desired[iid].service,
                     iid,
+                    extra=fields(desired[iid]),
                 )
             self.waiting = waiting
             desired = {iid: i for iid, i in desired.items() if iid in ready}
@@ -134,7 +136,11 @@ class RegisterRole(Role):
                 self.registered[instance.id] = instance
                 self.counters.inc("registered")
                 log.info(
-                    "register: added %s %s (%s)", instance.service, instance.id, instance.endpoint
+                    "register: added %s %s (%s)",
+                    instance.service,
+                    instance.id,
+                    instance.endpoint,
+                    extra=fields(instance),
                 )
         # What the source refused, and what the registry says of this host's claims.
         self.problems.update([*snapshot.problems, *self.registry.conflicts()])
@@ -149,7 +155,13 @@ class RegisterRole(Role):
                 self.registry.deregister(instance)
                 del self.registered[iid]
                 self.counters.inc("deregistered")
-                log.info("register: removed %s %s (%s)", instance.service, iid, instance.endpoint)
+                log.info(
+                    "register: removed %s %s (%s)",
+                    instance.service,
+                    iid,
+                    instance.endpoint,
+                    extra=fields(instance),
+                )
 
     def _keepalive_loop(self) -> None:
         failing = False

@@ -34,10 +34,11 @@ class ProblemLog:
 
     def update(self, problems: Iterable[Problem]) -> None:
         found = tuple(dict.fromkeys(problems))
-        current = {str(p) for p in found}
-        for line in sorted(current - self._seen):
-            self._log.warning("%s", line)
-        self._seen = current
+        current = {str(p): p for p in found}
+        for line in sorted(set(current) - self._seen):
+            service = current[line].service
+            self._log.warning("%s", line, extra={"service": service} if service else None)
+        self._seen = set(current)
         self.current = found
 
 

@@ -159,3 +159,20 @@ def duration_text(
         return text
 
     return check
+
+
+def listen_address(value: str) -> str:
+    """``host:port`` (``[v6]:port``) of a listener, with an IP address and a port from 1 to
+    65535; ``""`` for none."""
+    text = one_line(value)
+    if not text:
+        return ""
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not port.isascii() or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError("must be host:port, e.g. 127.0.0.1:9275 (or empty for none)")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError("must name an IP address, e.g. 127.0.0.1:9275") from None
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{int(port)}"
