@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything discoverd's tests, demo and benchmarks need on a Debian 12 machine (as root):
 #   - system packages: Docker Engine, a static busybox (rootfs of the test images), etcd, HAProxy,
-#     nginx with its stream module, wrk, curl, iproute2, python3-venv;
+#     nginx with its stream module, wrk, curl, iproute2, python3-venv; for the unit checks,
+#     systemd-analyze (the systemd package) and strace where they are missing;
 #   - Consul 1.8.7, which Debian 12 lacks: the bullseye package is fetched from the machine's own
 #     Debian mirror into a temporary folder (the apt setup is left untouched) and its binary is
 #     installed as /usr/local/bin/consul;
@@ -62,6 +63,23 @@ else
         fi
     done
     log "system packages: installed"
+fi
+# The checks of the systemd units (tests/test_deploy.py): systemd-analyze, and strace for the
+# system calls the units allow. Debian installs systemd on most machines already; where it is
+# missing (a container), its package alone is installed, without recommends: nothing is started
+# and the init system is left as it is.
+unit_tools=()
+command -v systemd-analyze >/dev/null 2>&1 || unit_tools+=(systemd)
+command -v strace >/dev/null 2>&1 || unit_tools+=(strace)
+if ((${#unit_tools[@]} == 0)); then
+    :
+elif [[ "$(id -u)" != 0 ]]; then
+    log "missing: ${unit_tools[*]} (the unit checks will be skipped); run as root to install" >&2
+else
+    log "unit checks: installing ${unit_tools[*]} (no recommends)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${unit_tools[@]}" >/dev/null
 fi
 # The Debian package starts an nginx on port 80 where an init system runs; discoverd runs its own.
 if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet nginx 2>/dev/null; then
