@@ -5,7 +5,7 @@
 # writes the figures as JSON (one file per script) and Markdown (summary.md) to
 # bench/results/<UTC date and time>/ (not committed). Needs root (it starts dockerd).
 #
-#   bash scripts/bench.sh            # the full suite (about 15-20 minutes on 2 cores)
+#   bash scripts/bench.sh            # the full suite (about 45 minutes on 2 cores)
 #   bash scripts/bench.sh --quick    # a smoke run of every benchmark (a few minutes)
 #   bash scripts/bench.sh --only churn,scale [--out DIR]
 #
@@ -16,7 +16,7 @@ set -euo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo_root"
 
-all=(time_to_routable time_to_unroutable slow_starter churn scale footprint register)
+all=(time_to_routable time_to_unroutable slow_starter churn scale footprint register fleet)
 quick=()
 only=""
 out=""
