@@ -68,7 +68,10 @@ class MemoryServer:
         self.entries: dict[tuple[str, str], tuple[str, int]] = {}  # -> (raw value, lease)
         self.changes: list[tuple[int, str | None]] = []  # (revision, service or None: unknown)
         self.leases: dict[int, tuple[float, float]] = {}  # lease -> (expiry, ttl)
+        #: Frontend-port claims: (service, host id) -> (port, lease, order taken).
+        self.holders: dict[tuple[str, str], tuple[int, int, int]] = {}
         self._next_lease = 1
+        self._order = 0
 
     # the RegistryServer protocol
     def stop(self) -> None:
@@ -85,6 +88,7 @@ class MemoryServer:
         with self.cond:
             self.entries.clear()
             self.leases.clear()
+            self.holders.clear()
             self.revision += 1
             self.up = True
             self.cond.notify_all()
@@ -104,7 +108,41 @@ class MemoryServer:
         gone = {key for key, (_, lease) in self.entries.items() if lease in dead}
         for key in gone:
             del self.entries[key]
+        for key in [k for k, (_, lease, _) in self.holders.items() if lease in dead]:
+            del self.holders[key]
         self.bump(*(service for service, _ in gone))
+
+    def hold(self, service: str, host: str, wanted: int, lease: int, last_wins: bool) -> str:
+        """Take or join ``service``'s claim (at its oldest holder's port, else ``wanted``);
+        return the service that holds that port instead, if one does."""
+        held = sorted(
+            (order, port) for (s, _), (port, _, order) in self.holders.items() if s == service
+        )
+        port = held[0][1] if held and not last_wins else wanted
+        for (other, _), (other_port, _, _) in self.holders.items():
+            if other != service and other_port == port:
+                return other
+        self._order += 1
+        self.holders[(service, host)] = (port, lease, self._order)
+        return ""
+
+    def claims(self) -> tuple[dict[str, int], tuple[tuple[int, str], ...]]:
+        """Each service's port (its oldest holder's; with ``last_wins``, see the flaw), and
+        the ``(port, service)`` claims."""
+        ports: dict[str, tuple[int, int]] = {}
+        for (service, _), (port, _, order) in self.holders.items():
+            if service not in ports or order < ports[service][0]:
+                ports[service] = (order, port)
+        return {s: p for s, (_, p) in ports.items()}, tuple(
+            sorted((p, s) for s, (_, p) in ports.items())
+        )
+
+    def newest_ports(self) -> dict[str, int]:
+        newest: dict[str, tuple[int, int]] = {}
+        for (service, _), (port, _, order) in self.holders.items():
+            if service not in newest or order > newest[service][0]:
+                newest[service] = (order, port)
+        return {s: p for s, (_, p) in newest.items()}
 
     def bump(self, *services: str) -> None:
         """A new revision; ``services`` changed in it (none named: unknown)."""
@@ -143,6 +181,24 @@ class MemoryRegistry(Registry):
         self.lost = False
         self.owned: set[tuple[str, str]] = set()
         self.closed = threading.Event()
+        self.asked: dict[tuple[str, str], int | None] = {}  # the frontend port of each owned
+        self.held: dict[str, int] = {}
+        self.blocked: dict[str, tuple[int, str]] = {}
+
+    def _claim(self, service: str) -> None:
+        """(With ``server.cond`` held.) Take ``service``'s claim for this host."""
+        asked = [p for (s, _), p in self.asked.items() if s == service and p is not None]
+        if not asked or self.lease is None:
+            return
+        wanted = min(asked)
+        owner = self.server.hold(
+            service, self.host.id, wanted, self.lease, "second_port_wins" in self.flaws
+        )
+        self.blocked.pop(service, None)
+        if owner:
+            self.blocked[service] = (wanted, owner)
+        else:
+            self.held[service] = self.server.holders[(service, self.host.id)][0]
 
     def register(self, instance: ServiceInstance) -> None:
         with self.server.cond:
@@ -164,6 +220,9 @@ class MemoryRegistry(Registry):
             key = (instance.service, instance.id)
             self.server.entries[key] = (json.dumps(document), self.lease)
             self.owned.add(key)
+            self.asked[key] = instance.frontend_port
+            if instance.service not in self.held and instance.service not in self.blocked:
+                self._claim(instance.service)
             self.server.bump(instance.service)
 
     def deregister(self, instance: ServiceInstance) -> None:
@@ -173,6 +232,11 @@ class MemoryRegistry(Registry):
             self.server.check_up()
             key = (instance.service, instance.id)
             self.owned.discard(key)
+            self.asked.pop(key, None)
+            if not any(s == instance.service for s, _ in self.owned):
+                self.held.pop(instance.service, None)
+                self.blocked.pop(instance.service, None)
+                self.server.holders.pop((instance.service, self.host.id), None)
             if self.server.entries.pop(key, None) is not None:
                 self.server.bump(instance.service)
 
@@ -191,11 +255,29 @@ class MemoryRegistry(Registry):
                     self.owned.clear()
             if self.lost:
                 self.lost = False
+                self.asked.clear()
+                self.held.clear()
+                self.blocked.clear()
                 return False
+            for service in sorted(self.blocked):  # kept from its port: try again
+                self._claim(service)
             return True
 
     def keepalive_interval(self) -> float:
         return min(self.ttl / 3, 1.0)
+
+    def conflicts(self) -> list[Problem]:
+        if "conflicts_silent" in self.flaws:
+            return []
+        problems = [
+            Problem(f"service {s}", f"port {port} is held by {owner}", service=s)
+            for s, (port, owner) in sorted(self.blocked.items())
+        ]
+        for service, port in sorted(self.held.items()):
+            asked = {p for (s, _), p in self.asked.items() if s == service and p is not None}
+            if asked - {port}:
+                problems.append(Problem(f"service {service}", f"served on {port}", service=service))
+        return problems
 
     def snapshot(self) -> Catalog:
         with self.server.cond:
@@ -206,6 +288,11 @@ class MemoryRegistry(Registry):
             self.server.sweep()
             entries = dict(self.server.entries)
             revision = self.server.revision
+            fleet, claims = self.server.claims()
+            if "second_port_wins" in self.flaws:
+                fleet = self.server.newest_ports()
+            if "claims_per_host" in self.flaws:  # what this host holds: in its memory
+                claims = tuple(sorted((p, s) for s, p in self.held.items()))
         instances: list[ServiceInstance] = []
         problems: list[Problem] = []
         for (service, iid), (raw, _) in sorted(entries.items()):
@@ -218,7 +305,7 @@ class MemoryRegistry(Registry):
                         address=document["address"],
                         port=document["port"],
                         protocol=document["protocol"],
-                        frontend_port=document["frontend_port"],
+                        frontend_port=fleet.get(service, document["frontend_port"]),
                         tags=tuple(document["tags"]),
                         meta=tuple(document["meta"].items()),
                         host_id=document["host_id"],
@@ -231,7 +318,7 @@ class MemoryRegistry(Registry):
                 problems.append(
                     Problem(f"{service}/{iid}", f"malformed entry ({exc!r})", service=owner)
                 )
-        return Catalog(tuple(instances), tuple(problems), revision)
+        return Catalog(tuple(instances), tuple(problems), revision, claims)
 
     def read_services(self, names: Collection[str]) -> Catalog | None:
         full = self.snapshot()
@@ -242,6 +329,7 @@ class MemoryRegistry(Registry):
             tuple(i for i in full.instances if i.service in wanted),
             tuple(p for p in full.problems if p.subject.split("/")[0] in wanted),
             full.revision,
+            tuple(c for c in full.claims if c[1] in wanted),
         )
 
     def watch(self, notify: Notify, stop: threading.Event, since: int) -> None:
@@ -671,6 +759,15 @@ REGISTRY_FLAWS = {
     "watch_names_wrong": ["test_watch_names_the_changed_services"],
     "partial_reads_everything": ["test_read_services_matches_a_full_snapshot"],
     "partial_problems_unowned": ["test_read_services_matches_a_full_snapshot"],
+    "claims_per_host": [
+        "test_a_claimed_port_is_decided_once_for_the_fleet",
+        "test_a_service_keeps_its_first_port",
+    ],
+    "conflicts_silent": [
+        "test_a_claimed_port_is_decided_once_for_the_fleet",
+        "test_a_service_keeps_its_first_port",
+    ],
+    "second_port_wins": ["test_a_service_keeps_its_first_port"],
 }
 
 PROXY_FLAWS = {

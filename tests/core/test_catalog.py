@@ -28,6 +28,7 @@ class CountingRegistry(Registry):
         self.full = 0
         self.partial: list[list[str]] = []
         self.down = False
+        self.claims: list[tuple[int, str]] = []
 
     def register(self, instance: ServiceInstance) -> None:
         raise NotImplementedError
@@ -43,7 +44,7 @@ class CountingRegistry(Registry):
             raise Unavailable("down")
         self.full += 1
         everything = [i for name in sorted(self.instances) for i in self.instances[name]]
-        return Catalog(tuple(everything), tuple(self.problems), self.revision)
+        return Catalog(tuple(everything), tuple(self.problems), self.revision, tuple(self.claims))
 
     def read_services(self, names: Collection[str]) -> Catalog | None:
         if self.down:
@@ -51,7 +52,8 @@ class CountingRegistry(Registry):
         self.partial.append(sorted(names))
         found = [i for name in sorted(names) for i in self.instances.get(name, [])]
         trouble = [p for p in self.problems if p.service in names]
-        return Catalog(tuple(found), tuple(trouble), self.revision + 5)
+        claims = tuple(c for c in self.claims if c[1] in names)
+        return Catalog(tuple(found), tuple(trouble), self.revision + 5, claims)
 
     def watch(self, notify: Notify, stop: threading.Event, since: int) -> None:
         stop.wait()
@@ -150,3 +152,17 @@ def test_a_catalog_without_revisions_is_always_read_in_full(registry: CountingRe
     reader.changed({"a"})
     reader.read()
     assert registry.full == 2 and registry.partial == []
+
+
+def test_claims_follow_full_and_partial_reads(registry: CountingRegistry) -> None:
+    registry.claims = [(80, "a"), (81, "b")]
+    reader = CatalogReader(registry)
+    assert reader.read().claims == ((80, "a"), (81, "b"))
+    reader.watching(True)
+    registry.claims = [(81, "b"), (82, "c")]  # a's claim gone, c claimed (no instance yet)
+    reader.changed({"a", "c"})
+    assert reader.read().claims == ((81, "b"), (82, "c"))
+    assert registry.partial == [["a", "c"]]
+    registry.claims = []
+    reader.changed(None)  # a full read replaces them all
+    assert reader.read().claims == ()

@@ -31,6 +31,7 @@ FULL_READ_EVERY = 300.0
 class _Part:
     instances: tuple[ServiceInstance, ...]
     problems: tuple[Problem, ...]
+    ports: tuple[int, ...] = ()  # the frontend ports claimed for the service fleet-wide
 
 
 class CatalogReader:
@@ -123,10 +124,15 @@ class CatalogReader:
                 problems.setdefault(problem.service, []).append(problem)
             else:
                 stray.append(problem)
+        ports = _ports_by_service(catalog.claims)
         with self._lock:
             self._services = {
-                name: _Part(tuple(instances.get(name, ())), tuple(problems.get(name, ())))
-                for name in sorted(set(instances) | set(problems))
+                name: _Part(
+                    tuple(instances.get(name, ())),
+                    tuple(problems.get(name, ())),
+                    tuple(ports.get(name, ())),
+                )
+                for name in sorted(set(instances) | set(problems) | set(ports))
             }
             self._stray = tuple(stray)
             self._base = catalog.revision
@@ -140,12 +146,16 @@ class CatalogReader:
             fresh.setdefault(instance.service, ([], []))[0].append(instance)
         for problem in part.problems:
             fresh.setdefault(problem.service, ([], []))[1].append(problem)
+        ports = _ports_by_service(part.claims)
+        for name in ports:
+            fresh.setdefault(name, ([], []))
         with self._lock:
             for name, (instances, problems) in fresh.items():
                 if not name:
                     continue  # a problem of no service in a partial read: kept for the log
-                if instances or problems:
-                    self._services[name] = _Part(tuple(instances), tuple(problems))
+                claimed = tuple(ports.get(name, ()))
+                if instances or problems or claimed:
+                    self._services[name] = _Part(tuple(instances), tuple(problems), claimed)
                 else:
                     self._services.pop(name, None)
             stray = [p for p in part.problems if not p.service]
@@ -156,8 +166,17 @@ class CatalogReader:
         with self._lock:
             instances: list[ServiceInstance] = []
             problems: list[Problem] = list(self._stray)
+            claims: list[tuple[int, str]] = []
             for name in sorted(self._services):
                 part = self._services[name]
                 instances.extend(part.instances)
                 problems.extend(part.problems)
-            return Catalog(tuple(instances), tuple(problems), self._base)
+                claims.extend((port, name) for port in part.ports)
+            return Catalog(tuple(instances), tuple(problems), self._base, tuple(sorted(claims)))
+
+
+def _ports_by_service(claims: Iterable[tuple[int, str]]) -> dict[str, list[int]]:
+    found: dict[str, list[int]] = {}
+    for port, service in claims:
+        found.setdefault(service, []).append(port)
+    return found

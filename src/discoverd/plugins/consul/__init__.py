@@ -1,8 +1,9 @@
 """The Consul registry (``--registry consul``): agent services with TTL checks, blocking queries.
 
-Each instance becomes a service of the local Consul agent with a TTL check that discoverd passes
-in the background; the discover side reads passing instances only and watches with two blocking
-queries. Options follow Consul's own tools (``CONSUL_HTTP_ADDR``, ``CONSUL_HTTP_TOKEN``, the TLS
+Each instance becomes a service of the local Consul agent with a TTL check that discoverd passes in
+the background; the discover side reads passing instances only and watches with three blocking
+queries. Frontend ports are claimed fleet-wide in the KV store (check-and-set, and a session per
+agent). Options follow Consul's own tools (``CONSUL_HTTP_ADDR``, ``CONSUL_HTTP_TOKEN``, the TLS
 variables; see ``config``). The client (py-consul) is imported only when a registry is built, so
 loading the plugin stays cheap.
 """

@@ -11,6 +11,7 @@ whenever the plugin is listed.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from functools import cached_property
@@ -84,6 +85,16 @@ def token_text(value: str) -> str:
     if any(not (32 < ord(c) < 127) for c in token):
         raise ValueError("contains spaces or control characters")
     return token
+
+
+def kv_prefix_text(value: str) -> str:
+    """A KV prefix: without leading or trailing slashes, not empty, printable, no spaces."""
+    text = value.strip().strip("/")
+    if not text:
+        raise ValueError("must name a KV prefix, e.g. discoverd")
+    if any(not (32 < ord(c) < 127) for c in text) or "//" in text:
+        raise ValueError("must be printable ASCII without spaces or empty path segments")
+    return text
 
 
 def datacenter_name(value: str) -> str:
@@ -180,6 +191,12 @@ class ConsulConfig:
         "only instances carrying it.",
         check=validators.tag,
     )
+    kv_prefix: str = option(
+        "discoverd",
+        "KV prefix of the frontend-port claims (which service holds which port fleet-wide); "
+        "one per cluster sharing a datacenter.",
+        check=kv_prefix_text,
+    )
 
     def __post_init__(self) -> None:
         # The address is checked here rather than by a field check, which would echo the
@@ -242,6 +259,20 @@ class ConsulConfig:
         ignores them the same way)."""
         return self.scheme == "http" and bool(self.ca_file or self.ca_path or self.cert_file)
 
+    @property
+    def token_in_clear(self) -> bool:
+        """An ACL token is set and goes over plain http to an agent on another host (the
+        usual local agent on a loopback address is not a network hop)."""
+        if self.scheme != "http" or not self.acl_token:
+            return False
+        host = self.host.strip("[]").lower()
+        if host == "localhost":
+            return False
+        try:
+            return not ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return True
+
     @cached_property
     def acl_token(self) -> str:
         """The ACL token: the token file's content when it is not empty (as Consul's CLI
@@ -250,7 +281,12 @@ class ConsulConfig:
             try:
                 with open(self.token_file, encoding="utf-8") as handle:
                     from_file = handle.read()
-            except (OSError, UnicodeDecodeError) as exc:
+            except UnicodeDecodeError:
+                # Not the decoder's message: it quotes a byte of the token.
+                raise OptionError(
+                    f"token_file {self.token_file!r}: not UTF-8 text", "token_file"
+                ) from None
+            except OSError as exc:
                 raise OptionError(f"token_file {self.token_file!r}: {exc}", "token_file") from None
             try:
                 checked = token_text(from_file)

@@ -16,10 +16,22 @@ The read side takes any service with an address and a port: one that discoverd d
 needs the ``discoverd_frontend_port`` meta key to be served (its service is skipped with a
 problem otherwise), and its instance id becomes ``<node>:<service id>`` (Consul's ids are unique
 per node only).
+
+Frontend-port claims live in the KV store (``<kv_prefix>`` is an option, ``discoverd`` by
+default; see ``registry.py`` for how they are taken)::
+
+    <kv_prefix>/claims/<service>/<session id> = port     (one per agent serving the service,
+                                                         held by its session: deleted with it)
+    <kv_prefix>/ports/<port>                  = service  (which service the port belongs to)
+    <kv_prefix>/services/<service>            = port     (which port the service has)
+
+The read side looks at the first kind only: a service with holders is served on the port of its
+oldest holder, whatever its instances ask for, and that ``(port, service)`` is a claim.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -313,14 +325,158 @@ def _decode(entry: Entry, tag: str, notes: list[str]) -> ServiceInstance:
     )
 
 
-def read_catalog(entries: Iterable[Entry], health: Health, revision: int, tag: str = "") -> Catalog:
+# ------------------------------------------------------------------------------------------
+# Claims
+
+
+def claims_prefix(kv_prefix: str) -> str:
+    return f"{kv_prefix}/claims/"
+
+
+def holder_key(kv_prefix: str, service: str, session: str) -> str:
+    return f"{kv_prefix}/claims/{service}/{session}"
+
+
+def port_record(kv_prefix: str, port: int) -> str:
+    return f"{kv_prefix}/ports/{port}"
+
+
+def service_record(kv_prefix: str, service: str) -> str:
+    return f"{kv_prefix}/services/{service}"
+
+
+@dataclass(frozen=True)
+class KVEntry:
+    """One KV entry as Consul lists it (``Value`` already decoded, or None)."""
+
+    key: str
+    value: bytes | None
+    create_index: int
+    modify_index: int
+    session: str
+
+    @classmethod
+    def parse(cls, item: Any) -> KVEntry | None:
+        if not isinstance(item, Mapping) or not isinstance(item.get("Key"), str):
+            return None
+        value = item.get("Value")
+        if isinstance(value, str):
+            value = value.encode("utf-8")
+        return cls(
+            key=item["Key"],
+            value=value if isinstance(value, bytes) else None,
+            create_index=_int(item.get("CreateIndex")),
+            modify_index=_int(item.get("ModifyIndex")),
+            session=str(item.get("Session") or ""),
+        )
+
+    @property
+    def text(self) -> str:
+        return (self.value or b"").decode("utf-8", errors="replace").strip()
+
+    @property
+    def port(self) -> int | None:
+        text = self.text
+        if text.isascii() and text.isdigit() and 0 < int(text) < 65536:
+            return int(text)
+        return None
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
+@dataclass
+class Claims:
+    """What the claim keys say: each service's fleet port, the ``(port, service)`` claims, and
+    the problems of malformed or contradicting keys."""
+
+    ports: dict[str, int] = field(default_factory=dict)
+    claims: tuple[tuple[int, str], ...] = ()
+    problems: list[Problem] = field(default_factory=list)
+
+
+def read_claims(kv_prefix: str, entries: Iterable[KVEntry]) -> Claims:
+    """The claims held now: keys ``<kv_prefix>/claims/<service>/<session>`` = port that a
+    session holds (a key without one is left over and means nothing). A service is held at the
+    port of its oldest holder; two services holding one port (written by hand): the older claim
+    wins, the other is ignored with a problem."""
+    head = claims_prefix(kv_prefix)
+    problems: list[Problem] = []
+    by_service: dict[str, list[tuple[int, str, int]]] = {}
+    for entry in sorted(entries, key=lambda e: (e.create_index, e.key)):
+        if not entry.key.startswith(head) or not entry.session:
+            continue
+        service, sep, holder = entry.key[len(head) :].partition("/")
+        if not sep or not holder or "/" in holder:
+            problems.append(
+                Problem(
+                    f"consul key {entry.key}",
+                    f"unexpected key: expected {head}<service>/<session>; ignored",
+                )
+            )
+            continue
+        try:
+            check_service_name(service)
+            port = check_port(entry.text, "claimed port")
+        except ValidationError as exc:
+            problems.append(Problem(f"consul key {entry.key}", f"{exc}; claim ignored"))
+            continue
+        by_service.setdefault(service, []).append((entry.create_index, entry.key, port))
+    ports: dict[str, int] = {}
+    first_at: dict[int, tuple[int, str]] = {}
+    for service in sorted(by_service):
+        holders = by_service[service]
+        created, _, port = holders[0]
+        ports[service] = port
+        for _, key, other in holders[1:]:
+            if other != port:
+                problems.append(
+                    Problem(
+                        f"consul key {key}",
+                        f"claims port {other} for {service}, which is held at {port}; ignored",
+                    )
+                )
+        if port not in first_at or (created, service) < first_at[port]:
+            first_at[port] = (created, service)
+    claims: list[tuple[int, str]] = []
+    for service, port in sorted(ports.items()):
+        owner = first_at[port][1]
+        if owner == service:
+            claims.append((port, service))
+        else:
+            problems.append(
+                Problem(
+                    f"consul service {service}",
+                    f"claims frontend port {port}, which service {owner} claimed first; "
+                    "this claim is ignored",
+                )
+            )
+    return Claims(ports, tuple(sorted(claims)), problems)
+
+
+# ------------------------------------------------------------------------------------------
+
+
+def read_catalog(
+    entries: Iterable[Entry],
+    health: Health,
+    revision: int,
+    tag: str = "",
+    claims: Claims | None = None,
+) -> Catalog:
     """Turn catalog entries into the passing instances, and problems for the malformed ones.
 
     Never raises for bad data: a bad entry is skipped with a problem naming it; a bad service
     name, or a service none of whose instances names a frontend port, skips that service only.
     Consul's own ``consul`` service and, with ``tag``, entries without that tag are left out
-    silently; so are instances that are not passing.
+    silently; so are instances that are not passing. A service with a claim is served on its
+    claimed port (``claims``), whatever port its instances ask for.
     """
+    held = claims or Claims()
     problems: list[Problem] = []
     by_service: dict[str, list[ServiceInstance]] = {}
     bad_names: dict[str, int] = {}
@@ -344,6 +500,9 @@ def read_catalog(entries: Iterable[Entry], health: Health, revision: int, tag: s
             continue
         if notes:
             problems.append(Problem(_subject(entry), "; ".join(notes)))
+        fleet = held.ports.get(instance.service)
+        if fleet is not None and instance.frontend_port != fleet:
+            instance = dataclasses.replace(instance, frontend_port=fleet)
         by_service.setdefault(instance.service, []).append(instance)
     for name, count in sorted(bad_names.items()):
         try:
@@ -365,4 +524,10 @@ def read_catalog(entries: Iterable[Entry], health: Health, revision: int, tag: s
             )
             continue
         instances.extend(found)
-    return Catalog(instances=tuple(instances), problems=tuple(problems), revision=revision)
+    problems.extend(held.problems)
+    return Catalog(
+        instances=tuple(instances),
+        problems=tuple(problems),
+        revision=revision,
+        claims=held.claims,
+    )

@@ -6,31 +6,48 @@ restarted ``-dev`` agent, or services reaped after ``deregister_after``).
 
 Discover side, built for a registry with many services:
 
-* ``snapshot`` reads ``/v1/catalog/services`` and ``/v1/health/state/any`` first (their indexes
-  make the revision), then the instances, either service by service
-  (``/v1/catalog/service/<name>``) or node by node (``/v1/catalog/node/<node>``), whichever
-  takes fewer requests. An instance passes when every check of its service and of its node
-  passes (what ``?passing`` means).
-* ``watch`` holds two blocking queries: ``/v1/catalog/services`` (moves on every registration,
-  deregistration or change of a service) and ``/v1/health/state/any`` with a filter matching no
-  check (moves on every check's status change, yet answers an empty list). Two long polls,
-  however many services there are, instead of one per service.
+* ``snapshot`` reads ``/v1/catalog/services``, ``/v1/health/state/any`` and the claims
+  (``<kv_prefix>/claims/``) first (the lowest of their indexes is the revision), then the
+  instances, either service by service (``/v1/catalog/service/<name>``) or node by node
+  (``/v1/catalog/node/<node>``), whichever takes fewer requests. An instance passes when every
+  check of its service and of its node passes (what ``?passing`` means).
+* ``watch`` holds three blocking queries: ``/v1/catalog/services`` (moves on every
+  registration, deregistration or change of a service), ``/v1/health/state/any`` with a filter
+  matching no check (moves on every check's status change, yet answers an empty list) and the
+  claims' prefix (moves when a claim is taken or released). Three long polls, however many
+  services there are, instead of one per service.
+
+Frontend-port claims (KV, see ``encoding.py`` for the keys): every agent serving a service holds
+``<kv_prefix>/claims/<service>/<session>`` = port with its session (one per registry object,
+``Behavior=delete``, a TTL renewed at each keepalive, bound to the node's ``serfHealth``), so a
+claim lasts as long as one agent serving the service is alive and goes when the last one dies or
+stops. ``<kv_prefix>/ports/<port>`` = service and ``<kv_prefix>/services/<service>`` = port are
+the records every claim is checked against: one transaction sets both with check-and-set on the
+indexes just read (``cas`` with index 0 creates only) and takes the holder's key, so two agents
+can never give one port to two services, nor one service two ports. A record whose service has
+no holder left means nothing and is taken over the same way. A service whose port another
+service holds is registered all the same, reported by :meth:`ConsulRegistry.conflicts`, and
+tried again at each keepalive.
 
 Every call goes through py-consul's client and its HTTP layer (a ``requests`` session). Raw
-requests go through that layer for the two things its helpers do not offer: a check registered
-as passing with ``DeregisterCriticalServiceAfter``, and blocking-query indexes with our own
-wait. Blocking queries run in worker threads, so ``stop`` ends ``watch`` at once instead of after
-the query's wait.
+requests go through that layer for what its helpers do not offer: a check registered as
+passing with ``DeregisterCriticalServiceAfter``, blocking-query indexes with our own wait, and
+sessions and transactions in the agent's own datacenter with the token in a header. Blocking
+queries run in worker threads, so ``stop`` ends ``watch`` at once instead of after the query's
+wait.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
 import queue
 import threading
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
@@ -43,6 +60,7 @@ from discoverd import (
     Catalog,
     Notify,
     PluginError,
+    Problem,
     Registry,
     ServiceInstance,
     Unavailable,
@@ -51,13 +69,20 @@ from discoverd import (
 from discoverd.plugins.consul.config import ConsulConfig
 from discoverd.plugins.consul.encoding import (
     CONSUL_SERVICE,
+    Claims,
     Entry,
     Health,
+    KVEntry,
     check_id,
+    claims_prefix,
     entries_from_node,
     entries_from_service,
+    holder_key,
+    port_record,
     read_catalog,
+    read_claims,
     registration,
+    service_record,
 )
 
 log = logging.getLogger("discoverd.consul")
@@ -65,6 +90,43 @@ T = TypeVar("T")
 
 #: A filter no check matches: the blocking query on the checks keeps its index, answers ``[]``.
 NO_CHECK_FILTER = 'CheckID == "discoverd-watch-matches-nothing"'
+#: Read-and-set rounds one claim may take before it is left to the next keepalive (each failed
+#: round is a concurrent change of the same service or port by another agent).
+CLAIM_ATTEMPTS = 8
+#: Services kept from their port whose claim one keepalive looks at again.
+UPKEEP_BLOCKED = 20
+#: What Consul accepts as a session TTL, in seconds.
+SESSION_TTL_MIN, SESSION_TTL_MAX = 10, 86400
+
+
+class PermissionDenied(PluginError):
+    """Consul refused a request for want of an ACL permission."""
+
+
+@dataclass(frozen=True)
+class _Blocked:
+    """Another service, ``owner``, holds ``port``: the one this service should have."""
+
+    port: int
+    owner: str
+
+
+def _txn_answer(response: Any) -> tuple[bool, Any]:
+    """``/v1/txn``: (True, results) on 200, (False, errors) on 409 (a check failed)."""
+    if response.code == 409:
+        try:
+            return False, json.loads(response.body).get("Errors")
+        except (ValueError, AttributeError):
+            return False, response.body
+    CB._status(response, allow_404=False)
+    return True, json.loads(response.body).get("Results") or []
+
+
+def _kv_op(verb: str, key: str, value: str | None = None, **extra: Any) -> dict[str, Any]:
+    op: dict[str, Any] = {"Verb": verb, "Key": key, **extra}
+    if value is not None:
+        op["Value"] = base64.b64encode(value.encode()).decode("ascii")
+    return {"KV": op}
 
 
 def reason(exc: BaseException) -> str:
@@ -90,12 +152,25 @@ class ConsulRegistry(Registry):
                 "(set ssl = true or an https:// address)",
                 config.url,
             )
+        if config.token_in_clear:
+            log.warning(
+                "consul: the ACL token is sent without TLS to %s; use an https:// address "
+                "(or ssl = true) or the local agent, so that it cannot be read on the network",
+                config.url,
+            )
         self._client = self._new_client()  # register side (calls serialised by _lock)
         self._reader = self._new_client()  # snapshots (serialised by _read_lock)
         self._lock = threading.RLock()
         self._read_lock = threading.Lock()
         self._owned: dict[str, ServiceInstance] = {}
         self._closed = threading.Event()
+        # Claims (register side, under _lock): the session holding this agent's claim keys,
+        # the services held (at which port), those kept from their port, and those whose claim
+        # could not be settled ("": contention; otherwise why), tried again at keepalive.
+        self._session: str | None = None
+        self._held: dict[str, int] = {}
+        self._blocked: dict[str, _Blocked] = {}
+        self._pending: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"ConsulRegistry({self.config.url})"
@@ -129,7 +204,7 @@ class ConsulRegistry(Registry):
     def _error(self, what: str, exc: BaseException) -> PluginError:
         url = self.config.url
         if isinstance(exc, ACLPermissionDenied):
-            return PluginError(
+            return PermissionDenied(
                 f"consul at {url}: {what}: permission denied ({reason(exc)}); check the ACL "
                 "token (option token, CONSUL_HTTP_TOKEN)"
             )
@@ -176,6 +251,10 @@ class ConsulRegistry(Registry):
                 partial(client.agent.check.ttl_pass, check_id(instance.id)),
             )
             self._owned[instance.id] = instance
+            service = instance.service
+            settled = service in self._held or service in self._blocked or service in self._pending
+            if instance.frontend_port is not None and not settled:
+                self._claim(service, instance.frontend_port)
 
     def deregister(self, instance: ServiceInstance) -> None:
         client = self._client
@@ -196,6 +275,15 @@ class ConsulRegistry(Registry):
             owned = self._owned.get(instance.id)
             if owned is not None and owned.service == instance.service:
                 del self._owned[instance.id]
+            service = instance.service
+            if any(i.service == service for i in self._owned.values()):
+                return
+            self._blocked.pop(service, None)
+            self._pending.pop(service, None)
+            port = self._held.get(service)
+            if port is not None and self._session is not None:
+                self._release(service, port, self._session)
+            self._held.pop(service, None)
 
     def keepalive(self) -> bool:
         client = self._client
@@ -215,11 +303,256 @@ class ConsulRegistry(Registry):
                 if not passed:
                     log.warning("consul: the agent no longer knows check %s", check_id(iid))
                     self._owned.clear()
+                    self._held.clear()
+                    self._blocked.clear()
+                    self._pending.clear()
                     return False
+            try:
+                self._upkeep()
+            except PluginError as exc:
+                # The instances are fine: the claims are looked at again at the next keepalive.
+                log.warning("consul: could not keep this agent's port claims: %s", exc)
             return True
 
     def keepalive_interval(self) -> float:
         return self.config.ttl / 3
+
+    # ----------------------------------------------------------------------------------------
+    # Frontend-port claims (register side, called under _lock)
+
+    def _put(self, what: str, path: str, body: Any = None) -> Any:
+        """A raw PUT in the agent's own datacenter (sessions: the local node's)."""
+        client = self._client
+        data = "" if body is None else json.dumps(body)
+        return self._call(
+            what,
+            lambda: client.http.put(
+                CB.json(allow_404=False), path, data=data, headers=client.prepare_headers()
+            ),
+        )
+
+    def _txn(self, what: str, ops: list[dict[str, Any]]) -> tuple[bool, Any]:
+        client = self._client
+        answer: tuple[bool, Any] = self._call(
+            what,
+            lambda: client.http.put(
+                _txn_answer, "/v1/txn", data=json.dumps(ops), headers=client.prepare_headers()
+            ),
+        )
+        ok, errors = answer
+        if not ok and "permission denied" in str(errors).lower():
+            # Consul answers a transaction the token may not make with 409, like a failed check.
+            raise PermissionDenied(
+                f"consul at {self.config.url}: {what}: permission denied; check the ACL token "
+                "(option token, CONSUL_HTTP_TOKEN)"
+            )
+        return answer
+
+    def _kv_read(self, prefixes: list[str]) -> dict[str, KVEntry]:
+        """Every entry under each of ``prefixes``, in one transaction (one consistent read),
+        by key. A prefix is matched as such: callers look up the exact keys they want."""
+        ok, results = self._txn("read claims", [_kv_op("get-tree", p) for p in prefixes])
+        if not ok:
+            raise PluginError(f"consul at {self.config.url}: reading claims failed: {results}")
+        found: dict[str, KVEntry] = {}
+        for result in results if isinstance(results, list) else []:
+            item = dict(result.get("KV") or {}) if isinstance(result, dict) else {}
+            if isinstance(item.get("Value"), str):
+                item["Value"] = base64.b64decode(item["Value"])
+            entry = KVEntry.parse(item)
+            if entry is not None:
+                found[entry.key] = entry
+        return found
+
+    def _ensure_session(self) -> str:
+        if self._session is None:
+            ttl = min(max(self.config.ttl, SESSION_TTL_MIN), SESSION_TTL_MAX)
+            answer = self._put(
+                "create a session",
+                "/v1/session/create",
+                {
+                    "Name": f"discoverd {self.host_id or 'agent'}",
+                    "Behavior": "delete",  # its claims go with it
+                    "TTL": f"{ttl}s",
+                    "LockDelay": "0s",  # a restarted agent claims again at once
+                },
+            )
+            session = answer.get("ID") if isinstance(answer, dict) else None
+            if not isinstance(session, str) or not session:
+                raise PluginError(f"consul at {self.config.url}: no session id in {answer!r:.80}")
+            self._session = session
+            log.debug("consul: session %s holds this agent's claims", session)
+        return self._session
+
+    def _claim(self, service: str, wanted: int) -> None:
+        """Hold ``service``'s claim (see the module): at the port its holders hold, else at
+        ``wanted``; unless another service holds that port."""
+        try:
+            self._try_claim(service, wanted)
+        except PermissionDenied as exc:
+            self._pending[service] = (
+                f"frontend port {wanted} could not be claimed ({exc}): the token needs "
+                f"key write on {self.config.kv_prefix}/ and session write"
+            )
+
+    def _try_claim(self, service: str, wanted: int) -> None:
+        kv = self.config.kv_prefix
+        holders_dir = f"{claims_prefix(kv)}{service}/"
+        service_key = service_record(kv, service)
+        for attempt in range(1, CLAIM_ATTEMPTS + 1):
+            session = self._ensure_session()
+            seen = self._kv_read([holders_dir, service_key, port_record(kv, wanted)])
+            live = sorted(
+                (e for k, e in seen.items() if k.startswith(holders_dir) and e.session),
+                key=lambda e: (e.create_index, e.key),
+            )
+            port = next((e.port for e in live if e.port is not None), wanted)
+            record_key = port_record(kv, port)
+            if port != wanted:
+                seen.update(self._kv_read([record_key]))
+            record = seen.get(record_key)
+            owner = record.text if record is not None else ""
+            if owner and owner != service:
+                others = self._kv_read([f"{claims_prefix(kv)}{owner}/"])
+                if any(e.session for e in others.values()):
+                    self._blocked[service] = _Blocked(port, owner)
+                    self._pending.pop(service, None)
+                    log.debug("consul: frontend port %d of %s is held by %s", port, service, owner)
+                    return
+                # The record is left over (its service has no holder any more): take it.
+            record_of_service = seen.get(service_key)
+            ok, errors = self._txn(
+                "claim",
+                [
+                    _kv_op("cas", service_key, str(port),
+                           Index=record_of_service.modify_index if record_of_service else 0),
+                    _kv_op("cas", record_key, service,
+                           Index=record.modify_index if record else 0),
+                    _kv_op("lock", holder_key(kv, service, session), str(port), Session=session),
+                ],
+            )  # fmt: skip
+            if ok:
+                self._held[service] = port
+                self._blocked.pop(service, None)
+                self._pending.pop(service, None)
+                log.debug("consul: claimed frontend port %d for %s", port, service)
+                return
+            if "session" in str(errors).lower():
+                self._session = None  # invalidated meanwhile: a new one next round
+            log.debug("consul: claim of %s changed under us (attempt %d)", service, attempt)
+        self._pending[service] = ""
+
+    def _release(self, service: str, port: int, session: str) -> None:
+        """This agent serves ``service`` no more: drop its holder key; when it was the last
+        holder, the records too (check-and-set: a holder joining meanwhile keeps them)."""
+        kv = self.config.kv_prefix
+        holders_dir = f"{claims_prefix(kv)}{service}/"
+        mine = holder_key(kv, service, session)
+        service_key, record_key = service_record(kv, service), port_record(kv, port)
+        for _ in range(3):
+            seen = self._kv_read([holders_dir, service_key, record_key])
+            others = [e for k, e in seen.items() if k.startswith(holders_dir) and k != mine]
+            ops = [_kv_op("delete", mine)]
+            if not any(e.session for e in others):
+                for key in (service_key, record_key):
+                    entry = seen.get(key)
+                    if entry is not None and (key == service_key or entry.text == service):
+                        ops.append(_kv_op("delete-cas", key, Index=entry.modify_index))
+            ok, _ = self._txn("release a claim", ops)
+            if ok:
+                return
+        self._txn("release a claim", [_kv_op("delete", mine)])
+
+    def _upkeep(self) -> None:
+        """Renew the session (a new one, and every claim again, if Consul lost it); look again
+        at the services kept from their port, and claim those that may now succeed."""
+        if self._session is not None:
+            session = self._session
+            client = self._client
+            renewed = self._call(
+                "renew the session",
+                lambda: client.http.put(
+                    CB.json(), f"/v1/session/renew/{session}", headers=client.prepare_headers()
+                ),
+            )
+            if not renewed:  # 404: invalidated (TTL run out, node failed, agent restarted)
+                log.warning(
+                    "consul: session %s is gone; claiming this agent's ports again", session
+                )
+                self._session = None
+                for service in sorted(self._held):
+                    self._held.pop(service)
+                    self._pending[service] = ""
+        retry = sorted(self._pending)[:UPKEEP_BLOCKED]
+        blocked = sorted(self._blocked)[:UPKEEP_BLOCKED]
+        if blocked:
+            kv = self.config.kv_prefix
+            prefixes = []
+            for service in blocked:
+                entry = self._blocked[service]
+                prefixes += [f"{claims_prefix(kv)}{entry.owner}/", port_record(kv, entry.port)]
+            seen = self._kv_read(prefixes)
+            for service in blocked:
+                entry = self._blocked[service]
+                record = seen.get(port_record(kv, entry.port))
+                holders = f"{claims_prefix(kv)}{entry.owner}/"
+                held = any(k.startswith(holders) and e.session for k, e in seen.items())
+                if not held or record is None or record.text != entry.owner:
+                    retry.append(service)
+        for service in retry:
+            self._claim_again(service)
+
+    def _claim_again(self, service: str) -> None:
+        """Claim ``service`` for the instances this agent already registered."""
+        ports = Counter(
+            i.frontend_port
+            for i in self._owned.values()
+            if i.service == service and i.frontend_port is not None
+        )
+        self._blocked.pop(service, None)
+        self._pending.pop(service, None)
+        if not ports:
+            return
+        top = max(ports.values())
+        self._claim(service, min(p for p, n in ports.items() if n == top))
+        if service in self._held:
+            log.info("consul: frontend port %d claimed for %s", self._held[service], service)
+
+    def conflicts(self) -> list[Problem]:
+        """Problems of this agent's registrations that the claims show (no I/O)."""
+        with self._lock:
+            asked: dict[str, set[int]] = {}
+            for instance in self._owned.values():
+                if instance.frontend_port is not None:
+                    asked.setdefault(instance.service, set()).add(instance.frontend_port)
+            problems: list[Problem] = []
+            for service, blocked in sorted(self._blocked.items()):
+                problems.append(
+                    Problem(
+                        f"service {service}",
+                        f"frontend port {blocked.port} is claimed fleet-wide by service "
+                        f"{blocked.owner}; {service} is registered from this host but not "
+                        f"served. Give it another port (label SERVICE_<port>_PORT)",
+                        service=service,
+                    )
+                )
+            for service, port in sorted(self._held.items()):
+                other = sorted(asked.get(service, set()) - {port})
+                if other:
+                    problems.append(
+                        Problem(
+                            f"service {service}",
+                            f"this host's instances ask for frontend port "
+                            f"{', '.join(map(str, other))}, but the fleet serves {service} on "
+                            f"{port} (the port of the first host that registered it); they are "
+                            f"served on {port}",
+                            service=service,
+                        )
+                    )
+            for service, why in sorted(self._pending.items()):
+                if why:
+                    problems.append(Problem(f"service {service}", why, service=service))
+            return problems
 
     # ----------------------------------------------------------------------------------------
     # Discover side
@@ -234,9 +567,10 @@ class ConsulRegistry(Registry):
                 "list services", lambda: client.catalog.services()
             )
             checks_index, checks = self._call("read checks", lambda: client.health.state("any"))
-            # The lower index: a watch resumed from it cannot miss a change that landed
-            # between the two reads (at worst it wakes once for nothing).
-            revision = min(_index(services_index), _index(checks_index))
+            claims, claims_index = self._read_claims(client)
+            # The lowest index: a watch resumed from it cannot miss a change that landed
+            # between the reads (at worst it wakes once for nothing).
+            revision = min(_index(services_index), _index(checks_index), claims_index)
             names = sorted(
                 name
                 for name, tags in (services or {}).items()
@@ -257,14 +591,28 @@ class ConsulRegistry(Registry):
                         f"read service {name}", partial(client.catalog.service, name)
                     )
                     entries.extend(entries_from_service(answer))
-        return read_catalog(entries, Health.from_checks(checks), revision, tag)
+        return read_catalog(entries, Health.from_checks(checks), revision, tag, claims)
+
+    def _read_claims(self, client: consul.Consul) -> tuple[Claims, int]:
+        """The claims held now, and the index of their prefix. A token that may not read them
+        is a problem, not an error: the proxies then decide ports on their own."""
+        prefix = claims_prefix(self.config.kv_prefix)
+        try:
+            index, listed = self._call("read claims", lambda: client.kv.get(prefix, recurse=True))
+        except PermissionDenied as exc:
+            problem = Problem(f"consul key {prefix}", f"{exc}; frontend-port claims not read")
+            return Claims(problems=[problem]), 1 << 62
+        entries = [e for e in (KVEntry.parse(i) for i in listed or []) if e is not None]
+        return read_claims(self.config.kv_prefix, entries), _index(index)
 
     def watch(self, notify: Notify, stop: threading.Event, since: int) -> None:
         events: queue.Queue[tuple[str, Any]] = queue.Queue()
         halt = threading.Event()
+        claims = claims_prefix(self.config.kv_prefix)
         pollers = [
             ("services", lambda c, **kw: c.catalog.services(**kw)),
             ("checks", lambda c, **kw: c.health.state("any", filter_expr=NO_CHECK_FILTER, **kw)),
+            ("claims", lambda c, **kw: c.kv.get(claims, recurse=True, **kw)),
         ]
         for name, query in pollers:
             threading.Thread(
@@ -319,6 +667,11 @@ class ConsulRegistry(Registry):
                 elif new > index:
                     events.put(("change", f"consul {name} changed"))
                     index = new
+        except PermissionDenied as exc:
+            if name == "claims":  # the token may not read them: the snapshot says so
+                log.debug("consul: not watching the claims: %s", exc)
+            elif not halt.is_set():
+                events.put(("error", exc))
         except PluginError as exc:
             if not halt.is_set():
                 events.put(("error", exc))
@@ -332,9 +685,18 @@ class ConsulRegistry(Registry):
         self._closed.set()
         with self._lock:
             owned, self._owned = self._owned, {}
+            session, self._session = self._session, None
+            self._held.clear()
+            self._blocked.clear()
+            self._pending.clear()
             try:
                 if deregister:
                     failures: list[str] = []
+                    if session is not None:  # its claim keys go with it (Behavior=delete)
+                        try:
+                            self._put("destroy the session", f"/v1/session/destroy/{session}")
+                        except PluginError as exc:
+                            failures.append(str(exc))
                     for iid in sorted(owned):
                         try:
                             self._call(

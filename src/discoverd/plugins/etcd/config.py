@@ -5,6 +5,7 @@ Kept free of the client libraries: the core reads this class whenever the plugin
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -86,6 +87,16 @@ def endpoint_urls(endpoints: tuple[str, ...], tls: bool) -> tuple[str, ...]:
     return tuple(urls)
 
 
+def _loopback(url: str) -> bool:
+    host = (urlsplit(url).hostname or "").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True)
 class EtcdConfig:
     """The ``[etcd]`` section."""
@@ -102,6 +113,12 @@ class EtcdConfig:
     meta_prefix: str = option(
         "/discoverd/instances",
         "Key prefix of the instances' metadata (JSON); must lie outside prefix.",
+        check=key_prefix,
+    )
+    claim_prefix: str = option(
+        "/discoverd/claims",
+        "Key prefix of the frontend-port claims (which service holds which port fleet-wide); "
+        "must lie outside prefix and meta_prefix.",
         check=key_prefix,
     )
     ttl: int = option(15, "Lease TTL in seconds: a dead host's entries vanish after it.", min=1)
@@ -138,6 +155,23 @@ class EtcdConfig:
                 "prefix",
                 "meta_prefix",
             )
+        c = self.claim_prefix + "/"
+        for name, other in (("prefix", a), ("meta_prefix", b)):
+            if c.startswith(other) or other.startswith(c):
+                raise OptionError(
+                    f"claim_prefix {self.claim_prefix!r} and {name} {other[:-1]!r} overlap: "
+                    "claims would be read as instances. Choose separate prefixes.",
+                    "claim_prefix",
+                    name,
+                )
+
+    @property
+    def credentials_in_clear(self) -> tuple[str, ...]:
+        """The endpoints that would receive ``user`` and ``password`` over plain http from
+        another host (loopback endpoints never leave the machine: not listed)."""
+        if not self.user:
+            return ()
+        return tuple(url for url in self.urls if url.startswith("http://") and not _loopback(url))
 
     @property
     def tls(self) -> bool:

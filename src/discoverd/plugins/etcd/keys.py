@@ -3,12 +3,22 @@
 The scheme is the seed's (docker-register / docker-discover), so both can run side by side::
 
     <prefix>/<service>/<instance id>   = IP:PORT        (one key per instance)
-    <prefix>/<service>/port            = frontend port  (written by every host, last one wins)
+    <prefix>/<service>/port            = frontend port  (created once, never overwritten)
     <meta_prefix>/<service>/<instance id> = {"frontend_port": 8000, "protocol": "tcp",
                                              "tags": [...], "meta": {...}, "host_id": "..."}
 
-The metadata lives outside ``<prefix>``: the original docker-discover reads every key under a
-service directory of ``<prefix>`` (except ``port``) as a backend.
+plus the frontend-port claims, one pair of keys per host serving a service, on that host's
+lease (see ``writer.py`` for how they are taken)::
+
+    <claim_prefix>/services/<service>/<holder>        = port     (read by the discover role)
+    <claim_prefix>/ports/<port>/<service>/<holder>    = service  (the port's index: the
+                                                                  compare-and-swap looks here)
+
+The metadata and the claims live outside ``<prefix>``: the original docker-discover reads every
+key under a service directory of ``<prefix>`` (except ``port``) as a backend.
+
+A service's fleet port is the port its claim holders hold; without holders, the ``port`` key;
+without either, each instance's own frontend port from its metadata.
 """
 
 from __future__ import annotations
@@ -40,10 +50,11 @@ def range_of(prefix: str) -> tuple[bytes, bytes]:
 
 @dataclass(frozen=True)
 class KeyScheme:
-    """The two key prefixes (checked and normalised by ``EtcdConfig``) and the keys below them."""
+    """The key prefixes (checked and normalised by ``EtcdConfig``) and the keys below them."""
 
     prefix: str = "/backends"
     meta_prefix: str = "/discoverd/instances"
+    claim_prefix: str = "/discoverd/claims"
 
     def backend_key(self, service: str, instance_id: str) -> str:
         return f"{self.prefix}/{service}/{instance_id}"
@@ -54,19 +65,66 @@ class KeyScheme:
     def meta_key(self, service: str, instance_id: str) -> str:
         return f"{self.meta_prefix}/{service}/{instance_id}"
 
+    # -- claims ---------------------------------------------------------------------------
+
+    @property
+    def holders_prefix(self) -> str:
+        """Where the claims are kept by service (what the discover role reads)."""
+        return f"{self.claim_prefix}/services"
+
+    def holder_key(self, service: str, holder: str) -> str:
+        """``holder``'s claim of ``service`` (value: the port)."""
+        return f"{self.holders_prefix}/{service}/{holder}"
+
+    def port_holder_key(self, port: int, service: str, holder: str) -> str:
+        """The same claim in the index by port (value: the service)."""
+        return f"{self.claim_prefix}/ports/{port}/{service}/{holder}"
+
+    def holders_range(self, service: str) -> tuple[bytes, bytes]:
+        """Every holder of ``service``."""
+        return range_of(f"{self.holders_prefix}/{service}")
+
+    def owner_range(self, port: int, service: str) -> tuple[bytes, bytes]:
+        """Every holder of ``service`` at ``port``."""
+        return range_of(f"{self.claim_prefix}/ports/{port}/{service}")
+
+    def others_at(self, port: int, service: str) -> list[tuple[bytes, bytes]]:
+        """The holders at ``port`` of any service but ``service``: the two ranges either side
+        of its directory (both empty: no other service holds the port)."""
+        start, end = range_of(f"{self.claim_prefix}/ports/{port}")
+        own_start, own_end = self.owner_range(port, service)
+        return [(start, own_start), (own_end, end)]
+
+    def service_at(self, raw_key: bytes) -> str:
+        """The service named by a key of the index by port (``""`` if it names none)."""
+        key = _text(raw_key)
+        head = f"{self.claim_prefix}/ports/"
+        if not key.startswith(head):
+            return ""
+        _, _, rest = key[len(head) :].partition("/")
+        service, sep, _ = rest.partition("/")
+        return service if sep else ""
+
+    # -- ranges ---------------------------------------------------------------------------
+
     def ranges(self) -> list[tuple[bytes, bytes]]:
-        """The key ranges of every service: ``<prefix>/`` and ``<meta_prefix>/``."""
-        return [range_of(self.prefix), range_of(self.meta_prefix)]
+        """The key ranges of every service: ``<prefix>/``, ``<meta_prefix>/`` and the claims
+        by service."""
+        return [range_of(self.prefix), range_of(self.meta_prefix), range_of(self.holders_prefix)]
 
     def service_ranges(self, service: str) -> list[tuple[bytes, bytes]]:
-        """The key ranges of one service: its directory below each prefix."""
-        return [range_of(f"{self.prefix}/{service}"), range_of(f"{self.meta_prefix}/{service}")]
+        """The key ranges of one service: its directory below each prefix, and its claims."""
+        return [
+            range_of(f"{self.prefix}/{service}"),
+            range_of(f"{self.meta_prefix}/{service}"),
+            self.holders_range(service),
+        ]
 
     def service_of(self, raw_key: bytes) -> str | None:
-        """The service a key of either prefix belongs to; ``None`` for a key outside any
-        ``<prefix>/<service>/`` directory."""
+        """The service a key of the watched prefixes belongs to; ``None`` for a key outside
+        any ``<prefix>/<service>/`` directory."""
         key = _text(raw_key)
-        for head in (self.prefix + "/", self.meta_prefix + "/"):
+        for head in (self.prefix + "/", self.meta_prefix + "/", self.holders_prefix + "/"):
             if key.startswith(head):
                 service, sep, _ = key[len(head) :].partition("/")
                 return service if sep else None
@@ -123,26 +181,119 @@ def _text(raw: bytes) -> str:
     return raw.decode("utf-8", errors="replace")
 
 
+@dataclass(frozen=True)
+class Holder:
+    """One claim key as read: the key, its value (a port) and when it was created."""
+
+    key: bytes
+    value: bytes
+    create_revision: int
+
+
 def read_catalog(
     scheme: KeyScheme,
     backend_kvs: Iterable[tuple[bytes, bytes]],
     meta_kvs: Iterable[tuple[bytes, bytes]],
     revision: int,
+    holder_kvs: Iterable[Holder] = (),
 ) -> Catalog:
-    """Turn the keys under both prefixes (``(key, value)`` pairs) into a catalog.
+    """Turn the keys under the prefixes (``(key, value)`` pairs, and the claims by service)
+    into a catalog.
 
     Never raises for bad data: every malformed entry becomes a ``Problem`` naming its key, and
     affects only that entry (or, for a bad service name or a service without any frontend port,
     only that service).
     """
     grouped = _group_entries(scheme, backend_kvs, meta_kvs)
+    held = read_claims(scheme, holder_kvs)
     instances: list[ServiceInstance] = []
     problems = list(grouped.problems)
     for service in sorted(grouped.services):
-        found, trouble = _read_service(scheme, service, grouped.services[service], grouped.metadata)
+        found, trouble = _read_service(
+            scheme, service, grouped.services[service], grouped.metadata, held.ports.get(service)
+        )
         instances.extend(found)
         problems.extend(trouble)
-    return Catalog(instances=tuple(instances), problems=tuple(problems), revision=revision)
+    problems.extend(held.problems)
+    return Catalog(
+        instances=tuple(instances),
+        problems=tuple(problems),
+        revision=revision,
+        claims=held.claims,
+    )
+
+
+@dataclass
+class Claims:
+    """What the claim keys say: each service's fleet port (``ports``), the ``(port, service)``
+    claims, and the problems of malformed or contradicting keys."""
+
+    ports: dict[str, int]
+    claims: tuple[tuple[int, str], ...]
+    problems: list[Problem]
+
+
+def read_claims(scheme: KeyScheme, holder_kvs: Iterable[Holder]) -> Claims:
+    """The claims by service (``<claim_prefix>/services/<service>/<holder>`` = port).
+
+    A service is held at the port of its oldest holder (they all hold the same one, unless
+    someone wrote keys by hand). Two services holding one port (by hand, too): the one whose
+    oldest holder is older keeps the claim; the other's is ignored, with a problem.
+    """
+    head = scheme.holders_prefix + "/"
+    problems: list[Problem] = []
+    by_service: dict[str, list[tuple[int, str, int]]] = {}
+    for item in sorted(holder_kvs, key=lambda h: (h.create_revision, h.key)):
+        key = _text(item.key)
+        service, sep, holder = key[len(head) :].partition("/")
+        if not sep or not holder or "/" in holder:
+            problems.append(
+                Problem(
+                    key,
+                    f"unexpected key: expected {head}<service>/<holder>; ignored",
+                    service=service if sep else "",
+                )
+            )
+            continue
+        try:
+            check_service_name(service)
+            port = check_port(_text(item.value).strip(), "claimed port")
+        except (ValidationError, ValueError) as exc:
+            problems.append(Problem(key, f"{exc}; claim ignored", service=service))
+            continue
+        by_service.setdefault(service, []).append((item.create_revision, key, port))
+    ports: dict[str, int] = {}
+    first_at: dict[int, tuple[int, str]] = {}
+    for service in sorted(by_service):
+        holders = by_service[service]
+        created, _, port = holders[0]
+        ports[service] = port
+        for _, key, other in holders[1:]:
+            if other != port:
+                problems.append(
+                    Problem(
+                        key,
+                        f"claims port {other} for {service}, which is held at {port}; ignored",
+                        service=service,
+                    )
+                )
+        if port not in first_at or (created, service) < first_at[port]:
+            first_at[port] = (created, service)
+    claims: list[tuple[int, str]] = []
+    for service, port in sorted(ports.items()):
+        owner = first_at[port][1]
+        if owner == service:
+            claims.append((port, service))
+        else:
+            problems.append(
+                Problem(
+                    f"{head}{service}",
+                    f"claims frontend port {port}, which service {owner} claimed first; "
+                    "this claim is ignored",
+                    service=service,
+                )
+            )
+    return Claims(ports, tuple(sorted(claims)), problems)
 
 
 @dataclass
@@ -189,10 +340,12 @@ def _read_service(
     service: str,
     found_entries: dict[str, tuple[str, bytes]],
     metadata: dict[tuple[str, str], tuple[str, bytes]],
+    held: int | None = None,
 ) -> tuple[list[ServiceInstance], list[Problem]]:
     """The instances of one service directory, and the problems of its keys (each naming the
-    service, so that a partial read of the service replaces them)."""
-    found, problems = _read_service_keys(scheme, service, found_entries, metadata)
+    service, so that a partial read of the service replaces them). ``held``: the port the
+    service's claim holders hold, which wins over the ``port`` key."""
+    found, problems = _read_service_keys(scheme, service, found_entries, metadata, held)
     return found, [dataclasses.replace(p, service=service) for p in problems]
 
 
@@ -201,6 +354,7 @@ def _read_service_keys(
     service: str,
     found_entries: dict[str, tuple[str, bytes]],
     metadata: dict[tuple[str, str], tuple[str, bytes]],
+    held: int | None,
 ) -> tuple[list[ServiceInstance], list[Problem]]:
     head = scheme.prefix + "/"
     problems: list[Problem] = []
@@ -226,10 +380,11 @@ def _read_service_keys(
             port_from_key = check_port(_text(port_entry[1]).strip(), "frontend port")
         except (ValidationError, ValueError) as exc:
             port_problem = str(exc)
-    found = _read_instances(service, entries, metadata, port_from_key, problems)
+    fleet_port = held if held is not None else port_from_key
+    found = _read_instances(service, entries, metadata, fleet_port, problems)
     if not found:
         return [], problems
-    if port_from_key is None and all(i.frontend_port is None for i in found):
+    if fleet_port is None and all(i.frontend_port is None for i in found):
         what = f"invalid ({port_problem})" if port_problem else "missing"
         problems.append(
             Problem(
@@ -240,8 +395,9 @@ def _read_service_keys(
         )
         return [], problems
     if port_problem:
+        source = "claim" if held is not None else "metadata"
         problems.append(
-            Problem(port_key, f"{port_problem}; using the frontend port from the metadata")
+            Problem(port_key, f"{port_problem}; using the frontend port from the {source}")
         )
     return found, problems
 
@@ -250,7 +406,7 @@ def _read_instances(
     service: str,
     entries: dict[str, tuple[str, bytes]],
     metadata: dict[tuple[str, str], tuple[str, bytes]],
-    port_from_key: int | None,
+    fleet_port: int | None,
     problems: list[Problem],
 ) -> list[ServiceInstance]:
     found: list[ServiceInstance] = []
@@ -274,9 +430,7 @@ def _read_instances(
                     address=address,
                     port=port,
                     protocol=decoded.protocol,  # type: ignore[arg-type]  # checked above
-                    frontend_port=(
-                        port_from_key if port_from_key is not None else decoded.frontend_port
-                    ),
+                    frontend_port=(fleet_port if fleet_port is not None else decoded.frontend_port),
                     tags=decoded.tags,
                     meta=decoded.meta,
                     host_id=decoded.host_id,
@@ -292,7 +446,7 @@ def _read_instances(
                     id=name,
                     address=address,
                     port=port,
-                    frontend_port=port_from_key,
+                    frontend_port=fleet_port,
                 )
             except (ValidationError, ValueError) as exc:
                 problems.append(Problem(key, f"{exc}; entry ignored"))

@@ -1,9 +1,9 @@
 """The discover side of the etcd registry: consistent reads of the catalog, and the watch.
 
-Nothing read is kept between calls: ``snapshot`` reads both prefixes, ``read_services`` the
-directories of the services it is given, each at one revision, and ``watch`` names the services
-its events touched so the core knows what to read again. The only state here is the set of open
-watch streams, so that ``close`` can abort them.
+Nothing read is kept between calls: ``snapshot`` reads the prefixes (instances, metadata, claims
+by service), ``read_services`` the directories of the services it is given, each at one
+revision, and ``watch`` names the services its events touched so the core knows what to read
+again. The only state here is the set of open watch streams, so that ``close`` can abort them.
 """
 
 from __future__ import annotations
@@ -28,15 +28,16 @@ from discoverd.plugins.etcd.gateway import (
     needs_auth,
     unb64,
 )
-from discoverd.plugins.etcd.keys import KeyScheme, read_catalog
+from discoverd.plugins.etcd.keys import Holder, KeyScheme, read_catalog
 
 log = logging.getLogger("discoverd.etcd")
 
 #: Seconds without any byte on a watch stream before it is re-established (from the last
 #: revision seen, so nothing is lost): a silently dead (half-open) connection cannot block.
 WATCH_IDLE_TIMEOUT = 30.0
-#: Services read per transaction: two ranges each, within etcd's 128 operations.
-SERVICES_PER_READ = 60
+#: Services read per transaction: three ranges each (instances, metadata, claims), within
+#: etcd's 128 operations.
+SERVICES_PER_READ = 42
 #: Attempts of a ``read_services`` whose revision was compacted between two of its reads.
 READ_ATTEMPTS = 3
 
@@ -78,19 +79,22 @@ class CatalogReader:
     # Reads
 
     def snapshot(self) -> Catalog:
-        # One read-only transaction with a range per prefix: both are read at one revision,
+        # One read-only transaction with a range per prefix: all are read at one revision,
         # in one round trip (a linearizable read; no raft proposal for read-only txns).
         reply = self._read("snapshot", self.scheme.ranges())
         try:
             revision = int(reply["header"]["revision"])
-            backend, meta = (_kvs(r["response_range"]) for r in reply.get("responses", []))
-        except (KeyError, TypeError, ValueError) as exc:
+            ranges = [r["response_range"] for r in reply.get("responses", [])]
+            backend, meta = _kvs(ranges[0]), _kvs(ranges[1])
+            holders = _holders(ranges[2])
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise PluginError(f"etcd: unexpected answer to the snapshot read ({exc!r})") from None
-        return read_catalog(self.scheme, backend, meta, revision)
+        return read_catalog(self.scheme, backend, meta, revision, holders)
 
     def read_services(self, names: Collection[str]) -> Catalog:
-        """The directories of ``names`` under both prefixes, read at one revision: the first
-        read's, which the following reads (``SERVICES_PER_READ`` services each) ask for."""
+        """The directories of ``names`` under both prefixes and their claims, read at one
+        revision: the first read's, which the following reads (``SERVICES_PER_READ`` services
+        each) ask for. ``claims`` are those of ``names``."""
         # A name that is not one path segment names no service directory: nothing to read.
         services = sorted({name for name in names if name and "/" not in name})
         for attempt in range(1, READ_ATTEMPTS + 1):
@@ -105,6 +109,7 @@ class CatalogReader:
     def _read_services(self, services: list[str]) -> Catalog:
         backend: list[tuple[bytes, bytes]] = []
         meta: list[tuple[bytes, bytes]] = []
+        holders: list[Holder] = []
         revision = 0
         chunks = [
             services[first : first + SERVICES_PER_READ]
@@ -115,13 +120,14 @@ class CatalogReader:
             reply = self._read("read services", ranges, revision)
             try:
                 revision = revision or int(reply["header"]["revision"])
-                responses = [_kvs(r["response_range"]) for r in reply.get("responses", [])]
+                responses = [r["response_range"] for r in reply.get("responses", [])]
                 for index in range(len(chunk)):
-                    backend.extend(responses[2 * index])
-                    meta.extend(responses[2 * index + 1])
+                    backend.extend(_kvs(responses[3 * index]))
+                    meta.extend(_kvs(responses[3 * index + 1]))
+                    holders.extend(_holders(responses[3 * index + 2]))
             except (KeyError, TypeError, ValueError, IndexError) as exc:
                 raise PluginError(f"etcd: unexpected answer to a services read ({exc!r})") from None
-        return read_catalog(self.scheme, backend, meta, revision)
+        return read_catalog(self.scheme, backend, meta, revision, holders)
 
     def _read(
         self, what: str, ranges: list[tuple[bytes, bytes]], revision: int = 0
@@ -140,8 +146,10 @@ class CatalogReader:
 
     def watch(self, notify: Notify, stop: threading.Event, since: int) -> None:
         first = since + 1 if since > 0 else 0
-        prefix, meta = self.scheme.ranges()
-        targets = {1: _Target(1, *prefix, first), 2: _Target(2, *meta, first)}
+        targets = {
+            n: _Target(n, start, end, first)
+            for n, (start, end) in enumerate(self.scheme.ranges(), start=1)
+        }
         reauthenticated = False
         while not stop.is_set() and not self._closed:
             # A stream re-established here (idle, or after a new token) resumes from each
@@ -288,6 +296,13 @@ class CatalogReader:
 
 def _kvs(response: Mapping[str, Any]) -> list[tuple[bytes, bytes]]:
     return [(unb64(kv["key"]), unb64(kv.get("value", ""))) for kv in response.get("kvs", [])]
+
+
+def _holders(response: Mapping[str, Any]) -> list[Holder]:
+    return [
+        Holder(unb64(kv["key"]), unb64(kv.get("value", "")), int(kv.get("create_revision", 0)))
+        for kv in response.get("kvs", [])
+    ]
 
 
 def _stream_error(url: str, error: Any) -> EtcdError:

@@ -3,15 +3,18 @@ on one gateway to the cluster."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Collection, Sequence
 
-from discoverd import Catalog, Notify, Registry, ServiceInstance
+from discoverd import Catalog, Notify, Problem, Registry, ServiceInstance
 from discoverd.plugins.etcd.config import EtcdConfig
 from discoverd.plugins.etcd.gateway import Gateway
 from discoverd.plugins.etcd.keys import KeyScheme
 from discoverd.plugins.etcd.reader import CatalogReader
 from discoverd.plugins.etcd.writer import LeaseWriter
+
+log = logging.getLogger("discoverd.etcd")
 
 
 class EtcdRegistry(Registry):
@@ -19,14 +22,23 @@ class EtcdRegistry(Registry):
 
     Register side (:class:`LeaseWriter`): one lease per agent (``ttl`` seconds), granted on
     first use; every key this agent writes is attached to it, so a dead host's entries vanish
-    together. Discover side (:class:`CatalogReader`): consistent reads of both prefixes, or of
-    the services a watch named, and a watch on both prefixes from a catalog's revision.
+    together; the frontend-port claims are kept on it too (see ``writer.py``). Discover side
+    (:class:`CatalogReader`): consistent reads of the prefixes, or of the services a watch
+    named, and a watch on them from a catalog's revision.
     """
 
     def __init__(self, config: EtcdConfig, *, host_id: str = "") -> None:
         self.config = config
+        clear = config.credentials_in_clear
+        if clear:
+            log.warning(
+                "etcd: the password of user %r is sent without TLS to %s; set ca_cert (and "
+                "https:// endpoints) so that it cannot be read on the network",
+                config.user,
+                ", ".join(clear),
+            )
         self.gateway = Gateway(config)
-        scheme = KeyScheme(config.prefix, config.meta_prefix)
+        scheme = KeyScheme(config.prefix, config.meta_prefix, config.claim_prefix)
         self.writer = LeaseWriter(self.gateway, scheme, config.ttl, host_id)
         self.reader = CatalogReader(self.gateway, scheme)
 
@@ -62,6 +74,9 @@ class EtcdRegistry(Registry):
 
     def watch(self, notify: Notify, stop: threading.Event, since: int) -> None:
         self.reader.watch(notify, stop, since)
+
+    def conflicts(self) -> list[Problem]:
+        return self.writer.conflicts()
 
     def close(self, deregister: bool = False) -> None:
         self.writer.refuse_writes()

@@ -80,6 +80,16 @@ The checks (each a test method):
   (not supported), or exactly what a full snapshot holds for those services: their instances,
   the problems of their entries (with ``Problem.service`` set, so the core can replace them),
   nothing of other services, nothing for a service without entries, and a revision.
+- ``test_a_claimed_port_is_decided_once_for_the_fleet`` (skipped for a registry that keeps no
+  claims: ``Catalog.claims`` empty and no ``conflicts()``): host A registers a service at a
+  port, host B another service at the same port. Every host's snapshot claims the port for A's
+  service (B's instance is listed all the same), ``read_services`` of that service has the
+  claim, B's ``conflicts()`` names its service and A's says nothing; a new registry object for
+  host A (a restart) keeps the claim; once every registry of host A is closed with
+  ``deregister=True``, B takes the port through its ``keepalive()``.
+- ``test_a_service_keeps_its_first_port`` (skipped likewise): host B registers A's service
+  asking another frontend port. Every instance of it reads back with the first port, the claim
+  stays, and B's ``conflicts()`` says so.
 """
 
 from __future__ import annotations
@@ -148,6 +158,15 @@ class _Registries:
             with contextlib.suppress(Exception):
                 registry.close(deregister=True)
         self._open.clear()
+
+
+def _claims(catalog: Catalog, prefix: str) -> list[tuple[int, str]]:
+    """The claims of the services this test made, sorted."""
+    return sorted((port, service) for port, service in catalog.claims if service.startswith(prefix))
+
+
+def _conflicts(registry: Registry, prefix: str) -> list[Problem]:
+    return [p for p in registry.conflicts() if p.service.startswith(prefix)]
 
 
 def _ours(catalog: Catalog, prefix: str) -> dict[str, ServiceInstance]:
@@ -798,3 +817,118 @@ class RegistryContract:
             f"problems of read_services must name their service (Problem.service): {unowned}"
         )
         assert part.revision > 0, "read_services must give the revision it read at"
+
+    # -- frontend-port claims (optional: skipped for a registry that keeps none) -----------
+
+    @staticmethod
+    def _claim_port(prefix: str) -> int:
+        """A frontend port no other test of a shared server uses (derived from the prefix)."""
+        return 20000 + int(prefix[-6:], 16) % 20000
+
+    def _skip_without_claims(self, prefix: str, *registries: Registry) -> None:
+        for registry in registries:
+            with contextlib.suppress(PluginError):
+                if _claims(registry.snapshot(), prefix) or _conflicts(registry, prefix):
+                    return
+        pytest.skip(
+            f"{type(self).__name__}: the registry keeps no frontend-port claims "
+            "(Catalog.claims stays empty, conflicts() says nothing): each discover host "
+            "decides ports on its own"
+        )
+
+    def test_a_claimed_port_is_decided_once_for_the_fleet(
+        self, contract_registries: _Registries
+    ) -> None:
+        prefix = _unique()
+        port = self._claim_port(prefix)
+        host_a = self.host("kit-host-a", "127.0.0.1")
+        host_b = self.host("kit-host-b", "127.0.0.2")
+        reg_a = contract_registries.new(host_a, self.long_ttl)
+        reg_b = contract_registries.new(host_b, self.long_ttl)
+        reader = contract_registries.new(self.host("kit-reader"), self.long_ttl)
+        # "api" sorts before "web": a host deciding in memory would give it the port.
+        web, api = f"{prefix}-web", f"{prefix}-api"
+        item_a = self.instance(web, host_a, "0a1b2c3d4e5f", 32768, frontend_port=port)
+        item_b = self.instance(api, host_b, "0a1b2c3d4e5f", 32769, frontend_port=port)
+        reg_a.register(item_a)
+        reg_b.register(item_b)
+        both = {item_a.id, item_b.id}
+        self.snapshot_until(
+            reader,
+            prefix,
+            lambda ours: both <= set(ours),
+            "both instances (a service kept from its port is still registered)",
+        )
+        self._skip_without_claims(prefix, reader, reg_a, reg_b)
+        for who, registry in (("host A", reg_a), ("host B", reg_b), ("a third host", reader)):
+            got = _claims(registry.snapshot(), prefix)
+            assert got == [(port, web)], (
+                f"{who}'s snapshot claims {got}, expected [({port}, {web!r})]: host A registered "
+                f"{web} at {port} first, then host B {api} at the same port"
+            )
+        problems = _conflicts(reg_b, prefix)
+        assert [p.service for p in problems] == [api], (
+            f"host B's conflicts() must name {api}, whose port {web} holds: {problems}"
+        )
+        assert not _conflicts(reg_a, prefix), (
+            f"host A holds the port, yet its conflicts() says {_conflicts(reg_a, prefix)}"
+        )
+        part = reader.read_services([web])
+        if part is not None:
+            assert (port, web) in part.claims, (
+                f"read_services([{web!r}]) must give the claims of {web}: {part.claims}"
+            )
+        restarted = contract_registries.new(host_a, self.long_ttl)  # host A restarted
+        restarted.register(item_a)
+        got = _claims(reader.snapshot(), prefix)
+        assert got == [(port, web)], f"after host A restarted the claims are {got}"
+        contract_registries.close(reg_a, deregister=True)
+        contract_registries.close(restarted, deregister=True)
+        deadline = time.monotonic() + self.propagation_timeout
+        while True:
+            with contextlib.suppress(Unavailable):
+                reg_b.keepalive()  # as the register role does
+            got = _claims(reader.snapshot(), prefix)
+            if got == [(port, api)] and not _conflicts(reg_b, prefix):
+                break
+            if time.monotonic() >= deadline:
+                pytest.fail(
+                    f"host A left for good, yet after {self.propagation_timeout:g}s of host B's "
+                    f"keepalives the claims are {got} (expected [({port}, {api!r})]) and host "
+                    f"B's conflicts() says {_conflicts(reg_b, prefix)}",
+                    pytrace=False,
+                )
+            time.sleep(min(reg_b.keepalive_interval(), 0.5))
+
+    def test_a_service_keeps_its_first_port(self, contract_registries: _Registries) -> None:
+        prefix = _unique()
+        first = self._claim_port(prefix)
+        second = first + 1
+        host_a = self.host("kit-host-a", "127.0.0.1")
+        host_b = self.host("kit-host-b", "127.0.0.2")
+        reg_a = contract_registries.new(host_a, self.long_ttl)
+        reg_b = contract_registries.new(host_b, self.long_ttl)
+        reader = contract_registries.new(self.host("kit-reader"), self.long_ttl)
+        web = f"{prefix}-web"
+        item_a = self.instance(web, host_a, "0a1b2c3d4e5f", 32768, frontend_port=first)
+        item_b = self.instance(web, host_b, "0a1b2c3d4e5f", 32769, frontend_port=second)
+        reg_a.register(item_a)
+        reg_b.register(item_b)
+        both = {item_a.id, item_b.id}
+        self.snapshot_until(reader, prefix, lambda ours: both <= set(ours), "both instances")
+        self._skip_without_claims(prefix, reader, reg_a, reg_b)
+        for _ in range(3):  # keepalives must not move it either
+            reg_a.keepalive()
+            reg_b.keepalive()
+            catalog = reader.snapshot()
+            ports = {i.id: i.frontend_port for i in catalog.instances if i.id in both}
+            assert ports == dict.fromkeys(both, first), (
+                f"{web} was registered at {first} by host A, then at {second} by host B: every "
+                f"instance must be served on {first}, the snapshot says {ports}"
+            )
+            assert _claims(catalog, prefix) == [(first, web)], _claims(catalog, prefix)
+        assert [p.service for p in _conflicts(reg_b, prefix)] == [web], (
+            f"host B asked {second} for {web}, served on {first}: its conflicts() must say so "
+            f"({_conflicts(reg_b, prefix)})"
+        )
+        assert not _conflicts(reg_a, prefix), _conflicts(reg_a, prefix)
