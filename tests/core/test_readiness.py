@@ -1,20 +1,26 @@
 """Readiness checks: the check functions against real local sockets, the scheduler, and the
-register role registering an instance only once it answers (fake source/registry: core logic)."""
+register role registering an instance only once it answers (fake source/registry: core logic);
+the damping of a flapping instance and the listen probe with fake checks, and the listen probe
+against real sockets (sock_diag, in this process's own network namespace)."""
 
 from __future__ import annotations
 
 import http.server
+import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
 from discoverd import CheckTarget, ServiceInstance
-from discoverd.core.checks import CheckSpec, run_check, spec_for
+from discoverd.core import checks
+from discoverd.core.checks import CheckSpec, ListenProbe, run_check, spec_for
 from discoverd.core.durations import format_seconds, parse_duration
 from discoverd.core.metadata import ContainerSpec, PortBinding, instances_for
-from discoverd.core.readiness import Readiness
+from discoverd.core.readiness import PROBE_MISTRUST, LivenessProbe, Readiness
 from discoverd.core.register import RegisterRole
 from tests.core.test_agent import FakeRegistry, FakeSource, eventually
 
@@ -242,3 +248,334 @@ def test_register_role_registers_only_answering_instances(server: Server) -> Non
         eventually(lambda: set(registry.entries) == {web.id, unchecked.id})
     finally:
         role.shutdown()
+
+
+# --------------------------------------------------------------------------------------------
+# Damping and the listen probe, with fake checks: the scheduler's own logic. Timing assertions
+# are lower bounds only (a hold is never cut short) or deadlines far beyond what is expected.
+
+
+class FakeApp:
+    """An application whose answers the test decides: ``up``, or spells of ``flap_every``
+    seconds up and down. Records when each check ran and whether it passed."""
+
+    def __init__(self) -> None:
+        self.up = True
+        self.flap_every: float | None = None
+        self.since = time.monotonic()
+        self.checks: list[tuple[float, bool]] = []
+
+    def answering(self) -> bool:
+        if self.flap_every is not None:
+            return int((time.monotonic() - self.since) / self.flap_every) % 2 == 0
+        return self.up
+
+    def check(
+        self, instance: ServiceInstance, spec: CheckSpec, target: CheckTarget | None
+    ) -> str | None:
+        ok = self.answering()
+        self.checks.append((time.monotonic(), ok))
+        return None if ok else "down"
+
+    def switch(self, up: bool) -> float:
+        """Answer (or not) from now on; the moment just before the switch."""
+        moment = time.monotonic()
+        self.up = up
+        return moment
+
+    def checked_since(self, moment: float, ok: bool) -> bool:
+        return any(at >= moment and passed == ok for at, passed in list(self.checks))
+
+
+class Changes:
+    """The readiness notifications, with the moment each came."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[float, str]] = []
+
+    def __call__(self, reason: str) -> None:
+        self.items.append((time.monotonic(), reason))
+
+    def count(self, word: str, since: float = 0.0) -> int:
+        return sum(1 for at, reason in list(self.items) if word in reason and at >= since)
+
+    def last(self, word: str) -> float:
+        return max(at for at, reason in list(self.items) if word in reason)
+
+    def reach(self, word: str, count: int) -> Callable[[], bool]:
+        """A condition: ``count`` notifications with ``word`` came."""
+        return lambda: self.count(word) == count
+
+
+class FakeProbe:
+    """A listen probe that reads the fake application; ``blind_after`` calls it says nothing
+    listens whatever the application does."""
+
+    def __init__(self, app: FakeApp, blind_after: int | None = None) -> None:
+        self.app = app
+        self.blind_after = blind_after
+        self.asked = 0
+        self.closed = False
+
+    def listening(self) -> bool:
+        self.asked += 1
+        if self.blind_after is not None and self.asked > self.blind_after:
+            return False
+        return self.app.answering()
+
+    def close(self) -> None:
+        self.closed = True
+
+
+MakeReadiness = Callable[..., Readiness]
+
+
+@pytest.fixture
+def make_readiness() -> Iterator[MakeReadiness]:
+    """``make_readiness(app, notify, interval=..., **options)``: a scheduler checking with the
+    fake application (no probes unless ``probe`` is given); closed at teardown."""
+    made: list[Readiness] = []
+
+    def make(
+        app: FakeApp, notify: Callable[[str], None], interval: float = 0.05, **options: Any
+    ) -> Readiness:
+        options.setdefault("probe", None)
+        readiness = Readiness(
+            CheckSpec("tcp", interval=interval, timeout=0.5),
+            lambda i: None,
+            notify,
+            check=app.check,
+            **options,
+        )
+        made.append(readiness)
+        return readiness
+
+    yield make
+    for readiness in made:
+        readiness.close()
+
+
+def test_a_fallen_instance_is_ready_again_only_after_answering_for_a_growing_hold(
+    make_readiness: MakeReadiness,
+) -> None:
+    app, changes = FakeApp(), Changes()
+    readiness = make_readiness(
+        app, changes, hold=0.2, hold_max=0.5, half_life=3600.0, hold_recheck=0.02
+    )
+    web = instance(1)
+    # A new instance is ready at its first good check: no hold.
+    assert readiness.update({web.id: web}, first_wait=5.0) == {web.id}
+    assert readiness.hold_of(web.id) == 0.0
+    for fall, hold in ((1, 0.2), (2, 0.4), (3, 0.5)):  # doubles with each fall, up to the cap
+        app.switch(False)
+        eventually(changes.reach("failed", fall))
+        assert readiness.update({web.id: web}, first_wait=0.0) == set()
+        assert readiness.hold_of(web.id) == pytest.approx(hold, rel=0.01)
+        back = app.switch(True)
+        eventually(changes.reach("passed", fall + 1), timeout=hold + 10.0)
+        took = changes.last("passed") - back
+        assert took >= hold, f"fall {fall}: ready {took:.3f}s after answering again, hold {hold}s"
+    assert readiness.update({web.id: web}, first_wait=0.0) == {web.id}
+    assert readiness.counts["fell"] == 3 and readiness.counts["readmitted"] == 3
+
+
+def test_a_failure_during_the_hold_starts_it_again(make_readiness: MakeReadiness) -> None:
+    app, changes = FakeApp(), Changes()
+    readiness = make_readiness(app, changes, hold=0.5, half_life=3600.0, hold_recheck=0.02)
+    web = instance(1)
+    assert readiness.update({web.id: web}, first_wait=5.0) == {web.id}
+    app.switch(False)
+    eventually(lambda: changes.count("failed") == 1)
+    answering = app.switch(True)
+    eventually(lambda: app.checked_since(answering, ok=True))
+    blip = app.switch(False)  # well within the hold
+    eventually(lambda: app.checked_since(blip, ok=False))
+    back = app.switch(True)
+    eventually(lambda: changes.count("passed") == 2, timeout=10.0)
+    took = changes.last("passed") - back
+    assert took >= 0.5, f"ready {took:.3f}s after the last failure; the hold is 0.5s"
+    assert changes.count("passed", since=answering) == 1
+
+
+def test_the_count_of_falls_fades(make_readiness: MakeReadiness) -> None:
+    app, changes = FakeApp(), Changes()
+    readiness = make_readiness(app, changes, hold=0.2, half_life=0.02, hold_recheck=0.02)
+    web = instance(1)
+    assert readiness.update({web.id: web}, first_wait=5.0) == {web.id}
+    for fall in (1, 2):
+        app.switch(False)
+        eventually(changes.reach("failed", fall))
+        # The falls are at least a hold (ten half-lives) apart: the first one is forgotten.
+        assert readiness.hold_of(web.id) == pytest.approx(0.2, abs=0.01)
+        app.switch(True)
+        eventually(changes.reach("passed", fall + 1), timeout=10.0)
+
+
+def test_a_flapping_instance_is_kept_out(make_readiness: MakeReadiness) -> None:
+    """Spells of 30 ms up and down, checks every 20 ms: once it fell, it never answers for a
+    whole hold, so it stays out (one change, not one per spell)."""
+    app, changes = FakeApp(), Changes()
+    app.flap_every = 0.03
+    readiness = make_readiness(
+        app, changes, interval=0.02, hold=0.3, half_life=3600.0, hold_recheck=0.01
+    )
+    web = instance(1)
+    readiness.update({web.id: web}, first_wait=1.0)
+    eventually(lambda: changes.count("failed") == 1)
+    fell = changes.last("failed")
+    window = 1.5
+    time.sleep(window)  # the observation window: the assertions bound what happened in it
+    checks = [passed for at, passed in list(app.checks) if at >= fell]
+    assert checks.count(True) > 0 and checks.count(False) > 0  # it did flap while out
+    readmitted = changes.count("passed", since=fell)
+    assert readmitted == 0, f"readmitted {readmitted} times in {window}s: {changes.items}"
+    assert readiness.update({web.id: web}, first_wait=0.0) == set()
+
+
+def test_a_probe_that_finds_nothing_is_confirmed_by_one_check(
+    make_readiness: MakeReadiness,
+) -> None:
+    """Checks every 30 s, probes every 20 ms: the application's stop is found by the probe,
+    and one check confirms it (a probe and a check are the two failures that take it out)."""
+    app, changes = FakeApp(), Changes()
+    probes: list[FakeProbe] = []
+
+    def probe(i: ServiceInstance, spec: CheckSpec, target: CheckTarget | None) -> LivenessProbe:
+        probes.append(FakeProbe(app))
+        return probes[-1]
+
+    readiness = make_readiness(app, changes, interval=30.0, probe=probe, probe_interval=0.02)
+    web = instance(1)
+    assert readiness.update({web.id: web}, first_wait=5.0) == {web.id}
+    eventually(lambda: len(probes) == 1 and probes[0].asked > 3)
+    down = app.switch(False)
+    eventually(lambda: changes.count("failed") == 1, timeout=5.0)
+    confirming = [at for at, _ in list(app.checks) if at >= down]
+    assert len(confirming) == 1, confirming
+    assert readiness.reason(web.id) == "down"
+    assert readiness.update({web.id: web}, first_wait=0.0) == set()
+    readiness.update({}, first_wait=0.0)  # forgotten: its probe is closed
+    assert probes[0].closed
+
+
+def test_a_probe_the_checks_contradict_is_dropped(make_readiness: MakeReadiness) -> None:
+    app, changes = FakeApp(), Changes()
+    blind = FakeProbe(app, blind_after=2)
+
+    def probe(i: ServiceInstance, spec: CheckSpec, target: CheckTarget | None) -> LivenessProbe:
+        return blind
+
+    readiness = make_readiness(app, changes, interval=30.0, probe=probe, probe_interval=0.02)
+    web = instance(1)
+    assert readiness.update({web.id: web}, first_wait=5.0) == {web.id}
+    eventually(lambda: blind.closed, timeout=5.0)
+    assert blind.asked >= PROBE_MISTRUST
+    assert changes.count("failed") == 0  # each of its false alarms was checked, and passed
+    assert readiness.update({web.id: web}, first_wait=0.0) == {web.id}
+
+
+def test_checks_alone_when_no_probe_can_be_made(make_readiness: MakeReadiness) -> None:
+    app, changes = FakeApp(), Changes()
+
+    def probe(i: ServiceInstance, spec: CheckSpec, target: CheckTarget | None) -> LivenessProbe:
+        raise OSError(1, "Operation not permitted")
+
+    readiness = make_readiness(app, changes, interval=0.05, probe=probe, probe_interval=0.02)
+    web = instance(1)
+    assert readiness.update({web.id: web}, first_wait=5.0) == {web.id}
+    app.switch(False)
+    eventually(lambda: changes.count("failed") == 1)
+
+
+# --------------------------------------------------------------------------------------------
+# The listen probe against real sockets, in this process's own network namespace (entering a
+# namespace, even one's own, takes CAP_SYS_ADMIN: root, as the Docker tests are run).
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="entering a network namespace needs root")
+OWN_NETNS = f"/proc/{os.getpid()}/ns/net"
+
+
+def listener(
+    family: socket.AddressFamily, address: str, v6only: bool | None = None
+) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    if v6only is not None:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
+    sock.bind((address, 0))
+    sock.listen()
+    return sock
+
+
+@needs_root
+def test_listen_probe_reads_the_kernels_listeners() -> None:
+    def listens(address: str, port: int) -> bool:
+        probe = ListenProbe(OWN_NETNS, address, port)
+        try:
+            return probe.listening()
+        finally:
+            probe.close()
+
+    with (
+        listener(socket.AF_INET, "127.0.0.1") as exact,
+        listener(socket.AF_INET, "0.0.0.0") as wild,
+    ):
+        port, wild_port = exact.getsockname()[1], wild.getsockname()[1]
+        assert listens("127.0.0.1", port)
+        assert not listens("127.0.0.2", port)  # bound to another address: not reachable there
+        assert listens("10.1.2.3", wild_port)
+    assert not listens("127.0.0.1", port) and not listens("10.1.2.3", wild_port)  # closed
+    with listener(socket.AF_INET6, "::", v6only=False) as dual:
+        assert listens("127.0.0.1", dual.getsockname()[1])  # IPv4 reaches a dual-stack socket
+    with listener(socket.AF_INET6, "::", v6only=True) as only6:
+        assert not listens("127.0.0.1", only6.getsockname()[1])
+        assert listens("::1", only6.getsockname()[1])
+    with pytest.raises(OSError):
+        ListenProbe("/proc/999999999/ns/net", "127.0.0.1", 1)
+
+
+@needs_root
+def test_listen_probes_beyond_the_descriptor_budget_keep_no_socket(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with listener(socket.AF_INET, "127.0.0.1") as sock:
+        port = sock.getsockname()[1]
+        kept = ListenProbe(OWN_NETNS, "127.0.0.1", port)
+        monkeypatch.setattr(checks, "_held_budget", lambda: 0)
+        passing = ListenProbe(OWN_NETNS, "127.0.0.1", port)
+        try:
+            assert kept.kept and not passing.kept
+            assert passing.listening() and kept.listening()
+        finally:
+            kept.close()
+            kept.close()  # twice: harmless
+            passing.close()
+        sock.close()
+        assert not passing.listening()
+
+
+@needs_root
+def test_readiness_finds_a_stopped_listener_between_two_checks() -> None:
+    """The real check and the real probe, in a real namespace: checks every 30 s, yet the
+    instance leaves within a second or so of its listener closing."""
+    sock = listener(socket.AF_INET, "127.0.0.1")
+    port = sock.getsockname()[1]
+    web = instance(port)
+    changes = Changes()
+    readiness = Readiness(
+        CheckSpec("tcp", interval=30.0, timeout=0.5),
+        lambda i: CheckTarget("127.0.0.1", port, netns=OWN_NETNS),
+        changes,
+    )
+    try:
+        assert readiness.update({web.id: web}, first_wait=5.0) == {web.id}
+        eventually(lambda: readiness.counts["probes"] > 0)
+        closed = time.monotonic()
+        sock.close()
+        eventually(lambda: changes.count("failed") == 1, timeout=10.0)
+        took = changes.last("failed") - closed
+        # Two checks: the first one, and the one that confirmed what the probe found.
+        assert readiness.counts["checks"] == 2, f"{readiness.counts}; out after {took:.3f}s"
+        assert readiness.reason(web.id) == "Connection refused"
+    finally:
+        sock.close()
+        readiness.close()

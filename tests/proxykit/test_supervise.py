@@ -4,6 +4,7 @@ file with an identity check, stopped (signal, wait, kill)."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,13 +17,17 @@ import pytest
 from discoverd import PluginError
 from discoverd.proxykit import (
     PidFile,
+    child_pids,
     command_line,
+    executable_of,
     pid_alive,
     process_title,
     read_pid,
+    real_uid,
     start_detached,
     stop_process,
     wait_gone,
+    writes_to,
 )
 
 SLEEPER = "import sys, time; print('up', flush=True); time.sleep(60)"
@@ -79,6 +84,81 @@ def test_pid_file_adopts_only_a_live_process_that_is_ours(
     assert pid_file.find(lambda: sleeper.pid, adopt=False) == sleeper.pid
     assert not pid_file.path.exists()
     pid_file.remove()  # twice is fine
+
+
+def test_identity_needs_discoverd_s_uid_and_the_configured_binary(
+    sleeper: subprocess.Popen[bytes], tmp_path: Path
+) -> None:
+    def ours(pid: int) -> bool:
+        return (command_line(pid) or [""])[-1] == "discoverd-test-marker"
+
+    assert executable_of(sleeper.pid) == os.path.realpath(sys.executable)
+    assert real_uid(sleeper.pid) == os.geteuid()
+    assert sleeper.pid in child_pids(os.getpid())
+    assert executable_of(2**22 + 1) is None and real_uid(2**22 + 1) is None
+    right = PidFile(tmp_path / "a.pid", ours, executable=lambda: sys.executable)
+    assert right.trusted(sleeper.pid)
+    # The same title with another binary configured: not ours, not adopted.
+    wrong = PidFile(tmp_path / "b.pid", ours, executable=lambda: "/bin/sh")
+    assert not wrong.trusted(sleeper.pid)
+    assert wrong.find(lambda: sleeper.pid) is None and not wrong.path.exists()
+    wrong.path.write_text(f"{sleeper.pid}\n")
+    assert wrong.live() is None
+
+
+def test_a_replaced_binary_still_identifies_its_process(tmp_path: Path) -> None:
+    """A package upgrade replaces the binary under a running proxy: /proc says "(deleted)"."""
+    binary = tmp_path / "sleep"
+    shutil.copy(shutil.which("sleep") or "/bin/sleep", binary)
+    child = subprocess.Popen([str(binary), "60"])
+    try:
+        wait_for_exec = time.monotonic() + 10
+        while executable_of(child.pid) != str(binary):
+            assert time.monotonic() < wait_for_exec
+            time.sleep(0.01)
+        binary.unlink()
+        assert os.readlink(f"/proc/{child.pid}/exe").endswith(" (deleted)")
+        assert executable_of(child.pid) == str(binary)
+        assert PidFile(
+            tmp_path / "x.pid", lambda pid: True, executable=lambda: str(binary)
+        ).trusted(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root")
+def test_a_process_of_another_user_is_never_ours(tmp_path: Path) -> None:
+    sleep = os.path.realpath(shutil.which("sleep") or "/bin/sleep")
+    pid_file = PidFile(tmp_path / "x.pid", lambda pid: True, executable=lambda: sleep)
+    mine = subprocess.Popen([sleep, "60"])
+    other = subprocess.Popen(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sleep, "60"]
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while real_uid(other.pid) != 65534 or executable_of(other.pid) != sleep:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert pid_file.trusted(mine.pid)
+        assert not pid_file.trusted(other.pid)  # same binary, same title: another uid
+        assert pid_file.find(lambda: other.pid) is None
+    finally:
+        for child in (mine, other):
+            child.kill()
+            child.wait()
+
+
+def test_writes_to_tells_a_writer_from_a_reader(tmp_path: Path) -> None:
+    log = tmp_path / "proxy.log"
+    log.write_text("")
+    assert not writes_to(os.getpid(), log)
+    with open(log) as reading:
+        assert not writes_to(os.getpid(), log)
+        with open(log, "a"):
+            assert writes_to(os.getpid(), log)
+        assert not reading.closed
+    assert not writes_to(2**22 + 1, log)
 
 
 def test_stop_process_signals_waits_and_kills_what_stays(tmp_path: Path) -> None:

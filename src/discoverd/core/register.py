@@ -10,7 +10,7 @@ from discoverd.core.checks import CheckSpec
 from discoverd.core.errors import PluginError
 from discoverd.core.interfaces import Registry, Source
 from discoverd.core.logs import fields
-from discoverd.core.model import ServiceInstance, SourceSnapshot
+from discoverd.core.model import Problem, ServiceInstance, SourceSnapshot
 from discoverd.core.readiness import FIRST_PASS_MAX, Readiness
 from discoverd.core.role import RESYNC, Role
 from discoverd.core.scheduling import Backoff
@@ -50,6 +50,7 @@ class RegisterRole(Role):
         self.synced = threading.Event()
         #: When the source was last read (and the error since, if any).
         self.source_contact = Contact()
+        self._source_problems: tuple[Problem, ...] = ()
 
     def start(self) -> None:
         self.waker.notify("start")
@@ -143,6 +144,7 @@ class RegisterRole(Role):
                     extra=fields(instance),
                 )
         # What the source refused, and what the registry says of this host's claims.
+        self._source_problems = snapshot.problems
         self.problems.update([*snapshot.problems, *self.registry.conflicts()])
         self.synced.set()
 
@@ -175,6 +177,8 @@ class RegisterRole(Role):
                 failing = True
                 continue
             self.registry_contact.ok()
+            # A claim is won or lost at a keepalive too: report it now, not at the next pass.
+            self.problems.update([*self._source_problems, *self.registry.conflicts()])
             if failing:
                 log.info("register: registry reachable again")
             failing = False

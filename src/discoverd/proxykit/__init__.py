@@ -9,8 +9,12 @@ The built-in HAProxy and nginx plugins and the example ``json-file`` plugin are 
   :func:`ensure_directory`, :func:`check_state_dir`;
 - processes: :func:`find_executable`, :func:`run_check_command`, :func:`directory_lock`, and
   the supervision of a proxy that outlives discoverd: :func:`start_detached`, :class:`PidFile`
-  (adoption with an identity check), :func:`stop_process`, :func:`pid_alive`,
-  :func:`wait_gone`, :func:`command_line`, :func:`process_title`;
+  (adoption with an identity check a local user cannot fake: real uid and executable),
+  :func:`stop_process`, :func:`pid_alive`, :func:`wait_gone`, :func:`command_line`,
+  :func:`process_title`, :func:`real_uid`, :func:`executable_of`, :func:`child_pids`,
+  :func:`writes_to`;
+- ports: :func:`held_ports` (which frontend ports another process holds, and which process:
+  what ``Proxy.unservable`` reports), :class:`HeldPort`;
 - logs: :class:`LogFile` (read by offset, trimmed), :func:`last_lines`, :func:`summarise`;
 - templates: :func:`template_environment`, :func:`plugin_environment`, :func:`load_template`
   (user templates first, ``default:`` for the shipped ones).
@@ -34,6 +38,7 @@ from discoverd.proxykit.managed import (
     ProxyRefused,
     ReloadAttempt,
 )
+from discoverd.proxykit.ports import HeldPort, held_ports
 from discoverd.proxykit.process import (
     SBIN_DIRS,
     directory_lock,
@@ -43,12 +48,16 @@ from discoverd.proxykit.process import (
 )
 from discoverd.proxykit.supervise import (
     PidFile,
+    child_pids,
     command_line,
+    executable_of,
     process_title,
     read_pid,
+    real_uid,
     start_detached,
     stop_process,
     wait_gone,
+    writes_to,
 )
 from discoverd.proxykit.templates import load_template, plugin_environment, template_environment
 
@@ -56,16 +65,20 @@ __all__ = [
     "APPLIED_MARKER",
     "SBIN_DIRS",
     "ApplyStatus",
+    "HeldPort",
     "LogFile",
     "ManagedProxy",
     "PidFile",
     "ProxyRefused",
     "ReloadAttempt",
     "check_state_dir",
+    "child_pids",
     "command_line",
     "directory_lock",
     "ensure_directory",
+    "executable_of",
     "find_executable",
+    "held_ports",
     "last_lines",
     "load_template",
     "pid_alive",
@@ -74,6 +87,7 @@ __all__ = [
     "read_bytes",
     "read_pid",
     "read_text",
+    "real_uid",
     "run_check_command",
     "start_detached",
     "stop_process",
@@ -81,4 +95,5 @@ __all__ = [
     "template_environment",
     "wait_gone",
     "write_atomic",
+    "writes_to",
 ]

@@ -159,6 +159,11 @@ class ManagedProxy(Proxy, Generic[R]):
         possible, reload. Called with the lock held."""
         return None
 
+    def changes_in_place(self, previous: bytes, config: str) -> bool:
+        """Whether :meth:`apply_in_place` could take the running proxy from ``previous`` (the
+        confirmed file) to ``config`` (for :meth:`plan`; it changes nothing). Default: no."""
+        return False
+
     def applied(self, result: str, services: Sequence[Service]) -> None:
         """Called after every successful apply, ``"unchanged"`` included, lock held."""
 
@@ -171,6 +176,21 @@ class ManagedProxy(Proxy, Generic[R]):
             self.config_file.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
 
     # -- the skeleton -------------------------------------------------------------------------
+
+    def plan(self, config: str) -> str:
+        """What :meth:`apply` would do now: ``"start"`` when no proxy runs, ``"unchanged"``
+        when the confirmed file is ``config``, ``"runtime"`` when :meth:`changes_in_place`
+        says so, else ``"reload"``. Reads files and asks :meth:`find_running`; writes
+        nothing the running proxy uses."""
+        running = self.find_running()
+        if running is None:
+            return "start"
+        confirmed = self.confirmed_config() if self.serves_file(running) else None
+        if confirmed is None:
+            return "reload"
+        if confirmed == config.encode("utf-8"):
+            return "unchanged"
+        return "runtime" if self.changes_in_place(confirmed, config) else "reload"
 
     def apply(self, config: str, services: Sequence[Service]) -> str:
         began = time.monotonic()

@@ -5,6 +5,11 @@ A proxy such as HAProxy or nginx keeps serving while discoverd restarts, so disc
 holds it as a child it waits for. It starts it in a session of its own (:func:`start_detached`),
 finds it again through its pid file and an identity check (:class:`PidFile`: a pid reused by an
 unrelated program is not ours), and stops it only when asked (:func:`stop_process`).
+
+The identity check rests on what another local user cannot fake: the process's real uid (it
+must be discoverd's effective uid) and the file it executes (``/proc/<pid>/exe`` must be the
+configured binary). A title or a command line is only the last test: any process can choose
+its own.
 """
 
 from __future__ import annotations
@@ -46,6 +51,80 @@ def command_line(pid: int) -> list[str] | None:
     except OSError:
         return None
     return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def real_uid(pid: int) -> int | None:
+    """The real uid of ``pid`` (``/proc/<pid>/status``), or ``None`` if it cannot be read."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("Uid:"):
+            fields = line.split()
+            return int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else None
+    return None
+
+
+def executable_of(pid: int) -> str | None:
+    """The file ``pid`` executes (``/proc/<pid>/exe``), or ``None`` if it cannot be read
+    (another user's process, without root). A binary replaced since the process started (a
+    package upgrade) still counts as its path: only who may write there could have run it."""
+    try:
+        target = os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
+    return target.removesuffix(" (deleted)")
+
+
+def child_pids(pid: int) -> set[int]:
+    """The live child processes of ``pid`` (a master's workers)."""
+    found: set[int] = set()
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            text = Path(f"/proc/{pid}/task/{task}/children").read_text()
+            found.update(int(x) for x in text.split())
+    except OSError:
+        found = {other for other in _all_pids() if _parent(other) == pid}
+    return {child for child in found if pid_alive(child)}
+
+
+def writes_to(pid: int, path: Path) -> bool:
+    """True if ``pid`` holds ``path`` open for writing (``/proc/<pid>/fd`` and ``fdinfo``). A
+    file only discoverd's user may write (a proxy's log) then proves the process got it from
+    discoverd's proxy, whatever user it runs as now."""
+    target = str(path)
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") != target:
+                continue
+            info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+        except OSError:
+            continue
+        flags = next((ln.split()[1] for ln in info.splitlines() if ln.startswith("flags:")), "0")
+        if (int(flags, 8) & os.O_ACCMODE) in (os.O_WRONLY, os.O_RDWR):
+            return True
+    return False
+
+
+def _all_pids() -> list[int]:
+    try:
+        return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
+    except OSError:
+        return []
+
+
+def _parent(pid: int) -> int:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    fields = stat.rsplit(")", 1)[-1].split()
+    return int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else 0
 
 
 def process_title(pid: int) -> str:
@@ -92,18 +171,35 @@ def read_pid(path: Path) -> int | None:
 @dataclass(frozen=True)
 class PidFile:
     """The pid file of a proxy process that outlives discoverd, and how to recognise that
-    process: ``is_ours(pid)`` is the identity check (e.g. its command line names this state
-    directory), so a pid that the system gave to another program since is never adopted."""
+    process, so that a pid the system gave to another program since, or a process another
+    local user dressed up as the proxy, is never adopted, signalled or trusted.
+
+    A process is ours (:meth:`trusted`) when it is alive, its real uid is discoverd's effective
+    uid, ``/proc/<pid>/exe`` is the proxy's binary (``executable()``, resolved with
+    ``realpath``; skipped when ``None``), and ``is_ours(pid)`` (e.g. its command line names
+    this state directory)."""
 
     path: Path
     is_ours: Callable[[int], bool]
     #: Mode of the file when discoverd writes it (when it adopts a process).
     mode: int = 0o644
+    #: The proxy's binary, asked when first needed (looking it up may fail: not installed).
+    executable: Callable[[], str] | None = None
+
+    def trusted(self, pid: int) -> bool:
+        """True if ``pid`` is alive and is our proxy (see the class)."""
+        if not pid_alive(pid) or real_uid(pid) != os.geteuid():
+            return False
+        if self.executable is not None:
+            running = executable_of(pid)
+            if running is None or running != os.path.realpath(self.executable()):
+                return False
+        return self.is_ours(pid)
 
     def live(self) -> int | None:
         """The pid in the file, if that process is alive and ours; else ``None``."""
         pid = read_pid(self.path)
-        if pid is None or not pid_alive(pid) or not self.is_ours(pid):
+        if pid is None or not self.trusted(pid):
             return None
         return pid
 
@@ -115,7 +211,7 @@ class PidFile:
         if pid is not None:
             return pid
         found = search()
-        if found is None or not pid_alive(found) or not self.is_ours(found):
+        if found is None or not self.trusted(found):
             return None
         if adopt:
             write_atomic(self.path, f"{found}\n".encode(), mode=self.mode)

@@ -29,6 +29,7 @@ from discoverd import (
 )
 from discoverd.core.manager import get_plugin_manager
 from discoverd.plugins.haproxy import make_proxy
+from discoverd.plugins.haproxy.config import WorkerUser
 from discoverd.plugins.haproxy.proxy import HAProxy
 from discoverd.plugins.haproxy.sockets import (
     cli,
@@ -49,10 +50,11 @@ Backends = Callable[[str], NameServer]
 
 
 def offline_proxy(**options: object) -> HAProxy:
-    """A proxy for render-only tests (no binary needed, nothing written)."""
-    proxy = make_proxy(haproxy_context(Path("/run/discoverd"), **options))
-    assert isinstance(proxy, HAProxy)
-    return proxy
+    """A proxy for render-only tests (no binary needed, nothing written), rendering as when
+    discoverd does not run as root (no user/group lines), so its render is the same on every
+    machine."""
+    ctx = haproxy_context(Path("/run/discoverd"), **options)
+    return HAProxy(ctx.config, ctx.state_dir, workers=WorkerUser())
 
 
 def instance(
@@ -181,6 +183,8 @@ def test_plugin_is_registered_with_its_options() -> None:
         "stats_bind",
         "stats_port",
         "template_dir",
+        "user",
+        "group",
         "check_interval",
         "retries",
         "timeout_connect",
@@ -218,6 +222,8 @@ def test_plugin_is_registered_with_its_options() -> None:
         ({"drain_timeout": "soon"}, "drain_timeout"),
         ({"drain_timeout": float("nan")}, "drain_timeout"),
         ({"reload_interval": 7200}, "reload_interval"),
+        ({"user": "nobody\n    user root"}, "user"),
+        ({"group": "wheel;"}, "group"),
     ],
 )
 def test_bad_options_are_refused_at_factory_time(options: dict[str, object], words: str) -> None:
@@ -272,7 +278,7 @@ def test_render_uses_the_options() -> None:
     ).render(sample_services())
     assert "    bind 127.0.0.2:8000\n" in text
     assert "    bind [::1]:4000\n" in text
-    assert "check inter 250ms fall 2 rise 1" in text
+    assert "check inter 250ms fastinter 100ms fall 2 rise 1" in text
     for line in ("retries 5", "timeout connect 2s", "timeout client 1m", "timeout server 45s"):
         assert f"    {line}\n" in text
     assert "    maxconn 100\n" in text
@@ -636,7 +642,8 @@ def test_http_mode_replays_gets_but_not_posts(
     make_haproxy: MakeHAProxy, backends: Backends
 ) -> None:
     """A server that accepts and hangs up at once (a dying container behind docker-proxy): a GET
-    is replayed on the good server; a POST that reached it is not (its client gets the 502)."""
+    is replayed on the good server; a POST that reached it is not (its client gets the 502).
+    It answers HAProxy's health checks (OPTIONS), so that it stays in rotation."""
     good = backends("good")
     with socket.socket() as closer:
         closer.bind(("127.0.0.1", 0))
@@ -650,7 +657,13 @@ def test_http_mode_replays_gets_but_not_posts(
                     conn, _ = closer.accept()
                 except OSError:
                     continue
-                conn.close()
+                with conn:
+                    try:
+                        conn.settimeout(1.0)
+                        if conn.recv(4096).startswith(b"OPTIONS "):
+                            conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n")
+                    except OSError:
+                        pass
 
         thread = threading.Thread(target=hang_up, daemon=True)
         thread.start()

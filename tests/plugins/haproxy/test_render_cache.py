@@ -273,7 +273,7 @@ def test_another_template_dir_renders_its_own_template(tmp_path: Path) -> None:
     assert a.render(services) == proxy_with(template_dir=str(one)).render(services)
     # The same text as the one-pass render of the same template.
     assert shipped.render(services) == render_config(
-        shipped.renderer.template, shipped.config, shipped.dir, services
+        shipped.renderer.template, shipped.renderer.config, shipped.dir, services
     )
 
 

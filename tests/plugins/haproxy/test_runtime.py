@@ -31,6 +31,11 @@ from tests.plugins.haproxy.conftest import NameServer
 from tests.support.services import free_port, http_get, wait_for
 
 GOLDEN = Path(__file__).parent / "golden" / "haproxy.cfg"
+# The options of the golden file's server lines (HTTP and TCP backends).
+HTTP_ARGS = "check inter 1s fastinter 100ms fall 2 rise 1 observe layer7 " + (
+    "error-limit 1 on-error sudden-death"
+)
+TCP_ARGS = HTTP_ARGS.replace("layer7", "layer4")
 MakeHAProxy = Callable[..., HAProxy]
 Backends = Callable[..., NameServer]
 
@@ -118,24 +123,20 @@ def test_split_separates_server_lines_from_the_structure() -> None:
     assert sorted(split.servers) == ["api", "redis", "whoami"]
     server = split.servers["api"]["host1:e5f6a1b2c3d4:8000:tcp"]
     assert (server.address, server.port, server.endpoint) == ("fd00::12", 32772, "[fd00::12]:32772")
-    assert server.args == "check inter 1s fall 2 rise 1" and server.checked
+    assert server.args == HTTP_ARGS and server.checked
     assert "    server " not in split.structure
     assert "backend billing" in split.structure
     assert not split.duplicates and not split.default_server
 
     # Servers only: runtime changes, no reload.
     fewer = text.replace(
-        "    server host1:a1b2c3d4e5f6:8000:tcp 127.0.0.1:32768 check inter 1s fall 2 rise 1\n", ""
+        f"    server host1:a1b2c3d4e5f6:8000:tcp 127.0.0.1:32768 {HTTP_ARGS}\n", ""
     )
     moved = fewer.replace("127.0.0.1:32773", "127.0.0.1:40000")
-    added = moved.replace(
-        "    # Replays failed requests on another server; only GET, HEAD and OPTIONS once sent.\n"
-        "    retry-on all-retryable-errors\n"
-        "    http-request disable-l7-retry unless METH_GET || METH_OPTIONS\n\n",
-        "    # Replays failed requests on another server; only GET, HEAD and OPTIONS once sent.\n"
-        "    retry-on all-retryable-errors\n"
-        "    http-request disable-l7-retry unless METH_GET || METH_OPTIONS\n"
-        "    server host1:new:9000:tcp 10.0.0.9:31000 check inter 1s fall 2 rise 1\n\n",
+    added = moved.replace(  # the first backend without servers: billing
+        "    http-check expect rstatus ^[1-5]\n\n",
+        "    http-check expect rstatus ^[1-5]\n"
+        f"    server host1:new:9000:tcp 10.0.0.9:31000 {HTTP_ARGS}\n\n",
         1,
     )
     assert added != moved
@@ -160,8 +161,8 @@ def test_split_separates_server_lines_from_the_structure() -> None:
     odd = split_config(text.replace("fall 2 rise 1", "fall 2 rise 1 frobnicate", 1))
     assert not checked_without_haproxy(odd, split)
     twice = text.replace(
-        "    server host1:f6a1b2c3d4e5:8000:tcp 127.0.0.1:32773 check inter 1s fall 2 rise 1\n",
-        "    server host1:f6a1b2c3d4e5:8000:tcp 127.0.0.1:32773 check inter 1s fall 2 rise 1\n" * 2,
+        f"    server host1:f6a1b2c3d4e5:8000:tcp 127.0.0.1:32773 {TCP_ARGS}\n",
+        f"    server host1:f6a1b2c3d4e5:8000:tcp 127.0.0.1:32773 {TCP_ARGS}\n" * 2,
     )
     assert split_config(twice).duplicates and not checked_without_haproxy(
         split_config(twice), split

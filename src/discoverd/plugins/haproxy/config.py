@@ -1,18 +1,37 @@
-"""The HAProxy plugin's options: the ``[haproxy]`` section, one typed field each."""
+"""The HAProxy plugin's options: the ``[haproxy]`` section, one typed field each; and what they
+imply on this machine (:func:`worker_user`: who HAProxy's workers run as)."""
 
 from __future__ import annotations
 
+import dataclasses
+import grp
+import logging
+import os
+import pwd
 import re
 from dataclasses import dataclass
 
-from discoverd import option, validators
+from discoverd import PluginError, option, validators
+
+log = logging.getLogger(__name__)
 
 #: HAProxy's time format: a number and an optional unit (milliseconds without one).
 HAPROXY_TIME = re.compile(r"[0-9]{1,9}(us|ms|s|m|h|d)?")
 #: Longest drain period accepted, in seconds (a day).
 MAX_DRAIN = 86400.0
 
+#: Who the workers run as when discoverd runs as root and the options leave it open.
+DEFAULT_USER = "nobody"
+_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}")
+
 _time = validators.duration_text(HAPROXY_TIME, "HAProxy's", positive=True)
+
+
+def _name_or_empty(value: str) -> str:
+    text = validators.one_line(value)
+    if text and not _NAME_RE.fullmatch(text):
+        raise ValueError("must be a user or group name (letters, digits, '_', '.', '-')")
+    return text
 
 
 def _executable(value: str) -> str:
@@ -46,6 +65,18 @@ class HAProxyConfig:
         'with {% extends "default:haproxy.cfg.j2" %} and overrides single blocks.',
         check=validators.directory_or_empty,
     )
+    user: str = option(
+        "",
+        "Unix user HAProxy's workers run as when discoverd runs as root (the master stays "
+        "root); empty: nobody. Ignored when not root.",
+        check=_name_or_empty,
+    )
+    group: str = option(
+        "",
+        "Unix group of HAProxy's workers when discoverd runs as root; empty: the user's own "
+        "group (nogroup for nobody on Debian). Ignored when not root.",
+        check=_name_or_empty,
+    )
     check_interval: str = option(
         "1s", "Interval between two health checks of a server.", check=_time
     )
@@ -72,3 +103,54 @@ class HAProxyConfig:
         min=0,
         max=3600,
     )
+
+
+@dataclass(frozen=True)
+class WorkerUser:
+    """Who HAProxy's workers run as on this machine: ``user`` and ``group`` (both empty
+    unless discoverd runs as root: the workers then run as discoverd's own user)."""
+
+    user: str = ""
+    group: str = ""
+
+
+def worker_user(config: HAProxyConfig, *, is_root: bool | None = None) -> WorkerUser:
+    """The :class:`WorkerUser` of ``config`` here (``is_root``: whether discoverd runs as root;
+    default: asked). As root the workers never run as root: ``user`` or ``nobody``, ``group``
+    or that user's own group. Options set without root are ignored, with a warning.
+    ``PluginError`` if the user or group does not exist here."""
+    root = os.geteuid() == 0 if is_root is None else is_root
+    if not root:
+        if config.user or config.group:
+            log.warning(
+                "haproxy: options user/group (%r/%r) are ignored: discoverd does not run as "
+                "root, so HAProxy's workers run as this user",
+                config.user,
+                config.group,
+            )
+        return WorkerUser()
+    user = config.user or DEFAULT_USER
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise PluginError(f"haproxy: option user: no user {user!r} on this host") from None
+    group = config.group
+    try:
+        group = group or grp.getgrgid(entry.pw_gid).gr_name
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise PluginError(
+            f"haproxy: option group: no group {group or entry.pw_gid!r} on this host"
+        ) from None
+    if entry.pw_uid == 0 or gid == 0:
+        raise PluginError(
+            f"haproxy: options user/group: {user}/{group} is root; HAProxy's workers must run "
+            "unprivileged"
+        )
+    return WorkerUser(user, group)
+
+
+def with_workers(config: HAProxyConfig, workers: WorkerUser) -> HAProxyConfig:
+    """``config`` as templates see it (``settings``): ``user`` and ``group`` are what the
+    workers run as here."""
+    return dataclasses.replace(config, user=workers.user, group=workers.group)

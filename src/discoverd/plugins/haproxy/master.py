@@ -77,7 +77,9 @@ class Master:
         self.binary = binary
         self.log = log_file
         self.master_socket = directory / "master.sock"
-        self.pid_file = PidFile(directory / "haproxy.pid", self.is_ours, mode=0o600)
+        self.pid_file = PidFile(
+            directory / "haproxy.pid", self.is_ours, mode=0o600, executable=self.executable
+        )
         self._executable: str | None = None
         self._child: subprocess.Popen[bytes] | None = None
 
@@ -88,11 +90,22 @@ class Master:
         return self._executable
 
     def is_ours(self, pid: int) -> bool:
-        """True if ``pid`` is a HAProxy master started on this directory's master socket."""
+        """True if ``pid`` is a HAProxy master started on this directory's master socket (the
+        last test of :attr:`pid_file`'s identity check, after its real uid and executable)."""
         argv = command_line(pid)
         if argv is None:
             return False
         return any(arg.startswith(f"{self.master_socket},") for arg in argv)
+
+    def running_pid(self) -> int | None:
+        """The running master's pid, or ``None``; cheap (the pid file, else ``show proc``),
+        adopts nothing."""
+
+        def on_socket() -> int | None:
+            found = show_proc(self.master_socket, timeout=1.0)
+            return found.master if found is not None else None
+
+        return self.pid_file.find(on_socket, adopt=False)
 
     def status(self) -> ProcStatus | None:
         """The running master's ``show proc``; ``None`` if none runs; ``Unavailable`` if it
@@ -212,11 +225,12 @@ class Master:
         instead of stopping at once (SIGTERM). ``False`` if none was running."""
         timeout = self.stop_timeout if timeout is None else timeout
         status = show_proc(self.master_socket, timeout=1.0)
-        pid = read_pid(self.pid_file.path)
-        if (pid is None or not pid_alive(pid)) and status is not None:
-            pid = status.master  # the pid file is gone, the master is not
+        # The pid file's process if it is ours, else the master the socket names (the pid
+        # file is gone or stale, the master is not); never a process that is not ours.
+        candidates = [read_pid(self.pid_file.path), status.master if status else None]
+        pid = next((c for c in candidates if c is not None and self.pid_file.trusted(c)), None)
         stopped = False
-        if pid is not None and pid_alive(pid) and self.is_ours(pid):
+        if pid is not None:
             workers = status.workers if status is not None and status.master == pid else ()
             sig = signal.SIGUSR1 if graceful else signal.SIGTERM
             stop_process([pid], sig, also=workers, timeout=timeout, what="haproxy")

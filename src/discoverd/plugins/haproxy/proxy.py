@@ -29,12 +29,17 @@ confirmed running (the file on disk whose digest is the marker's, which HAProxy 
 only in server lines whose options that file already uses. The decision reads those two files,
 nothing remembered from earlier calls. ``apply_delay`` keeps reloads (never runtime changes) at
 most one per ``reload_interval``.
+
+``unservable`` names the services whose frontend port another process holds (the probe is
+:func:`~discoverd.proxykit.held_ports`), so that the core leaves them out: a reload that cannot
+bind one port fails, and HAProxy pauses every listener for about 2 s while it retries.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import threading
 import time
 from collections.abc import Sequence
@@ -42,7 +47,7 @@ from pathlib import Path
 
 from discoverd import PluginError, ProxyConfigError, Service
 from discoverd.plugins.haproxy import render as rendering
-from discoverd.plugins.haproxy.config import HAProxyConfig
+from discoverd.plugins.haproxy.config import HAProxyConfig, WorkerUser, with_workers, worker_user
 from discoverd.plugins.haproxy.config_split import (
     Changes,
     ConfigSplit,
@@ -59,11 +64,14 @@ from discoverd.plugins.haproxy.sockets import (
     cli,
     filter_server_state,
     server_names,
+    server_status,
 )
 from discoverd.proxykit import (
     LogFile,
     ManagedProxy,
     check_state_dir,
+    child_pids,
+    held_ports,
     last_lines,
     read_bytes,
     write_atomic,
@@ -78,6 +86,19 @@ _GENERIC_ALERTS = ("Error(s) found in configuration file", "Fatal errors found i
 _BAD_PATH_CHARS = "'\n\r\0,"
 # A unix socket path holds at most 107 bytes; HAProxy binds "<path>.<pid>.tmp" and renames it.
 _SOCKET_PATH_MAX = 107 - len(".4194304.tmp")
+# "bind 127.0.0.1:8000", "bind *:8000 ...", "bind [::]:8000,:8001 ..."
+_BIND_RE = re.compile(rb"^[ \t]*bind[ \t]+(\S+)", re.MULTILINE)
+
+
+def bound_ports(config: bytes) -> frozenset[int]:
+    """The ports the ``bind`` lines of a configuration listen on."""
+    ports: set[int] = set()
+    for match in _BIND_RE.finditer(config):
+        for address in match.group(1).split(b","):
+            port = address.rsplit(b":", 1)[-1]
+            if port.isdigit():
+                ports.add(int(port))
+    return frozenset(ports)
 
 
 def check_haproxy_dir(path: Path) -> Path:
@@ -97,14 +118,20 @@ def check_haproxy_dir(path: Path) -> Path:
 
 
 class HAProxy(ManagedProxy[ProcStatus]):
-    """A local HAProxy in master-worker mode, managed through its files and sockets."""
+    """A local HAProxy in master-worker mode, managed through its files and sockets.
+
+    ``workers`` fixes who HAProxy's workers run as (default: derived from ``config`` on this
+    machine, see :func:`~discoverd.plugins.haproxy.config.worker_user`), for renders that must
+    not depend on the machine (tests, golden files)."""
 
     #: Seconds allowed for ``haproxy -c``.
     check_timeout = 30.0
     #: Seconds the admin socket may take to answer a runtime API command.
     answer_timeout = 5.0
 
-    def __init__(self, config: HAProxyConfig, state_dir: Path) -> None:
+    def __init__(
+        self, config: HAProxyConfig, state_dir: Path, *, workers: WorkerUser | None = None
+    ) -> None:
         directory = check_haproxy_dir(Path(state_dir) / "haproxy")
         haproxy_log = LogFile(directory / "haproxy.log")
         super().__init__(
@@ -115,6 +142,8 @@ class HAProxy(ManagedProxy[ProcStatus]):
             log=haproxy_log,
         )
         self.config = config
+        #: Who the workers run as (``user``/``group`` empty: discoverd's own user).
+        self.workers = workers if workers is not None else worker_user(config)
         self.dir = directory
         self.log_file = haproxy_log.path
         #: The master process (start, adopt, ``show proc``, reload, stop).
@@ -126,7 +155,9 @@ class HAProxy(ManagedProxy[ProcStatus]):
         env = rendering.environment(config.template_dir)
         #: Renders services, from per-service sections it caches by ``Service`` value
         #: (``renderer.cached`` says whether the template allows it).
-        self.renderer = rendering.Renderer(env, rendering.load_template(env), config, directory)
+        self.renderer = rendering.Renderer(
+            env, rendering.load_template(env), with_workers(config, self.workers), directory
+        )
         #: The drain period each instance asks for (metadata ``drain``).
         self.drain_periods = DrainPeriods(config.drain_timeout)
         # One apply or drain step at a time within this process (the file lock is for others).
@@ -140,6 +171,7 @@ class HAProxy(ManagedProxy[ProcStatus]):
         self._candidate: tuple[str, ConfigSplit] | None = None
         self._on_disk: tuple[bytes, ConfigSplit] | None = None
         self._udp_warned: set[str] = set()
+        self._bound: tuple[bytes, frozenset[int]] | None = None  # memo: bound_ports by content
         self._swept = False  # leftover servers of an adopted HAProxy looked for
         #: Reloads this object did (fallbacks included), and changes applied at run time.
         self.reloads = 0
@@ -210,6 +242,39 @@ class HAProxy(ManagedProxy[ProcStatus]):
     def reserved_ports(self) -> frozenset[int]:
         return frozenset({self.config.stats_port}) if self.config.stats_port else frozenset()
 
+    def preflight(self) -> None:
+        """The executable must exist: without it nothing will ever be served."""
+        self.master.executable()
+
+    def unservable(self, services: Sequence[Service]) -> dict[str, str]:
+        """The tcp services whose frontend port another process holds on ``bind`` now
+        (:func:`~discoverd.proxykit.held_ports`), e.g. ``frontend port 8000 is held by another
+        process (python3, pid 4242)``: a reload with them would fail, and HAProxy would pause
+        every listener for about 2 s while it retries. Ports the running HAProxy binds (those
+        of its confirmed configuration) are not probed; a port found held by HAProxy's own
+        master or workers is not reported either. udp services are not served at all."""
+        wanted: dict[int, list[str]] = {}
+        for service in services:
+            if service.protocol == "tcp":
+                wanted.setdefault(service.frontend_port, []).append(service.name)
+        if not wanted:
+            return {}
+        try:
+            master = self.master.running_pid()
+            binary: str | None = self.master.executable()
+        except PluginError:  # no haproxy binary: nothing runs, start() says why
+            master, binary = None, None
+        ports = set(wanted) - (self._running_ports() if master is not None else frozenset())
+        if not ports:
+            return {}
+        owners = {master, *child_pids(master)} if master is not None else set()
+        held = held_ports(self.config.bind, ports, "tcp", owners=owners, executable=binary)
+        return {
+            name: found.describe("frontend port")
+            for port, found in held.items()
+            for name in wanted[port]
+        }
+
     def close(self) -> None:
         """Leave HAProxy running with its last good configuration (see ``stop_process``).
 
@@ -244,6 +309,18 @@ class HAProxy(ManagedProxy[ProcStatus]):
         if changes is None or not self._apply_runtime(changes, current):
             return None
         return "runtime"
+
+    def changes_in_place(self, previous: bytes, config: str) -> bool:
+        return runtime_changes(self._split_file(previous), self.split(config)) is not None
+
+    def server_states(self, service: str) -> dict[str, str] | None:
+        """``show stat`` of the admin socket: the status HAProxy gives each server of the
+        service's backend (``UP``, ``DOWN``, ``DRAIN``, ``MAINT``, ``no check``, ...)."""
+        try:
+            answer = cli(self.admin_socket, "show stat", timeout=self.answer_timeout)
+        except OSError:
+            return None
+        return server_status(answer, service)
 
     def applied(self, result: str, services: Sequence[Service]) -> None:
         if result == "runtime":
@@ -302,6 +379,16 @@ class HAProxy(ManagedProxy[ProcStatus]):
         split = split_config(data.decode("utf-8", errors="replace"))
         self._on_disk = (data, split)
         return split
+
+    def _running_ports(self) -> frozenset[int]:
+        """The ports of the configuration confirmed running (HAProxy binds them)."""
+        data = self.confirmed_config()
+        if data is None:
+            return frozenset()
+        cached = self._bound
+        if cached is None or cached[0] != data:
+            cached = self._bound = (data, bound_ports(data))
+        return cached[1]
 
     def _needs_reload(self, config: str) -> bool:
         """Cheap: does ``config`` take a reload (or a start) rather than runtime commands?"""

@@ -204,3 +204,24 @@ def sessions(stat_csv: str) -> dict[str, int]:
             count = sum(int(fields[i]) for i in (queued, current) if fields[i].isdigit())
             found[fields[name]] = count
     return found
+
+
+def server_status(stat_csv: str, backend: str) -> dict[str, str]:
+    """``show stat`` (CSV) -> {server name: its status} for the servers of ``backend``
+    (``UP``, ``DOWN``, ``DRAIN``, ``MAINT``, ``no check``, ``UP 1/2``, ...)."""
+    lines = stat_csv.splitlines()
+    if not lines or not lines[0].startswith("# "):
+        return {}
+    columns = lines[0][2:].split(",")
+    try:
+        proxy, name, status = (columns.index(c) for c in ("pxname", "svname", "status"))
+    except ValueError:
+        return {}
+    found: dict[str, str] = {}
+    for line in lines[1:]:
+        fields = line.split(",")
+        if len(fields) <= max(proxy, name, status) or fields[proxy] != backend:
+            continue
+        if fields[name] not in ("FRONTEND", "BACKEND"):
+            found[fields[name]] = fields[status]
+    return found

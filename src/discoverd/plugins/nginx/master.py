@@ -52,7 +52,9 @@ class Master:
         self.config_file = config_file
         self.binary = binary
         self.log = log_file
-        self.pid_file = PidFile(directory / "nginx.pid", self.is_ours, mode=0o644)
+        self.pid_file = PidFile(
+            directory / "nginx.pid", self.is_ours, mode=0o644, executable=self.executable
+        )
         self.start_output = directory / "start.out"
         self._executable: str | None = None
 
@@ -63,7 +65,9 @@ class Master:
         return self._executable
 
     def is_ours(self, pid: int) -> bool:
-        """True if ``pid`` is an nginx master running this directory's configuration."""
+        """True if ``pid`` is an nginx master running this directory's configuration, by its
+        title (the last test of :attr:`pid_file`'s identity check, after its real uid and
+        executable)."""
         return is_master_of(pid, self.config_file)
 
     def running(self, *, adopt: bool) -> int | None:
@@ -100,7 +104,7 @@ class Master:
     def kill_strays(self) -> None:
         """Stop nginx processes left holding this directory's error log without their master
         (a master killed with SIGKILL leaves its workers serving, and holding the ports)."""
-        strays = holding(self.log.path)
+        strays = holding(self.log.path, self.executable())
         if not strays:
             return
         log.warning("nginx: stopping processes %s left behind by a dead master", sorted(strays))
@@ -206,7 +210,8 @@ class Master:
         timeout = self.stop_timeout if timeout is None else timeout
         master = self.running(adopt=False)
         own = workers(master) if master is not None else set()
-        pids = holding(self.log.path) | ({master, *own} if master is not None else set())
+        strays = holding(self.log.path, self.executable())
+        pids = strays | ({master, *own} if master is not None else set())
         # The master stops its own workers; the others (left behind by a dead master) are
         # signalled one by one.
         signalled = pids - own

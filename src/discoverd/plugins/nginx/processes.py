@@ -8,7 +8,8 @@ Checked against nginx 1.22 (Debian's nginx-light):
   on its stderr. The master then writes the pid file and starts its workers.
 - The master's title (``/proc/<pid>/cmdline``) becomes ``nginx: master process <argv...>``, its
   workers' ``nginx: worker process`` (``... is shutting down`` while they drain). Every one of
-  them holds the error log open, which identifies workers left behind by a killed master.
+  them holds the error log open for writing, which identifies workers left behind by a killed
+  master (a process of another user can open it only for reading).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from discoverd.proxykit import pid_alive, process_title
+from discoverd.proxykit import child_pids, executable_of, pid_alive, process_title, writes_to
 
 #: The title of an nginx master, before its arguments.
 MASTER_TITLE = "nginx: master process"
@@ -29,52 +30,29 @@ def _pids() -> list[int]:
         return []
 
 
-def parent(pid: int) -> int:
-    """The parent pid of ``pid`` (0 if unknown)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0
-    fields = stat.rsplit(")", 1)[-1].split()
-    return int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else 0
-
-
-def children(pid: int) -> set[int]:
-    """Live child processes of ``pid``."""
-    found: set[int] = set()
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            text = Path(f"/proc/{pid}/task/{task}/children").read_text()
-            found.update(int(x) for x in text.split())
-    except OSError:
-        found = {p for p in _pids() if parent(p) == pid}
-    return {p for p in found if pid_alive(p)}
-
-
 def workers(master: int) -> set[int]:
     """The worker processes of an nginx master (draining ones included)."""
-    return {p for p in children(master) if process_title(p).startswith("nginx: worker process")}
+    return {p for p in child_pids(master) if process_title(p).startswith("nginx: worker process")}
 
 
-def holding(path: Path) -> set[int]:
-    """Live nginx processes that hold ``path`` open (the error log: a master and its workers,
-    or workers whose master was killed)."""
-    target = str(path)
+def holding(path: Path, executable: str | None = None) -> set[int]:
+    """Live nginx processes that hold ``path`` open for writing (the error log: a master and
+    its workers, or workers whose master was killed). With ``executable`` (the nginx binary),
+    only processes running it.
+
+    Workers run as another user (``nobody``), so their uid proves nothing; holding the error
+    log open for writing does: only discoverd's user can open it so, and nginx's processes get
+    it from their master. A process of another user that opens the log for reading, or that
+    calls itself ``nginx:``, is not counted (it is never signalled)."""
+    real = os.path.realpath(executable) if executable is not None else None
     found: set[int] = set()
     for pid in _pids():
         if not process_title(pid).startswith("nginx:"):
             continue
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
+        if real is not None and executable_of(pid) != real:
             continue
-        for fd in fds:
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
-                    found.add(pid)
-                    break
-            except OSError:
-                continue
+        if writes_to(pid, path):
+            found.add(pid)
     return {p for p in found if pid_alive(p)}
 
 

@@ -16,14 +16,18 @@ The apply skeleton (lock, compare, write, start or reload, roll back, confirm) i
 :class:`~discoverd.proxykit.ManagedProxy`'s; the master process is supervised by
 :class:`~discoverd.plugins.nginx.master.Master` (start, adopt, verified reload, stop). nginx
 has no runtime API: every change is a reload, at most one per ``reload_interval``. On a refused
-reload the previous file is put back, so the file on disk always is what runs.
+reload the previous file is put back, so the file on disk always is what runs. ``unservable``
+names the services whose frontend port another process holds, so that the core leaves them
+out instead of a reload nginx refuses.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -42,7 +46,9 @@ from discoverd.proxykit import (
     LogFile,
     ManagedProxy,
     check_state_dir,
+    child_pids,
     ensure_directory,
+    held_ports,
     last_lines,
     pid_alive,
     read_pid,
@@ -52,6 +58,18 @@ from discoverd.proxykit import (
 log = logging.getLogger(__name__)
 
 _STUB_STATUS_FLAG = "--with-http_stub_status_module"
+# "listen 8000;", "listen 127.0.0.1:8000;", "listen [::]:53 udp;"
+_LISTEN_RE = re.compile(rb"^[ \t]*listen[ \t]+([^\s;]+)([^;\n]*);", re.MULTILINE)
+
+
+def listened_ports(config: bytes) -> frozenset[tuple[int, str]]:
+    """The (port, protocol) pairs the ``listen`` directives of a configuration name."""
+    found: set[tuple[int, str]] = set()
+    for match in _LISTEN_RE.finditer(config):
+        port = match.group(1).rsplit(b":", 1)[-1]
+        if port.isdigit():
+            found.add((int(port), "udp" if b"udp" in match.group(2).split() else "tcp"))
+    return frozenset(found)
 
 
 class NginxProxy(ManagedProxy[int]):
@@ -97,6 +115,7 @@ class NginxProxy(ManagedProxy[int]):
         self.start_output = self.master.start_output
         self._template = rendering.load_template(rendering.environment(config.template_dir))
         self._stub_status = stub_status
+        self._listened: tuple[bytes, frozenset[tuple[int, str]]] | None = None  # memo
 
     # -- Proxy interface ---------------------------------------------------------------------
 
@@ -135,11 +154,64 @@ class NginxProxy(ManagedProxy[int]):
         pid = read_pid(self.pid_file)
         if pid is None or not pid_alive(pid):
             return 0.0
-        return max(0.0, last.ended + interval - time.monotonic())
+        left = max(0.0, last.ended + interval - time.monotonic())
+        if left > 0 and self._only_removes(config):
+            return 0.0  # taking a server out is never held back: it may be dead already
+        return left
+
+    def _only_removes(self, config: str) -> bool:
+        """Whether ``config`` only drops lines of the configuration confirmed running (servers
+        leaving, nothing new): such a change is applied at once, rate limit or not."""
+        running = self.confirmed_config()
+        if running is None:
+            return False
+        have = Counter(running.decode("utf-8", errors="replace").splitlines())
+        want = Counter(config.splitlines())
+        return not (want - have) and want != have
 
     def reserved_ports(self) -> frozenset[int]:
         port = self.config.status_port
         return frozenset({port}) if port else frozenset()
+
+    def preflight(self) -> None:
+        """The executable must exist: without it nothing will ever be served."""
+        self.master.executable()
+
+    def unservable(self, services: Sequence[Service]) -> dict[str, str]:
+        """The services whose frontend port (tcp, or udp for udp services) another process
+        holds on ``bind`` now (:func:`~discoverd.proxykit.held_ports`), e.g. ``frontend port
+        8000 is held by another process (python3, pid 4242)``: nginx would refuse the reload
+        (after retrying the port for about 2.5 s). Ports the running nginx listens on (those
+        of its confirmed configuration) are not probed; a port found held by nginx's own
+        master or workers is not reported either."""
+        wanted: dict[tuple[int, str], list[str]] = {}
+        for service in services:
+            wanted.setdefault((service.frontend_port, service.protocol), []).append(service.name)
+        if not wanted:
+            return {}
+        try:
+            master = self.master.running(adopt=False)
+            binary: str | None = self.master.executable()
+        except PluginError:  # no nginx binary: nothing runs, start() says why
+            master, binary = None, None
+        pending = set(wanted) - (self._running_ports() if master is not None else frozenset())
+        if not pending:
+            return {}
+        owners = {master, *child_pids(master)} if master is not None else set()
+        # nginx sets IPV6_V6ONLY on its IPv6 listeners ("ipv6only=on" is its default).
+        v6only = True if ":" in self.config.bind else None
+        found: dict[str, str] = {}
+        for protocol in ("tcp", "udp"):
+            ports = {port for port, kind in pending if kind == protocol}
+            if not ports:
+                continue
+            held = held_ports(
+                self.config.bind, ports, protocol, owners=owners, v6only=v6only, executable=binary
+            )
+            for port, holder in held.items():
+                for name in wanted[(port, protocol)]:
+                    found[name] = holder.describe("frontend port")
+        return found
 
     def close(self) -> None:
         """Leave nginx running with its last good configuration (see ``stop_process``)."""
@@ -210,6 +282,17 @@ class NginxProxy(ManagedProxy[int]):
         return stopped
 
     # -- internals -----------------------------------------------------------------------------
+
+    def _running_ports(self) -> frozenset[tuple[int, str]]:
+        """The (port, protocol) pairs of the configuration confirmed running (nginx holds
+        them)."""
+        data = self.confirmed_config()
+        if data is None:
+            return frozenset()
+        cached = self._listened
+        if cached is None or cached[0] != data:
+            cached = self._listened = (data, listened_ports(data))
+        return cached[1]
 
     def _write_status(self, services: Sequence[Service]) -> None:
         try:
