@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import argparse
 import base64
-import collections
 import concurrent.futures
 import contextlib
 import datetime
-import http.client
 import json
 import math
 import os
@@ -40,12 +38,17 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from tests.support.haproxy import haproxy_cli as haproxy_cli
+from tests.support.probe import Prober as Prober
+from tests.support.probe import ask as ask
+from tests.support.probe import ask_why as ask_why
 from tests.support.services import (
     WHOAMI_IMAGE,
     DockerDaemon,
     Etcd,
     ensure_images,
     free_port,
+    graceful_whoami_command,
     require_binary,
 )
 
@@ -461,6 +464,7 @@ class Stack:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("DISCOVERD_", "ETCD"))}
         env["ETCD_HOST"] = self.etcd.endpoint
         env["PYTHONUNBUFFERED"] = "1"
+        env["DISCOVERD_SINGLE_MACHINE"] = "1"  # every agent of a benchmark runs on this machine
         if self.daemon is not None:
             env["DOCKER_HOST"] = self.daemon.host
         return env
@@ -595,21 +599,6 @@ def whoami_labels(frontend: int, mode: str = "http", name: str = "whoami") -> di
     return {"SERVICE_NAME": name, port_label: str(frontend), "SERVICE_MODE": mode}
 
 
-def graceful_whoami_command() -> list[str]:
-    """The whoami backend as a well-behaved application stops: on TERM it stops accepting
-    (httpd, the listener, exits) while the requests in flight finish (busybox httpd serves each
-    connection in a child of its own), and the container exits 0.3 s later. The default whoami
-    (`tests.support.services`) exits at once on TERM and cuts its responses mid-body, which
-    no proxy can repair."""
-    return [
-        "/bin/sh",
-        "-c",
-        'mkdir -p /www; echo "I am $(hostname)" > /www/index.html; '
-        f"httpd -f -p {WHOAMI_PORT} -h /www & pid=$!; "
-        'trap "kill $pid; sleep 0.3; exit 0" TERM; wait',
-    ]
-
-
 def slow_whoami_command(delay: float) -> list[str]:
     """The graceful whoami backend, but httpd starts listening only ``delay`` seconds after
     the container starts."""
@@ -620,27 +609,6 @@ def slow_whoami_command(delay: float) -> list[str]:
         f"sleep {delay:g}; httpd -f -p {WHOAMI_PORT} -h /www & pid=$!; "
         'trap "kill $pid; sleep 0.3; exit 0" TERM; wait',
     ]
-
-
-def ask(port: int, timeout: float = 2.0) -> str | None:
-    """One GET on a fresh connection to 127.0.0.1:``port``; the answering host or ``None``."""
-    return ask_why(port, timeout)[0]
-
-
-def ask_why(port: int, timeout: float = 2.0) -> tuple[str | None, str]:
-    """Like ``ask``, with the reason of a failure (``""`` on success)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", "/", headers={"Connection": "close"})
-        response = conn.getresponse()
-        body = response.read().decode(errors="replace")
-        if response.status != 200 or not body.startswith("I am "):
-            return None, f"HTTP {response.status}"
-        return body[5:].strip(), ""
-    except (OSError, http.client.HTTPException) as exc:
-        return None, f"{type(exc).__name__}: {exc}"[:120]
-    finally:
-        conn.close()
 
 
 def graceful_command(kind: str) -> list[str] | None:
@@ -667,55 +635,6 @@ def wait_answer(port: int, host: str, timeout: float) -> float:
         if ask(port, timeout=1.0) == host:
             return time.monotonic()
     raise TimeoutError(f"{host} did not answer on port {port} within {timeout:g}s")
-
-
-class Prober:
-    """A client loop in a thread: fresh connections one after another, who answered when."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.results: list[tuple[float, str | None]] = []
-        self.reasons: list[tuple[float, str]] = []  # why each failed request failed
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="prober", daemon=True)
-
-    def __enter__(self) -> Prober:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            who, why = ask_why(self.port)
-            moment = time.monotonic()
-            self.results.append((moment, who))
-            if who is None:
-                self.reasons.append((moment, why))
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-    def why(self, since: float = 0.0) -> dict[str, int]:
-        """The reasons of the failures since ``since``, counted."""
-        return dict(
-            collections.Counter(why for moment, why in list(self.reasons) if moment >= since)
-        )
-
-    def failures(self, since: float = 0.0) -> int:
-        return sum(1 for moment, who in list(self.results) if who is None and moment >= since)
-
-    def last_from(self, host: str) -> float | None:
-        moments = [moment for moment, who in list(self.results) if who == host]
-        return max(moments) if moments else None
-
-    def first_from(self, host: str, since: float = 0.0) -> float | None:
-        for moment, who in list(self.results):
-            if who == host and moment >= since:
-                return moment
-        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -770,21 +689,6 @@ def etcd_metrics(etcd: Etcd) -> dict[str, float]:
         with contextlib.suppress(ValueError):
             values[name] = float(value)
     return values
-
-
-def haproxy_cli(state: Path, command: str, socket_name: str = "admin.sock") -> str:
-    """One command on the HAProxy socket (``admin.sock`` or ``master.sock``) of ``state``."""
-    import socket
-
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(5)
-        sock.connect(str(state / "haproxy" / socket_name))
-        sock.sendall(command.encode() + b"\n")
-        sock.shutdown(socket.SHUT_WR)
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks).decode(errors="replace")
 
 
 def haproxy_reloads(state: Path) -> int | None:

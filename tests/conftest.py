@@ -31,6 +31,7 @@ import docker.errors
 import pytest
 
 from discoverd.testing.pytest_plugin import service_unavailable as kit_service_unavailable
+from tests.support.etcd import EtcdCluster
 from tests.support.services import (
     DockerDaemon,
     Etcd,
@@ -88,11 +89,11 @@ def _new_bridge() -> tuple[str, str]:
     service_unavailable("no free 172.31.X.0/24 subnet left for a test bridge")
 
 
-def _start_daemon(root: Path) -> DockerDaemon:
+def _start_daemon(root: Path, *, live_restore: bool = False) -> DockerDaemon:
     """Start a daemon on a fresh bridge, with the test images; stop it again on failure."""
     _need_binaries("dockerd", "containerd", "runc", "docker-proxy", "ip", "busybox")
     bridge, cidr = _new_bridge()
-    daemon = DockerDaemon(root, bridge=bridge, bridge_cidr=cidr)
+    daemon = DockerDaemon(root, bridge=bridge, bridge_cidr=cidr, live_restore=live_restore)
     try:
         daemon.start()
         client = daemon.client()
@@ -132,15 +133,16 @@ def docker_daemon2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockerD
 @pytest.fixture
 def docker_daemon_factory(
     tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Callable[[], DockerDaemon]]:
-    """Start extra private daemons (own bridge, images ready) that this test alone may abuse.
+) -> Iterator[Callable[..., DockerDaemon]]:
+    """Start extra private daemons (own bridge, images ready) that this test alone may abuse;
+    ``make(live_restore=True)`` turns on Docker's live-restore.
 
     Each takes about a second; all are stopped when the test ends.
     """
     started: list[DockerDaemon] = []
 
-    def make() -> DockerDaemon:
-        daemon = _start_daemon(tmp_path_factory.mktemp("dockerx"))
+    def make(*, live_restore: bool = False) -> DockerDaemon:
+        daemon = _start_daemon(tmp_path_factory.mktemp("dockerx"), live_restore=live_restore)
         started.append(daemon)
         return daemon
 
@@ -188,6 +190,19 @@ def etcd(tmp_path: Path) -> Iterator[Etcd]:
         service_unavailable(str(exc))
     yield server
     server.stop()
+
+
+@pytest.fixture
+def etcd_cluster(tmp_path: Path) -> Iterator[EtcdCluster]:
+    """A fresh three-member etcd cluster for one test (members may be killed)."""
+    _need_binaries("etcd")
+    cluster = EtcdCluster(tmp_path / "cluster")
+    try:
+        cluster.start()
+    except ServiceUnavailable as exc:
+        service_unavailable(str(exc))
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ tests, and tests/faults/ runs it all for real)."""
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -191,3 +192,24 @@ def test_a_hold_of_zero_turns_it_off() -> None:
     holds = Holds(0.0, lambda _: None, probe=lambda _: None)
     assert holds.update({"web": (inst("web", 1),)}, []) == []
     holds.close()
+
+
+def applied_has(proxy: FakeProxy, text: str) -> bool:
+    return bool(proxy.applied) and text in proxy.applied[-1]
+
+
+def test_the_last_served_set_is_kept_even_when_changes_come_quickly(tmp_path: Path) -> None:
+    """Writes are rate-limited, but the last state must reach the file without another change
+    and without a clean shutdown (an agent killed with SIGKILL writes nothing on the way out)."""
+    served = tmp_path / "discover" / "served.json"
+    registry, proxy = FakeRegistry(), FakeProxy()
+    role = hold_role(registry, proxy, set(), served_file=served)
+    role.start()
+    try:
+        for n in (1, 2, 3):  # three applies well within one write period
+            registry.entries[inst("web", n).id] = inst("web", n)
+            role.waker.notify("etcd watch")
+            eventually(functools.partial(applied_has, proxy, f"3000{n}"))
+        eventually(lambda: served.exists() and "30003" in served.read_text(), timeout=6)
+    finally:
+        role.stop()  # not shutdown(): as if killed, nothing written on the way out

@@ -61,6 +61,7 @@ __all__ = [
     "ServiceUnavailable",
     "ensure_images",
     "free_port",
+    "graceful_whoami_command",
     "http_get",
     "published_port",
     "require_binary",
@@ -301,16 +302,25 @@ class DockerDaemon(_Service):
     the bridge is created (with address ``bridge_cidr``, e.g. ``"172.31.77.1/24"``) if absent and
     deleted again by :meth:`stop`. Two daemons must not share a bridge: each hands out the same
     container addresses.
+
+    With ``live_restore`` the daemon runs with Docker's ``live-restore``: a restarted dockerd
+    keeps the containers that ran through its outage instead of stopping them.
     """
 
     def __init__(
-        self, root: Path, *, bridge: str | None = None, bridge_cidr: str | None = None
+        self,
+        root: Path,
+        *,
+        bridge: str | None = None,
+        bridge_cidr: str | None = None,
+        live_restore: bool = False,
     ) -> None:
         if bridge is not None and not 0 < len(bridge) <= 15:
             raise ValueError(f"bridge name {bridge!r} must have 1 to 15 characters")
         self.root = Path(root).absolute()
         self.bridge = bridge
         self.bridge_cidr = bridge_cidr
+        self.live_restore = live_restore
         self._own_socket_dir = len(str(self.root)) > _MAX_SOCKET_DIR_LEN
         self.socket_dir = (
             Path(tempfile.mkdtemp(prefix="dd", dir="/tmp")) if self._own_socket_dir else self.root
@@ -357,7 +367,9 @@ class DockerDaemon(_Service):
         # Our own config file keeps the machine's /etc/docker/daemon.json out of the way. The
         # engine ID (`docker info`) derives from the key file; the default, /etc/docker/key.json,
         # would give every daemon on the machine the same ID.
-        config = {"deprecated-key-path": str(self.root / "key.json")}
+        config: dict[str, object] = {"deprecated-key-path": str(self.root / "key.json")}
+        if self.live_restore:
+            config["live-restore"] = True
         self.config_file.write_text(json.dumps(config, indent=2) + "\n")
         cmd = [
             dockerd,
@@ -654,6 +666,21 @@ def _whoami_command(port: int) -> list[str]:
 WHOAMI_COMMAND: list[str] = _whoami_command(8000)
 
 
+def graceful_whoami_command(port: int = 8000) -> list[str]:
+    """The whoami backend as a well-behaved application stops: on TERM it stops accepting
+    (httpd, the listener, exits) while the requests in flight finish (busybox httpd serves each
+    connection in a child of its own), and the container exits 0.3 s later. The default whoami
+    (:data:`WHOAMI_COMMAND`) exits at once on TERM and cuts its responses mid-body, which
+    no proxy can repair."""
+    return [
+        "/bin/sh",
+        "-c",
+        'mkdir -p /www; echo "I am $(hostname)" > /www/index.html; '
+        f"httpd -f -p {port} -h /www & pid=$!; "
+        'trap "kill $pid; sleep 0.3; exit 0" TERM; wait',
+    ]
+
+
 def _is_static_elf(data: bytes) -> bool:
     """True for an ELF executable without a program interpreter (statically linked)."""
     if len(data) < 64 or data[:4] != b"\x7fELF":
@@ -776,18 +803,22 @@ def run_whoami(
     name: str | None = None,
     image: str = WHOAMI_IMAGE,
     private_port: int = 8000,
+    command: list[str] | None = None,
+    host_port: int | None = None,
 ) -> Container:
     """Run a detached backend answering ``I am <hostname>`` (the short container id).
 
-    Its ``private_port``/tcp is published on ``host_ip`` at a random host port: see
-    :func:`published_port`. docker-proxy accepts connections before httpd listens, so wait for
-    an answer (``wait_for(lambda: "I am" in http_get(url), ...)``) rather than for a connect.
+    Its ``private_port``/tcp is published on ``host_ip`` at ``host_port`` (default: a random
+    host port, see :func:`published_port`). ``command`` replaces the whoami command (e.g.
+    :func:`graceful_whoami_command`).
+    docker-proxy accepts connections before httpd listens, so wait for an answer
+    (``wait_for(lambda: "I am" in http_get(url), ...)``) rather than for a connect.
     """
     return client.containers.run(
         image,
-        _whoami_command(private_port),
+        command if command is not None else _whoami_command(private_port),
         detach=True,
-        ports={f"{private_port}/tcp": (host_ip, None)},
+        ports={f"{private_port}/tcp": (host_ip, host_port)},
         labels=dict(labels or {}),
         environment=dict(environment or {}),
         name=name,

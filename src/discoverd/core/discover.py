@@ -49,7 +49,7 @@ log = logging.getLogger("discoverd")
 #: Seconds between two looks at services left out because the proxy could not serve them.
 EXCLUDED_RETRY = 2.0
 #: At most one write of the served set per this many seconds (it is read after a restart).
-SERVED_WRITE_EVERY = 2.0
+SERVED_WRITE_EVERY = 0.5
 
 
 class DiscoverRole(Role):
@@ -97,8 +97,9 @@ class DiscoverRole(Role):
         self.reload_seconds = Histogram()
         #: Where the served set is kept across restarts (``None``: not kept).
         self.served_file = served_file
-        self._served: dict[str, tuple[ServiceInstance, ...]] = _read_served(served_file)
-        self._served_written = 0.0
+        self._served: dict[str, tuple[ServiceInstance, ...]] = read_served(served_file)
+        self._served_written = -SERVED_WRITE_EVERY
+        self._served_dirty = False
         self._invalid: dict[str, tuple[Service, str]] = {}  # refused by validation, until changed
         #: Who this host is, for the address policy (loopback only from this host's own
         #: instances, unless every agent runs on one machine).
@@ -370,11 +371,17 @@ class DiscoverRole(Role):
             self.manager.services_changed(services)
         if services != self.services:
             self._served = {s.name: s.instances for s in services}
+            self._served_dirty = self.served_file is not None
         self.services = services
-        now = time.monotonic()
-        if self.served_file is not None and now - self._served_written >= SERVED_WRITE_EVERY:
-            self._served_written = now
-            _write_served(self.served_file, services)
+        if self._served_dirty and self.served_file is not None:
+            now = time.monotonic()
+            wait = self._served_written + SERVED_WRITE_EVERY - now
+            if wait <= 0:
+                self._served_written = now
+                self._served_dirty = False
+                write_served(self.served_file, services)
+            else:  # at most one write per period, but the last state always gets written
+                self.waker.retry_in(wait, "keep the served set")
 
     def shutdown(self) -> None:
         self.stop_event.set()
@@ -384,7 +391,7 @@ class DiscoverRole(Role):
             self.stop()
             self.holds.close()
             if self.served_file is not None and self.services is not None:
-                _write_served(self.served_file, self.services)
+                write_served(self.served_file, self.services)
             self.proxy.close()
 
 
@@ -395,7 +402,7 @@ class DiscoverRole(Role):
 # held like any others instead of being removed by the first pass.
 
 
-def _write_served(path: Path, services: Sequence[Service]) -> None:
+def write_served(path: Path, services: Sequence[Service]) -> None:
     document = [
         {
             "service": i.service,
@@ -421,7 +428,7 @@ def _write_served(path: Path, services: Sequence[Service]) -> None:
         log.warning("discover: cannot keep the served set in %s: %s", path, exc)
 
 
-def _read_served(path: Path | None) -> dict[str, tuple[ServiceInstance, ...]]:
+def read_served(path: Path | None) -> dict[str, tuple[ServiceInstance, ...]]:
     if path is None:
         return {}
     try:

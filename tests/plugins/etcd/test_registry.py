@@ -34,7 +34,7 @@ from discoverd.plugins.etcd.registry import EtcdRegistry
 from tests.support.services import Etcd, free_port, require_binary, wait_for
 
 if TYPE_CHECKING:
-    from tests.plugins.etcd.conftest import EtcdCluster
+    from tests.support.etcd import EtcdCluster
 
 META = "/discoverd/instances"
 
