@@ -244,6 +244,145 @@ def _assignment(params: dict[str, Any], with_proxy: bool) -> tuple[Any, Any]:
     return proxy, assignment
 
 
+def _view(params: dict[str, Any]) -> Any:
+    """What the discover role would see now: the registry's catalog, the services built from
+    it, and what the proxy says it cannot serve (read-only)."""
+    from types import SimpleNamespace
+
+    from discoverd.core.agent import make_proxy, make_registry
+    from discoverd.core.assignment import build_services
+    from discoverd.core.model import backend_problem
+
+    settings, manager = load(params)
+    proxy = make_proxy(manager, settings, create=False)
+    registry = make_registry(manager, settings, create=False)
+    try:
+        catalog = registry.snapshot()
+    finally:
+        registry.close()
+    own, single = settings.host().id, settings.core.single_machine
+    assignment = build_services(
+        catalog,
+        default_mode=settings.core.default_mode,
+        reserved_ports=proxy.reserved_ports(),
+        accept=None if single else (lambda i: backend_problem(i, own, single_machine=single)),
+    )
+    unservable = proxy.unservable(assignment.services) if assignment.services else {}
+    return SimpleNamespace(
+        settings=settings,
+        manager=manager,
+        proxy=proxy,
+        catalog=catalog,
+        assignment=assignment,
+        unservable=unservable,
+    )
+
+
+@cli.command()
+@common_options
+@click.argument("target")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@click.pass_context
+def explain(ctx: click.Context, /, target: str, as_json: bool, **kwargs: Any) -> None:
+    """Why a service, or a container of this host, is or is not receiving traffic.
+
+    TARGET is a service name, or a container name or id (prefix it with service: or
+    container: when a name is both). From the live registry, the local Docker engine and
+    the running proxy; changes nothing."""
+    from discoverd.core import explain as explaining
+    from discoverd.core.agent import make_source
+    from discoverd.core.checks import CheckSpec
+    from discoverd.core.metadata import ExposurePolicy
+
+    kind, _, name = (
+        target.rpartition(":")
+        if target.startswith(("service:", "container:"))
+        else ("", "", target)
+    )
+    with operator_errors():
+        view = _view(_merge(ctx, kwargs))
+        known = {i.service for i in view.catalog.instances} | {
+            p.service for p in view.assignment.problems if p.service
+        }
+        document: Any
+        if kind == "service" or (not kind and name in known):
+            states = view.proxy.server_states(name)
+            story = explaining.explain_service(
+                name, view.catalog, view.assignment, view.unservable, states
+            )
+            document = story if not as_json else story.as_dict()
+        else:
+            core = view.settings.core
+            source = make_source(view.manager, view.settings, create=False)
+            try:
+                found = source.lookup(name)
+                if found is None:
+                    raise click.ClickException(
+                        f"no service {name!r} in the registry, and no container {name!r} on "
+                        "this host's source"
+                    )
+                snapshot = source.snapshot()  # fills the check targets, as the roles do
+                del snapshot
+                spec, ineligible = found
+                host = view.settings.host()
+                check = (
+                    None
+                    if core.check == "none"
+                    else CheckSpec(
+                        kind=core.check, path=core.check_path, timeout=core.check_timeout
+                    )
+                )
+                container = explaining.explain_container(
+                    spec,
+                    ineligible,
+                    host_ip=host.ip,
+                    host_id=host.id,
+                    policy=ExposurePolicy.from_config(core),
+                    source=source,
+                    stopping=source.stopping(),
+                    check=check,
+                    catalog=view.catalog,
+                    assignment=view.assignment,
+                    unservable=view.unservable,
+                    proxy=view.proxy,
+                )
+            finally:
+                source.close()
+            document = container if not as_json else container.as_dict()
+    if as_json:
+        click.echo(explaining.as_json(document))
+    elif isinstance(document, explaining.ServiceStory):
+        click.echo(explaining.service_text(document))
+    else:
+        click.echo(explaining.container_text(document))
+
+
+@cli.command()
+@common_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@click.pass_context
+def plan(ctx: click.Context, /, as_json: bool, **kwargs: Any) -> None:
+    """What the next apply would change on the running proxy (servers added, removed and
+    drained, frontends added or removed, whether a reload is needed). Exit status 0 when
+    nothing would change, 1 when something would, 2 on an error."""
+    from discoverd.core import explain as explaining
+    from discoverd.core.discover import read_served
+
+    try:
+        with operator_errors():
+            view = _view(_merge(ctx, kwargs))
+            services = [s for s in view.assignment.services if s.name not in view.unservable]
+            config = view.proxy.render(services)
+            action = view.proxy.plan(config)
+            path = view.settings.state_dir / "discover" / "served.json"
+            served = read_served(path) if path.exists() else None
+            result = explaining.plan(services, served, action, view.unservable)
+    except SystemExit as exc:
+        sys.exit(2 if exc.code else 0)  # an error is 2 here: 1 means "changes"
+    click.echo(explaining.as_json(result.as_dict()) if as_json else explaining.plan_text(result))
+    sys.exit(1 if result.changes else 0)
+
+
 @cli.command()
 @common_options
 @click.pass_context

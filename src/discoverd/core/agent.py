@@ -229,11 +229,14 @@ class Agent:
         The discover role stops first: it must not see this host's own deregistration and
         leave the proxy serving a configuration without this host's instances."""
         systemd.notify("STOPPING=1")
+        serving = self.discover is not None
         self._stop_roles(deregister=True)
         if self.endpoint is not None:
             self.endpoint.close()
             self.endpoint = None
-        log.info("stopped; the proxy keeps serving its last configuration")
+        log.info(
+            "stopped; the proxy keeps serving its last configuration" if serving else "stopped"
+        )
 
     def _stop_roles(self, *, deregister: bool) -> None:
         if self.discover is not None:
@@ -289,17 +292,20 @@ class Agent:
         ):
             previous[sig] = signal.signal(sig, handler)
         watchdog = systemd.watchdog_interval()
-        ready = False
+        first_passes = False
         try:
             self.start_endpoint()
             self.start()
+            # Started: systemd's READY means the loops run (an agent that cannot reach the
+            # registry at boot must not be restarted for it); readiness is /healthz/ready's.
+            systemd.notify("READY=1", "STATUS=started; first passes under way")
             beat = time.monotonic()
             while not self.stop_requested.wait(0.2):
                 if self.reload_requested.is_set():
                     self.reload()
-                if not ready and self._first_passes_done():
-                    ready = True
-                    systemd.notify("READY=1", f"STATUS={self._status_line()}")
+                if not first_passes and self._first_passes_done():
+                    first_passes = True
+                    systemd.notify(f"STATUS={self._status_line()}")
                 now = time.monotonic()
                 if watchdog is not None and now - beat >= watchdog:
                     beat = now

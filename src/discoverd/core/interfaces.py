@@ -26,6 +26,7 @@ from discoverd.core.schema import NoOptions, OptionInfo, options_of
 
 if TYPE_CHECKING:
     from discoverd.core.config import CoreConfig
+    from discoverd.core.metadata import ContainerSpec
 
 __all__ = [
     "CheckTarget",
@@ -81,6 +82,13 @@ class CheckTarget:
 
 class Source(ABC):
     """A container source (the register role's input), e.g. the Docker engine."""
+
+    def lookup(self, ref: str) -> tuple[ContainerSpec, str] | None:
+        """The container named ``ref`` (or whose id starts with it) as the metadata rules see
+        it, and why it is not eligible (``""`` when it is: running, and healthy if it has a
+        healthcheck); ``None`` when there is no such container or the source cannot say (the
+        default). For ``discoverd explain``."""
+        return None
 
     @abstractmethod
     def snapshot(self) -> SourceSnapshot:
@@ -214,6 +222,19 @@ class Proxy(ABC):
     def reserved_ports(self) -> frozenset[int]:
         """Ports the proxy itself uses (e.g. a stats page): no service may take them."""
         return frozenset()
+
+    def plan(self, config: str) -> str:
+        """What ``apply(config, ...)`` would do now, without doing it: ``"unchanged"``,
+        ``"runtime"`` (changed in place, no reload), ``"reload"``, ``"start"`` (no proxy runs),
+        or ``"apply"`` (the default: the proxy cannot tell). For ``discoverd plan``; must not
+        touch the running proxy."""
+        return "apply"
+
+    def server_states(self, service: str) -> dict[str, str] | None:
+        """How the running proxy sees the servers of ``service``, by instance id (``"UP"``,
+        ``"DOWN"``, ``"DRAIN"``, ``"MAINT"``, ...), or ``None`` when it cannot say (the
+        default). For ``discoverd explain``; must not change the running proxy."""
+        return None
 
     def preflight(self) -> None:  # noqa: B027 - optional hook with a no-op default
         """Called once when an agent starts the discover role, before anything runs: raise

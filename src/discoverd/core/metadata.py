@@ -277,22 +277,35 @@ def _note_ignored(cid: str, label: str, key: str) -> None:
     log.debug("%s: %s is not a documented key; not published", label, key)
 
 
-def instances_for(
+@dataclass(frozen=True)
+class PortStory:
+    """What became of one published port of a container: its ``instance``, or why there is
+    none (``reason``); ``problem`` says whether that is a refusal to report (a label breaking a
+    rule) rather than a choice (``SERVICE_IGNORE``, not asking under ``expose = "labelled"``)."""
+
+    binding: PortBinding
+    instance: ServiceInstance | None = None
+    reason: str = ""
+    problem: bool = False
+
+
+def port_stories(
     container: ContainerSpec,
     *,
     host_ip: str,
     host_id: str,
     policy: ExposurePolicy | None = None,
-) -> tuple[list[ServiceInstance], list[Problem]]:
-    """The instances a running container offers under ``policy`` (the default policy when
-    ``None``), and the ports refused with the reason. A port of a container that does not
-    ask to be published under ``expose = "labelled"`` is skipped without a problem."""
+) -> list[PortStory]:
+    """What becomes of each published port of ``container`` under ``policy``: the rules of
+    :func:`instances_for`, with the reason for every port that gives no instance (what
+    ``discoverd explain`` shows)."""
     policy = policy or _DEFAULT_POLICY
     keys = _service_keys(container)
     short = container.id[:12]
     label = f"container {container.name or short} ({short})"
+    ports = _one_binding_per_port(container.ports, host_ip)
     if keys.get("SERVICE_IGNORE", "").strip().lower() in TRUTHY:
-        return [], []
+        return [PortStory(b, reason="ignored: the container says SERVICE_IGNORE") for b in ports]
 
     common: dict[str, tuple[str, str]] = {}
     per_port: dict[int, dict[str, tuple[str, str]]] = {}
@@ -303,31 +316,57 @@ def instances_for(
         else:
             common[key.removeprefix("SERVICE_")] = (value, key)
 
-    ports = _one_binding_per_port(container.ports, host_ip)
     grouped = len(ports) > 1
-    instances: list[ServiceInstance] = []
-    problems: list[Problem] = []
+    stories: list[PortStory] = []
     for binding in ports:
-        subject = f"{label} port {binding.private_port}/{binding.protocol}"
         own = per_port.get(binding.private_port, {})
         if own.get("IGNORE", ("", ""))[0].strip().lower() in TRUTHY:
+            reason = f"ignored: SERVICE_{binding.private_port}_IGNORE"
+            stories.append(PortStory(binding, reason=reason))
             continue
         if policy.expose == "labelled" and not (
             own.get("NAME", ("", ""))[0] or common.get("NAME", ("", ""))[0]
         ):
-            continue  # it did not ask (registrator's -explicit)
+            # It did not ask (registrator's -explicit).
+            reason = "not published: expose = labelled and the container names no service"
+            stories.append(PortStory(binding, reason=reason))
+            continue
         try:
-            instances.append(
-                _instance(container, binding, common, own, grouped, host_ip, host_id, policy)
-            )
+            instance = _instance(container, binding, common, own, grouped, host_ip, host_id, policy)
+            stories.append(PortStory(binding, instance))
         except _Refused as refused:
-            problems.append(Problem(subject, str(refused)))
+            stories.append(PortStory(binding, reason=str(refused), problem=True))
         except Exception as exc:  # never let one odd value stop the whole host's snapshot
-            problems.append(Problem(subject, f"refused: unexpected {type(exc).__name__}"))
+            reason = f"refused: unexpected {type(exc).__name__}"
+            stories.append(PortStory(binding, reason=reason, problem=True))
     for table in (common, *per_port.values()):
         for key, (_, source) in table.items():
             if key not in _RESERVED and not _published(key, policy):
                 _note_ignored(container.id, label, source)
+    return stories
+
+
+def instances_for(
+    container: ContainerSpec,
+    *,
+    host_ip: str,
+    host_id: str,
+    policy: ExposurePolicy | None = None,
+) -> tuple[list[ServiceInstance], list[Problem]]:
+    """The instances a running container offers under ``policy`` (the default policy when
+    ``None``), and the ports refused with the reason. A port of a container that does not
+    ask to be published under ``expose = "labelled"`` is skipped without a problem."""
+    short = container.id[:12]
+    label = f"container {container.name or short} ({short})"
+    instances: list[ServiceInstance] = []
+    problems: list[Problem] = []
+    for story in port_stories(container, host_ip=host_ip, host_id=host_id, policy=policy):
+        if story.instance is not None:
+            instances.append(story.instance)
+        elif story.problem:
+            binding = story.binding
+            subject = f"{label} port {binding.private_port}/{binding.protocol}"
+            problems.append(Problem(subject, story.reason))
     return instances, problems
 
 

@@ -268,14 +268,7 @@ class DockerSource(Source):
                 seen[cid] = inspected
                 if not _eligible(entry):
                     continue
-                spec = ContainerSpec(
-                    id=cid,
-                    name=_container_name(entry.get("Names")),
-                    image=inspected.image or _text(entry.get("Image")),
-                    labels=_string_map(entry.get("Labels")),
-                    env=inspected.env,
-                    ports=_bindings(entry.get("Ports")),
-                )
+                spec = _spec(cid, entry, inspected)
                 found, refused = instances_for(
                     spec, host_ip=self._host_ip, host_id=self._host_id, policy=self._policy
                 )
@@ -306,6 +299,30 @@ class DockerSource(Source):
             for cid in set(self._stopping) - set(seen):
                 del self._stopping[cid]  # gone from the list: the mark has done its job
         return SourceSnapshot(tuple(instances), tuple(problems))
+
+    def lookup(self, ref: str) -> tuple[ContainerSpec, str] | None:
+        """The container named ``ref`` (or whose id starts with it, 4 characters at least),
+        running or not, and why it is not eligible."""
+        text = ref.strip().removeprefix("/")
+        if not text:
+            return None
+        client = self._api()
+        try:
+            listed = client.containers(all=True)
+        except _DAEMON_ERRORS as exc:
+            self._forget(client)
+            raise self._unavailable(exc) from None
+        for entry in listed if isinstance(listed, list) else ():
+            if not isinstance(entry, Mapping) or not isinstance(entry.get("Id"), str):
+                continue
+            cid = entry["Id"]
+            names = {n.removeprefix("/") for n in entry.get("Names") or () if isinstance(n, str)}
+            if text in names or (len(text) >= 4 and cid.startswith(text)):
+                inspected = self._inspect(client, cid)
+                if inspected is None:
+                    return None
+                return _spec(cid, entry, inspected), _ineligible(entry)
+        return None
 
     def stopping(self) -> frozenset[str]:
         """Instances of the last snapshot whose container was sent its stop signal (the
@@ -584,6 +601,29 @@ def _check_target(inspected: _Inspected, instance: ServiceInstance) -> CheckTarg
         port=int(private),
         netns=f"/proc/{inspected.pid}/ns/net",
     )
+
+
+def _spec(cid: str, entry: Mapping[str, Any], inspected: _Inspected) -> ContainerSpec:
+    """What the metadata rules need of a container: its list entry and its inspect result."""
+    return ContainerSpec(
+        id=cid,
+        name=_container_name(entry.get("Names")),
+        image=inspected.image or _text(entry.get("Image")),
+        labels=_string_map(entry.get("Labels")),
+        env=inspected.env,
+        ports=_bindings(entry.get("Ports")),
+    )
+
+
+def _ineligible(entry: Mapping[str, Any]) -> str:
+    """Why a container is not eligible (``""`` when it is), for ``explain``."""
+    if _eligible(entry):
+        return ""
+    state = _text(entry.get("State")) or "unknown"
+    status = _one_line(_text(entry.get("Status")))
+    if state != "running":
+        return f"not running ({state}: {status})"
+    return f"not healthy yet or unhealthy ({status})"
 
 
 def _eligible(entry: Mapping[str, Any]) -> bool:
