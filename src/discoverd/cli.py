@@ -219,8 +219,12 @@ def discover(ctx: click.Context, /, **kwargs: Any) -> None:
     _run_roles(_merge(ctx, kwargs), ("discover",))
 
 
-def _assignment(params: dict[str, Any], with_proxy: bool) -> tuple[Any, Any]:
-    """Read the registry once and group it into services, as the discover role would."""
+def _view(params: dict[str, Any], *, with_proxy: bool = True, warn: bool = False) -> Any:
+    """What the discover role would see now, read once: the registry's catalog, the services
+    built from it as the discover role builds them, and (``with_proxy``) what the proxy says
+    it cannot serve. Changes nothing; ``warn`` prints the problems on stderr."""
+    from types import SimpleNamespace
+
     from discoverd.core.agent import make_proxy, make_registry
     from discoverd.core.assignment import build_services
     from discoverd.core.model import backend_problem
@@ -239,35 +243,10 @@ def _assignment(params: dict[str, Any], with_proxy: bool) -> tuple[Any, Any]:
         reserved_ports=proxy.reserved_ports() if proxy is not None else (),
         accept=None if single else (lambda i: backend_problem(i, own, single_machine=single)),
     )
-    for problem in assignment.problems:
-        click.echo(f"warning: {problem}", err=True)
-    return proxy, assignment
-
-
-def _view(params: dict[str, Any]) -> Any:
-    """What the discover role would see now: the registry's catalog, the services built from
-    it, and what the proxy says it cannot serve (read-only)."""
-    from types import SimpleNamespace
-
-    from discoverd.core.agent import make_proxy, make_registry
-    from discoverd.core.assignment import build_services
-    from discoverd.core.model import backend_problem
-
-    settings, manager = load(params)
-    proxy = make_proxy(manager, settings, create=False)
-    registry = make_registry(manager, settings, create=False)
-    try:
-        catalog = registry.snapshot()
-    finally:
-        registry.close()
-    own, single = settings.host().id, settings.core.single_machine
-    assignment = build_services(
-        catalog,
-        default_mode=settings.core.default_mode,
-        reserved_ports=proxy.reserved_ports(),
-        accept=None if single else (lambda i: backend_problem(i, own, single_machine=single)),
-    )
-    unservable = proxy.unservable(assignment.services) if assignment.services else {}
+    if warn:
+        for problem in assignment.problems:
+            click.echo(f"warning: {problem}", err=True)
+    unservable = proxy.unservable(assignment.services) if proxy and assignment.services else {}
     return SimpleNamespace(
         settings=settings,
         manager=manager,
@@ -389,8 +368,11 @@ def plan(ctx: click.Context, /, as_json: bool, **kwargs: Any) -> None:
 def render(ctx: click.Context, /, **kwargs: Any) -> None:
     """Print the proxy configuration the live registry would give (changes nothing)."""
     with operator_errors():
-        proxy, assignment = _assignment(_merge(ctx, kwargs), with_proxy=True)
-        click.echo(proxy.render(assignment.services), nl=False)
+        view = _view(_merge(ctx, kwargs), warn=True)
+        for name, reason in sorted(view.unservable.items()):
+            click.echo(f"warning: service {name} left out: {reason}", err=True)
+        services = [s for s in view.assignment.services if s.name not in view.unservable]
+        click.echo(view.proxy.render(services), nl=False)
 
 
 @cli.command()
@@ -400,7 +382,7 @@ def render(ctx: click.Context, /, **kwargs: Any) -> None:
 def services(ctx: click.Context, /, as_json: bool, **kwargs: Any) -> None:
     """List what the registry holds, grouped by service."""
     with operator_errors():
-        _, assignment = _assignment(_merge(ctx, kwargs), with_proxy=False)
+        assignment = _view(_merge(ctx, kwargs), with_proxy=False, warn=True).assignment
     rows = [
         {
             "name": s.name,
