@@ -9,6 +9,7 @@ Everything else (``discoverd.core.*``, the built-in plugins) may change between 
 """
 
 from discoverd.core import validators
+from discoverd.core.claims import ClaimHolder, SettledClaims, claim_problems, settle_claims
 from discoverd.core.durations import format_seconds, parse_duration
 from discoverd.core.errors import (
     ConfigError,
@@ -39,6 +40,7 @@ from discoverd.core.metadata import (
     parse_env,
 )
 from discoverd.core.model import (
+    CONTAINER_ADDRESS_KEY,
     INSTANCE_ID_RE,
     SERVICE_NAME_RE,
     TAG_RE,
@@ -49,21 +51,25 @@ from discoverd.core.model import (
     ServiceInstance,
     SourceSnapshot,
     check_address,
+    check_container_address,
     check_meta,
     check_port,
     check_service_name,
     check_tag,
     parse_endpoint,
+    with_container_address,
 )
 from discoverd.core.schema import NoOptions, OptionInfo, build_config, option, options_of
 from discoverd.version import __version__
 
 __all__ = [
+    "CONTAINER_ADDRESS_KEY",
     "INSTANCE_ID_RE",
     "SERVICE_NAME_RE",
     "TAG_RE",
     "Catalog",
     "CheckTarget",
+    "ClaimHolder",
     "ConfigError",
     "ContainerSpec",
     "ExposurePolicy",
@@ -83,6 +89,7 @@ __all__ = [
     "RegistryPlugin",
     "Service",
     "ServiceInstance",
+    "SettledClaims",
     "Source",
     "SourcePlugin",
     "SourceSnapshot",
@@ -91,10 +98,12 @@ __all__ = [
     "__version__",
     "build_config",
     "check_address",
+    "check_container_address",
     "check_meta",
     "check_port",
     "check_service_name",
     "check_tag",
+    "claim_problems",
     "exception_chain",
     "format_seconds",
     "hookimpl",
@@ -105,5 +114,7 @@ __all__ = [
     "parse_duration",
     "parse_endpoint",
     "parse_env",
+    "settle_claims",
     "validators",
+    "with_container_address",
 ]

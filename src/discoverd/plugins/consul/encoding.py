@@ -44,12 +44,14 @@ from discoverd import (
     INSTANCE_ID_RE,
     TAG_RE,
     Catalog,
+    ClaimHolder,
     Problem,
     ServiceInstance,
     ValidationError,
     check_meta,
     check_port,
     check_service_name,
+    settle_claims,
 )
 
 log = logging.getLogger("discoverd.consul")
@@ -406,8 +408,8 @@ def read_claims(kv_prefix: str, entries: Iterable[KVEntry]) -> Claims:
     wins, the other is ignored with a problem."""
     head = claims_prefix(kv_prefix)
     problems: list[Problem] = []
-    by_service: dict[str, list[tuple[int, str, int]]] = {}
-    for entry in sorted(entries, key=lambda e: (e.create_index, e.key)):
+    holders: list[ClaimHolder] = []
+    for entry in entries:
         if not entry.key.startswith(head) or not entry.session:
             continue
         service, sep, holder = entry.key[len(head) :].partition("/")
@@ -425,37 +427,9 @@ def read_claims(kv_prefix: str, entries: Iterable[KVEntry]) -> Claims:
         except ValidationError as exc:
             problems.append(Problem(f"consul key {entry.key}", f"{exc}; claim ignored"))
             continue
-        by_service.setdefault(service, []).append((entry.create_index, entry.key, port))
-    ports: dict[str, int] = {}
-    first_at: dict[int, tuple[int, str]] = {}
-    for service in sorted(by_service):
-        holders = by_service[service]
-        created, _, port = holders[0]
-        ports[service] = port
-        for _, key, other in holders[1:]:
-            if other != port:
-                problems.append(
-                    Problem(
-                        f"consul key {key}",
-                        f"claims port {other} for {service}, which is held at {port}; ignored",
-                    )
-                )
-        if port not in first_at or (created, service) < first_at[port]:
-            first_at[port] = (created, service)
-    claims: list[tuple[int, str]] = []
-    for service, port in sorted(ports.items()):
-        owner = first_at[port][1]
-        if owner == service:
-            claims.append((port, service))
-        else:
-            problems.append(
-                Problem(
-                    f"consul service {service}",
-                    f"claims frontend port {port}, which service {owner} claimed first; "
-                    "this claim is ignored",
-                )
-            )
-    return Claims(ports, tuple(sorted(claims)), problems)
+        holders.append(ClaimHolder(service, port, entry.create_index, f"consul key {entry.key}"))
+    settled = settle_claims(holders, lambda service: f"consul service {service}")
+    return Claims(settled.ports, settled.claims, problems + settled.problems)
 
 
 # ------------------------------------------------------------------------------------------

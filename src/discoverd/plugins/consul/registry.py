@@ -64,6 +64,7 @@ from discoverd import (
     Registry,
     ServiceInstance,
     Unavailable,
+    claim_problems,
     exception_chain,
 )
 from discoverd.plugins.consul.config import ConsulConfig
@@ -521,38 +522,12 @@ class ConsulRegistry(Registry):
     def conflicts(self) -> list[Problem]:
         """Problems of this agent's registrations that the claims show (no I/O)."""
         with self._lock:
-            asked: dict[str, set[int]] = {}
-            for instance in self._owned.values():
-                if instance.frontend_port is not None:
-                    asked.setdefault(instance.service, set()).add(instance.frontend_port)
-            problems: list[Problem] = []
-            for service, blocked in sorted(self._blocked.items()):
-                problems.append(
-                    Problem(
-                        f"service {service}",
-                        f"frontend port {blocked.port} is claimed fleet-wide by service "
-                        f"{blocked.owner}; {service} is registered from this host but not "
-                        f"served. Give it another port (label SERVICE_<port>_PORT)",
-                        service=service,
-                    )
-                )
-            for service, port in sorted(self._held.items()):
-                other = sorted(asked.get(service, set()) - {port})
-                if other:
-                    problems.append(
-                        Problem(
-                            f"service {service}",
-                            f"this host's instances ask for frontend port "
-                            f"{', '.join(map(str, other))}, but the fleet serves {service} on "
-                            f"{port} (the port of the first host that registered it); they are "
-                            f"served on {port}",
-                            service=service,
-                        )
-                    )
-            for service, why in sorted(self._pending.items()):
-                if why:
-                    problems.append(Problem(f"service {service}", why, service=service))
-            return problems
+            return claim_problems(
+                self._owned.values(),
+                self._held,
+                {service: (b.port, b.owner) for service, b in self._blocked.items()},
+                self._pending,
+            )
 
     # ----------------------------------------------------------------------------------------
     # Discover side
