@@ -6,14 +6,13 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-import etcd3gw
 import pytest
-import requests
 
 from discoverd import HostInfo, PluginContext, Registry, build_config
 from discoverd.plugins.etcd import make_registry
 from discoverd.plugins.etcd.config import EtcdConfig
 from discoverd.testing.conformance import BadEntryWriter, RegistryContract, RegistryFactory
+from tests.plugins.etcd.raw import RawEtcd
 from tests.support.services import Etcd
 
 
@@ -55,14 +54,7 @@ class TestEtcdRegistry(RegistryContract):
 
     @pytest.fixture
     def write_bad_entry(self, registry_server: EtcdServer) -> Iterator[BadEntryWriter]:
-        session = requests.Session()
-        session.trust_env = False
-        client = etcd3gw.client(
-            host="127.0.0.1",
-            port=registry_server.etcd.client_port,
-            api_path="/v3/",
-            session=session,
-        )
+        client = RawEtcd(registry_server.etcd.url)
 
         def write(service: str) -> None:
             # What a hand-written entry or another tool could leave in the seed's layout.
@@ -72,4 +64,4 @@ class TestEtcdRegistry(RegistryContract):
             client.put(f"/discoverd/instances/{service}/bad1", "{broken json")
 
         yield write
-        session.close()
+        client.close()

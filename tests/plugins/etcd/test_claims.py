@@ -9,13 +9,12 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import etcd3gw
 import pytest
-import requests
 
 from discoverd import ConfigError, PluginError, ServiceInstance, build_config
 from discoverd.plugins.etcd.config import EtcdConfig
 from discoverd.plugins.etcd.registry import EtcdRegistry
+from tests.plugins.etcd.raw import RawEtcd
 from tests.support.services import Etcd, require_binary, wait_for
 
 P = 8000
@@ -29,17 +28,13 @@ def config(*endpoints: str, **options: Any) -> EtcdConfig:
     return build_config(EtcdConfig, values, section="etcd")
 
 
-def raw_client(server: Etcd) -> etcd3gw.Etcd3Client:
-    session = requests.Session()
-    session.trust_env = False
-    return etcd3gw.client(
-        host="127.0.0.1", port=server.client_port, api_path="/v3/", session=session
-    )
+def raw_client(server: Etcd) -> RawEtcd:
+    return RawEtcd(server.url)
 
 
 def port_key(server: Etcd, service: str) -> tuple[str, int, int] | None:
     """``(value, lease, mod revision)`` of ``/backends/<service>/port``, or None."""
-    found = raw_client(server).get(f"/backends/{service}/port", metadata=True)
+    found = raw_client(server).get(f"/backends/{service}/port")
     if not found:
         return None
     value, meta = found[0]
@@ -306,9 +301,9 @@ def test_an_idle_host_costs_one_check_per_keepalive(
     calls: list[str] = []
     original = registry.gateway.call
 
-    def counting(what: str, fn: Any) -> Any:
+    def counting(what: str, fn: Any, *, write: bool = False) -> Any:
         calls.append(what)
-        return original(what, fn)
+        return original(what, fn, write=write)
 
     monkeypatch.setattr(registry.gateway, "call", counting)
     for _ in range(3):

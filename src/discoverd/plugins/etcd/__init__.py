@@ -4,12 +4,13 @@
 port, so discoverd can replace or run beside docker-register / docker-discover; richer metadata goes
 to ``<meta_prefix>/<service>/<instance id>`` (JSON), and the frontend-port claims below
 ``<claim_prefix>`` (compare-and-swap). Every key an agent writes is attached to its one lease. The
-client (etcd3gw, over etcd's JSON gateway) is imported only when a registry is built, so loading the
-plugin stays cheap.
+client (``requests`` on etcd's JSON gateway, ``gateway.py``) is imported only when a registry is
+built, so loading the plugin stays cheap.
 
 Modules: ``config`` (the options), ``keys`` (the key scheme and how a catalog is read back from
-keys), ``gateway`` (endpoints, failover, auth, watch streams), ``writer`` (the lease and the keys on
-it), ``reader`` (snapshots, partial reads, the watch), ``registry`` (the two together).
+keys), ``gateway`` (endpoints, failover, auth, lease calls, watch streams), ``writer`` (the lease
+and the keys on it), ``reader`` (snapshots, partial reads, the watch), ``registry`` (the two
+together).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from functools import cached_property
 from urllib.parse import urlsplit
 
 from discoverd import OptionError, option, validators
@@ -123,13 +124,22 @@ class EtcdConfig:
     )
     ttl: int = option(15, "Lease TTL in seconds: a dead host's entries vanish after it.", min=1)
     timeout: float = option(
-        5.0, "Timeout of one etcd request, in seconds.", check=validators.positive
+        5.0,
+        "Deadline of one etcd call, in seconds, failover to the other endpoints included: "
+        "an etcd that cannot be reached is reported after it, never waited for longer.",
+        check=validators.positive,
     )
     ca_cert: str = option("", "CA bundle to verify etcd's certificate (enables https).")
     cert: str = option("", "Client certificate for TLS (enables https).")
     key: str = option("", "Private key of the client certificate.")
     user: str = option("", "User name, when etcd has authentication enabled.")
     password: str = option("", "Password of user.", secret=True)
+    password_file: str = option(
+        "",
+        "File holding the password of user (its first line; wins over password when not "
+        "empty), so that the secret is never in the environment or on a command line.",
+        check=validators.readable_file_or_empty,
+    )
 
     def __post_init__(self) -> None:
         # Endpoints are checked here rather than by a field check, which would echo the whole
@@ -146,6 +156,9 @@ class EtcdConfig:
             raise OptionError("key is set but cert is not: give both (client TLS)", "key", "cert")
         if self.password and not self.user:
             raise OptionError("password is set but user is not", "password", "user")
+        if self.password_file and not self.user:
+            raise OptionError("password_file is set but user is not", "password_file", "user")
+        _ = self.auth_password  # read the password file now: a bad one fails at start
         a, b = self.prefix + "/", self.meta_prefix + "/"
         if a.startswith(b) or b.startswith(a):
             raise OptionError(
@@ -164,6 +177,28 @@ class EtcdConfig:
                     "claim_prefix",
                     name,
                 )
+
+    @cached_property
+    def auth_password(self) -> str:
+        """The password sent with ``user``: the first line of ``password_file`` when it is
+        not empty, else ``password``. Read once, when the configuration is built; no message
+        ever quotes it."""
+        if not self.password_file:
+            return self.password
+        try:
+            with open(self.password_file, encoding="utf-8") as handle:
+                text = handle.read()
+        except UnicodeDecodeError:
+            # Not the decoder's message: it quotes a byte of the password.
+            raise OptionError(
+                f"password_file {self.password_file!r}: not UTF-8 text", "password_file"
+            ) from None
+        except OSError as exc:
+            raise OptionError(
+                f"password_file {self.password_file!r}: {exc.strerror or exc}", "password_file"
+            ) from None
+        line = text.split("\n", 1)[0].removesuffix("\r")
+        return line or self.password
 
     @property
     def credentials_in_clear(self) -> tuple[str, ...]:

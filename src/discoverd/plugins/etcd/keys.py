@@ -31,11 +31,13 @@ from typing import Any
 
 from discoverd import (
     Catalog,
+    ClaimHolder,
     Problem,
     ServiceInstance,
     ValidationError,
     check_port,
     check_service_name,
+    settle_claims,
 )
 from discoverd import parse_endpoint as _parse_endpoint
 
@@ -242,8 +244,8 @@ def read_claims(scheme: KeyScheme, holder_kvs: Iterable[Holder]) -> Claims:
     """
     head = scheme.holders_prefix + "/"
     problems: list[Problem] = []
-    by_service: dict[str, list[tuple[int, str, int]]] = {}
-    for item in sorted(holder_kvs, key=lambda h: (h.create_revision, h.key)):
+    holders: list[ClaimHolder] = []
+    for item in holder_kvs:
         key = _text(item.key)
         service, sep, holder = key[len(head) :].partition("/")
         if not sep or not holder or "/" in holder:
@@ -261,39 +263,9 @@ def read_claims(scheme: KeyScheme, holder_kvs: Iterable[Holder]) -> Claims:
         except (ValidationError, ValueError) as exc:
             problems.append(Problem(key, f"{exc}; claim ignored", service=service))
             continue
-        by_service.setdefault(service, []).append((item.create_revision, key, port))
-    ports: dict[str, int] = {}
-    first_at: dict[int, tuple[int, str]] = {}
-    for service in sorted(by_service):
-        holders = by_service[service]
-        created, _, port = holders[0]
-        ports[service] = port
-        for _, key, other in holders[1:]:
-            if other != port:
-                problems.append(
-                    Problem(
-                        key,
-                        f"claims port {other} for {service}, which is held at {port}; ignored",
-                        service=service,
-                    )
-                )
-        if port not in first_at or (created, service) < first_at[port]:
-            first_at[port] = (created, service)
-    claims: list[tuple[int, str]] = []
-    for service, port in sorted(ports.items()):
-        owner = first_at[port][1]
-        if owner == service:
-            claims.append((port, service))
-        else:
-            problems.append(
-                Problem(
-                    f"{head}{service}",
-                    f"claims frontend port {port}, which service {owner} claimed first; "
-                    "this claim is ignored",
-                    service=service,
-                )
-            )
-    return Claims(ports, tuple(sorted(claims)), problems)
+        holders.append(ClaimHolder(service, port, item.create_revision, key))
+    settled = settle_claims(holders, lambda service: f"{head}{service}")
+    return Claims(settled.ports, settled.claims, problems + settled.problems)
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,6 +20,9 @@ from discoverd import Catalog, Notify, PluginError, Unavailable
 from discoverd.plugins.etcd.gateway import (
     GRPC_OUT_OF_RANGE,
     GRPC_UNAUTHENTICATED,
+    Connection,
+    EndpointFailed,
+    ErrorAnswer,
     EtcdError,
     Gateway,
     StreamBroken,
@@ -26,6 +30,7 @@ from discoverd.plugins.etcd.gateway import (
     WatchStream,
     b64,
     needs_auth,
+    retry_elsewhere,
     unb64,
 )
 from discoverd.plugins.etcd.keys import Holder, KeyScheme, read_catalog
@@ -35,6 +40,15 @@ log = logging.getLogger("discoverd.etcd")
 #: Seconds without any byte on a watch stream before it is re-established (from the last
 #: revision seen, so nothing is lost): a silently dead (half-open) connection cannot block.
 WATCH_IDLE_TIMEOUT = 30.0
+#: A stream silent for one keepalive period (``ttl / 3``, at least this) has its member
+#: checked by a small read on another connection: a frozen or cut-off member is left then.
+MIN_PROBE_INTERVAL = 1.0
+#: Seconds the member check (or the check of a lagging member's revision) may take.
+READ_CHECK = 2.0
+#: A stream that breaks within this many seconds of opening is a quick break; after
+#: ``QUICK_BREAKS`` of them in a row the watch gives up (``Unavailable``, the core retries).
+QUICK_BREAK = 1.0
+QUICK_BREAKS = 6
 #: Services read per transaction: three ranges each (instances, metadata, claims), within
 #: etcd's 128 operations.
 SERVICES_PER_READ = 42
@@ -71,6 +85,8 @@ class CatalogReader:
         self.scheme = scheme
         #: Seconds of silence after which a watch stream is re-established.
         self.idle_timeout = WATCH_IDLE_TIMEOUT
+        #: Seconds of silence after which a watch stream's member is checked.
+        self.probe_interval = max(MIN_PROBE_INTERVAL, gateway.config.ttl / 3)
         self._lock = threading.Lock()
         self._streams: set[WatchStream] = set()
         self._closed = False
@@ -145,15 +161,24 @@ class CatalogReader:
     # Watch
 
     def watch(self, notify: Notify, stop: threading.Event, since: int) -> None:
+        """Watch the prefixes from ``since + 1``; notify the core of each change.
+
+        A stream that breaks (its member died, lost its leader, stopped answering the liveness
+        check) is opened again on the next member, from the first revision not yet seen on
+        each range: no change is lost, and the core is not involved. ``Unavailable`` only when
+        no member accepts a stream within the deadline of one call, or streams keep breaking
+        as soon as they are opened.
+        """
         first = since + 1 if since > 0 else 0
         targets = {
             n: _Target(n, start, end, first)
             for n, (start, end) in enumerate(self.scheme.ranges(), start=1)
         }
         reauthenticated = False
+        quick_breaks = 0
         while not stop.is_set() and not self._closed:
-            # A stream re-established here (idle, or after a new token) resumes from each
-            # target's next revision: no change can fall in between.
+            # A stream re-established here (idle, broken, or after a new token) resumes from
+            # each target's next revision: no change can fall in between.
             stream = self._open_watch([t.create_request() for t in targets.values()])
             with self._tracked(stream, stop):
                 try:
@@ -162,10 +187,26 @@ class CatalogReader:
                     log.debug("etcd: watch on %s idle; re-establishing it", stream.url)
                     continue
                 except StreamBroken as exc:
-                    if stream.aborted or stop.is_set():
+                    if stream.aborted or stop.is_set() or self._closed:
                         return
                     self.gateway.mark_failed(stream.url)
-                    raise Unavailable(f"etcd watch stream from {stream.url} lost: {exc}") from None
+                    if time.monotonic() - stream.opened < QUICK_BREAK:
+                        quick_breaks += 1
+                        if quick_breaks > QUICK_BREAKS:
+                            raise Unavailable(
+                                f"etcd watch streams keep breaking (last from {stream.url}: {exc})"
+                            ) from None
+                        stop.wait(min(1.0, 0.05 * 2**quick_breaks))
+                    else:
+                        quick_breaks = 0
+                    log.info(
+                        "etcd: watch stream from %s lost (%s); resuming on %s from revision %d",
+                        stream.url,
+                        exc,
+                        self.gateway.current,
+                        min(t.next_revision for t in targets.values()),
+                    )
+                    continue
                 except EtcdError as exc:
                     if exc.code != GRPC_UNAUTHENTICATED:
                         raise
@@ -180,7 +221,7 @@ class CatalogReader:
 
     def _open_watch(self, body: list[dict[str, Any]]) -> WatchStream:
         idle = self.idle_timeout
-        return self.gateway.call("watch", lambda c: c.open_watch(body, idle))
+        return self.gateway.call("watch", lambda c, timeout: c.open_watch(body, timeout, idle))
 
     def _consume(
         self,
@@ -189,12 +230,18 @@ class CatalogReader:
         notify: Notify,
         stop: threading.Event,
     ) -> bool:
-        """Read one stream. True: re-establish it from ``targets``; False: return to the core."""
+        """Read one stream. True: re-establish it from ``targets``; False: return to the core.
+        ``StreamBroken`` when the stream ended or its member cannot serve it."""
         for message in stream.messages():
             if stop.is_set():
                 return False
             if "error" in message:
-                raise _stream_error(stream.url, message["error"])
+                code, text = _error_parts(message["error"])
+                if retry_elsewhere(code, text):
+                    raise StreamBroken(text)
+                if needs_auth(code, text):
+                    code = GRPC_UNAUTHENTICATED
+                raise EtcdError(f"etcd watch on {stream.url} failed: {text}", code)
             result = message.get("result")
             if not isinstance(result, dict):
                 continue
@@ -212,6 +259,8 @@ class CatalogReader:
                     return False
                 if reason:
                     code = GRPC_UNAUTHENTICATED if needs_auth(0, str(reason)) else 0
+                    if retry_elsewhere(0, str(reason)) or "no leader" in str(reason):
+                        raise StreamBroken(str(reason))
                     raise EtcdError(f"etcd at {stream.url} canceled the watch: {reason}", code)
                 return False
             if target is None:
@@ -219,7 +268,9 @@ class CatalogReader:
             if result.get("created"):
                 if target.next_revision == 0:
                     target.next_revision = revision + 1
-                elif target.next_revision > revision + 1:
+                elif target.next_revision > revision + 1 and not self._lagging(
+                    stream, target.next_revision - 1
+                ):
                     # The store's revision went back (a new or restored cluster): what we had is
                     # meaningless here. Re-list, and watch from now.
                     log.warning("etcd: revision went back to %d; re-listing", revision)
@@ -239,9 +290,87 @@ class CatalogReader:
                     notify("etcd watch", services=services)
             elif revision:  # a progress notification: everything up to it was delivered
                 target.next_revision = max(target.next_revision, revision + 1)
-        if not stream.aborted and not stop.is_set():
-            log.debug("etcd: watch stream from %s ended", stream.url)
+        if stream.aborted or stop.is_set():
+            return False
+        raise StreamBroken("the stream ended")
+
+    def _lagging(self, stream: WatchStream, seen: int) -> bool:
+        """Whether the member of ``stream``, whose store is behind revision ``seen`` that we
+        saw, is only behind (a follower that has not applied the last entries yet) and not a
+        store that went back: a linearizable read there waits until it caught up with the
+        leader. ``StreamBroken`` when the member does not answer it."""
+        try:
+            answer = stream.connection.post("/kv/range", self._probe_request(False), READ_CHECK)
+        except EndpointFailed as exc:
+            raise StreamBroken(f"revision check failed: {exc}") from None
+        except ErrorAnswer:
+            return False
+        try:
+            current = int(answer["header"]["revision"])
+        except (KeyError, TypeError, ValueError):
+            return False
+        if current >= seen:
+            log.debug("etcd: %s was behind revision %d; it caught up", stream.url, seen)
+            return True
         return False
+
+    def _probe_request(self, serializable: bool) -> dict[str, Any]:
+        """A read of one key that does not exist: what the member serves without work."""
+        return {"key": b64(self.scheme.prefix), "keys_only": True, "serializable": serializable}
+
+    def _alive(self, connection: Connection) -> str:
+        """Check that the member behind a silent stream still serves (a small local read with
+        the require-leader header): ``""`` when it does, else why not."""
+        try:
+            connection.post("/kv/range", self._probe_request(True), READ_CHECK)
+        except EndpointFailed as exc:
+            return str(exc)
+        except ErrorAnswer:
+            return ""  # it answered (an auth error is the next stream's business)
+        return ""
+
+    @contextmanager
+    def _tracked(self, stream: WatchStream, stop: threading.Event) -> Iterator[None]:
+        """Keep ``stream`` abortable by ``close()`` and by ``stop``, and its member checked
+        after each ``probe_interval`` of silence; close it afterwards."""
+        finished = threading.Event()
+
+        def guard() -> None:
+            checked = time.monotonic()
+            while not finished.wait(0.2):
+                if stop.is_set():
+                    stream.abort()
+                    return
+                now = time.monotonic()
+                if now - max(checked, stream.last_activity) < self.probe_interval:
+                    continue
+                checked = now
+                problem = self._alive(stream.connection)
+                if problem and not finished.is_set():
+                    stream.fail(f"the member does not answer ({problem})")
+                    return
+
+        with self._lock:
+            self._streams.add(stream)
+            if self._closed:
+                stream.abort()
+        thread = threading.Thread(target=guard, name="discoverd-etcd-watch-guard", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            finished.set()
+            with self._lock:
+                self._streams.discard(stream)
+            stream.close()
+
+    def close(self) -> None:
+        """Abort every watch stream; a running ``watch`` returns, later ones return at once."""
+        with self._lock:
+            self._closed = True
+            streams = list(self._streams)
+        for stream in streams:
+            stream.abort()
 
     def _services_of(self, events: list[Any]) -> frozenset[str] | None:
         """The services ``events`` touched; ``None`` when one of them belongs to no service
@@ -260,39 +389,6 @@ class CatalogReader:
             services.add(service)
         return frozenset(services)
 
-    @contextmanager
-    def _tracked(self, stream: WatchStream, stop: threading.Event) -> Iterator[None]:
-        """Keep ``stream`` abortable by ``close()`` and by ``stop``; close it afterwards."""
-        finished = threading.Event()
-
-        def guard() -> None:
-            while not finished.wait(0.2):
-                if stop.is_set():
-                    stream.abort()
-                    return
-
-        with self._lock:
-            self._streams.add(stream)
-            if self._closed:
-                stream.abort()
-        thread = threading.Thread(target=guard, name="discoverd-etcd-watch-stop", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            finished.set()
-            with self._lock:
-                self._streams.discard(stream)
-            stream.close()
-
-    def close(self) -> None:
-        """Abort every watch stream; a running ``watch`` returns, later ones return at once."""
-        with self._lock:
-            self._closed = True
-            streams = list(self._streams)
-        for stream in streams:
-            stream.abort()
-
 
 def _kvs(response: Mapping[str, Any]) -> list[tuple[bytes, bytes]]:
     return [(unb64(kv["key"]), unb64(kv.get("value", ""))) for kv in response.get("kvs", [])]
@@ -305,13 +401,11 @@ def _holders(response: Mapping[str, Any]) -> list[Holder]:
     ]
 
 
-def _stream_error(url: str, error: Any) -> EtcdError:
+def _error_parts(error: Any) -> tuple[int, str]:
+    """The gRPC code and message of an error message on a watch stream."""
     if isinstance(error, dict):
         code = error.get("grpc_code", error.get("code", 0))
         message = error.get("message") or error.get("error") or str(error)
     else:
         code, message = 0, str(error)
-    code = code if isinstance(code, int) else 0
-    if needs_auth(code, str(message)):
-        code = GRPC_UNAUTHENTICATED
-    return EtcdError(f"etcd watch on {url} failed: {message}", code)
+    return (code if isinstance(code, int) else 0), str(message)

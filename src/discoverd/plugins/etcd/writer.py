@@ -46,10 +46,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from etcd3gw.lease import Lease
-
-from discoverd import PluginError, Problem, ServiceInstance
-from discoverd.plugins.etcd.gateway import GRPC_NOT_FOUND, EtcdError, Gateway, b64, unb64
+from discoverd import PluginError, Problem, ServiceInstance, claim_problems
+from discoverd.plugins.etcd.gateway import (
+    GRPC_NOT_FOUND,
+    GRPC_PERMISSION_DENIED,
+    EtcdError,
+    Gateway,
+    b64,
+    unb64,
+)
 from discoverd.plugins.etcd.keys import KeyScheme, encode_metadata
 
 log = logging.getLogger("discoverd.etcd")
@@ -65,8 +70,6 @@ CLAIM_ATTEMPTS = 8
 UPKEEP_SERVICES = 60
 #: Services kept from their port whose claim one keepalive looks at again.
 UPKEEP_BLOCKED = 20
-#: etcd's gRPC code for a request the user may not make (etcd authentication, roles).
-GRPC_PERMISSION_DENIED = 7
 
 
 @dataclass(frozen=True)
@@ -353,9 +356,7 @@ class LeaseWriter:
         with self._lock:
             if self._lease is not None:
                 lease = self._lease
-                ttl = self.gateway.call(
-                    "keepalive", lambda c: Lease(lease, client=c.client).refresh()
-                )
+                ttl = self.gateway.lease_keepalive(lease)
                 if ttl <= 0:
                     log.warning("etcd: lease %x expired or was revoked", lease)
                     self._drop_lease()
@@ -450,38 +451,12 @@ class LeaseWriter:
     def conflicts(self) -> list[Problem]:
         """Problems of this host's registrations that the claims show (no I/O)."""
         with self._lock:
-            asked: dict[str, set[int]] = {}
-            for instance in self._owned.values():
-                if instance.frontend_port is not None:
-                    asked.setdefault(instance.service, set()).add(instance.frontend_port)
-            problems: list[Problem] = []
-            for service, blocked in sorted(self._blocked.items()):
-                problems.append(
-                    Problem(
-                        f"service {service}",
-                        f"frontend port {blocked.port} is claimed fleet-wide by service "
-                        f"{blocked.owner}; {service} is registered from this host but not "
-                        f"served. Give it another port (label SERVICE_<port>_PORT)",
-                        service=service,
-                    )
-                )
-            for service, held in sorted(self._held.items()):
-                other = sorted(asked.get(service, set()) - {held.port})
-                if other:
-                    problems.append(
-                        Problem(
-                            f"service {service}",
-                            f"this host's instances ask for frontend port "
-                            f"{', '.join(map(str, other))}, but the fleet serves {service} on "
-                            f"{held.port} (the port of the first host that registered it); "
-                            f"they are served on {held.port}",
-                            service=service,
-                        )
-                    )
-            for service, why in sorted(self._pending.items()):
-                if why:
-                    problems.append(Problem(f"service {service}", why, service=service))
-            return problems
+            return claim_problems(
+                self._owned.values(),
+                {service: held.port for service, held in self._held.items()},
+                {service: (b.port, b.owner) for service, b in self._blocked.items()},
+                self._pending,
+            )
 
     # ------------------------------------------------------------------------------------
     # The lease
@@ -493,8 +468,7 @@ class LeaseWriter:
             raise PluginError("etcd registry is closed; not registering")
         if self._lease is None:
             ttl = self.ttl
-            lease = self.gateway.call("lease grant", lambda c: c.client.lease(ttl).id)
-            self._lease = int(lease)
+            self._lease = self.gateway.lease_grant(ttl)
             log.debug("etcd: granted lease %x (ttl %ds)", self._lease, ttl)
         return self._lease
 
@@ -524,7 +498,7 @@ class LeaseWriter:
 
     def _revoke(self, lease: int) -> None:
         try:
-            self.gateway.call("lease revoke", lambda c: Lease(lease, client=c.client).revoke())
+            self.gateway.lease_revoke(lease)
         except EtcdError as exc:
             if exc.code != GRPC_NOT_FOUND:  # already gone: nothing left to remove
                 raise
