@@ -158,13 +158,14 @@ def load(params: dict[str, Any]) -> tuple[Settings, PluginManager]:
 
 
 def _run_roles(params: dict[str, Any], roles: tuple[str, ...]) -> None:
-    from discoverd.core.agent import Agent, configure_logging
+    from discoverd.core.agent import Agent, configure_logging, settle_gc
     from discoverd.core.agent import plugin_schemas as schemas_of
     from discoverd.core.config import load_settings
 
     with operator_errors():
         settings, manager = load(params)
         configure_logging(settings.core.log_level, settings.core.log_format)
+        settle_gc()  # before the roles: a reload (SIGHUP) replaces those
 
         def reload_settings() -> Settings:
             """The same sources again (flags, variables, the file) for a SIGHUP."""
@@ -219,14 +220,19 @@ def discover(ctx: click.Context, /, **kwargs: Any) -> None:
     _run_roles(_merge(ctx, kwargs), ("discover",))
 
 
-def _view(params: dict[str, Any], *, with_proxy: bool = True, warn: bool = False) -> Any:
+def _view(
+    params: dict[str, Any], *, with_proxy: bool = True, warn: bool = False, direct: bool = True
+) -> Any:
     """What the discover role would see now, read once: the registry's catalog, the services
     built from it as the discover role builds them, and (``with_proxy``) what the proxy says
-    it cannot serve. Changes nothing; ``warn`` prints the problems on stderr."""
+    it cannot serve. Changes nothing; ``warn`` prints the problems on stderr. ``direct``: this
+    host's instances at their container address when the discover role would use it (core
+    option ``local_direct``); off, every instance as the registry holds it."""
     from types import SimpleNamespace
 
     from discoverd.core.agent import make_proxy, make_registry
     from discoverd.core.assignment import build_services
+    from discoverd.core.local import local_catalog
     from discoverd.core.model import backend_problem
 
     settings, manager = load(params)
@@ -237,6 +243,8 @@ def _view(params: dict[str, Any], *, with_proxy: bool = True, warn: bool = False
     finally:
         registry.close()
     own, single = settings.host().id, settings.core.single_machine
+    if direct and settings.core.local_direct:
+        catalog = local_catalog(catalog, own)  # where the discover role serves them
     assignment = build_services(
         catalog,
         default_mode=settings.core.default_mode,
@@ -382,7 +390,8 @@ def render(ctx: click.Context, /, **kwargs: Any) -> None:
 def services(ctx: click.Context, /, as_json: bool, **kwargs: Any) -> None:
     """List what the registry holds, grouped by service."""
     with operator_errors():
-        assignment = _view(_merge(ctx, kwargs), with_proxy=False, warn=True).assignment
+        view = _view(_merge(ctx, kwargs), with_proxy=False, warn=True, direct=False)
+        assignment = view.assignment
     rows = [
         {
             "name": s.name,

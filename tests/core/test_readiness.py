@@ -6,21 +6,23 @@ against real sockets (sock_diag, in this process's own network namespace)."""
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from discoverd import CheckTarget, ServiceInstance
 from discoverd.core import checks
-from discoverd.core.checks import CheckSpec, ListenProbe, run_check, spec_for
+from discoverd.core.checks import CheckSpec, Detected, ListenProbe, detect_mode, run_check, spec_for
 from discoverd.core.durations import format_seconds, parse_duration
 from discoverd.core.metadata import ContainerSpec, PortBinding, instances_for
-from discoverd.core.readiness import PROBE_MISTRUST, LivenessProbe, Readiness
+from discoverd.core.readiness import DETECT_TRIES, PROBE_MISTRUST, LivenessProbe, Readiness
 from discoverd.core.register import RegisterRole
 from tests.core.test_agent import FakeRegistry, FakeSource, eventually
 
@@ -579,3 +581,313 @@ def test_readiness_finds_a_stopped_listener_between_two_checks() -> None:
     finally:
         sock.close()
         readiness.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Mode detection: what an application speaks, asked carefully (real sockets on 127.0.0.1).
+
+
+class Speaker:
+    """A TCP server on 127.0.0.1 whose behaviour the test sets: ``banner`` sent at once (or
+    after ``banner_after`` seconds), ``reply`` sent for what it receives, or silence; it
+    records what each client sent."""
+
+    def __init__(
+        self,
+        *,
+        banner: bytes = b"",
+        banner_after: float = 0.0,
+        reply: bytes | None = None,
+        close_at_once: bool = False,
+    ) -> None:
+        self.banner, self.banner_after = banner, banner_after
+        self.reply, self.close_at_once = reply, close_at_once
+        self.received: list[bytes] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        self._stop = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        self.listener.settimeout(0.05)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        with conn:
+            if self.close_at_once:
+                return
+            if self.banner:
+                time.sleep(self.banner_after)
+                conn.sendall(self.banner)
+            conn.settimeout(2.0)
+            got = b""
+            try:
+                while b"\r\n\r\n" not in got and not (self.banner and got):
+                    chunk = conn.recv(1024)
+                    if not chunk:
+                        break
+                    got += chunk
+                    if self.reply is not None:
+                        conn.sendall(self.reply)
+            except OSError:
+                pass
+            self.received.append(got)
+            if self.reply is None and not self.banner:
+                self._stop.wait(3.0)  # silent: keeps the connection open, says nothing
+
+    def close(self) -> None:
+        self._stop.set()
+        self.listener.close()
+
+
+@pytest.fixture
+def speakers() -> Iterator[Callable[..., Speaker]]:
+    made: list[Speaker] = []
+
+    def make(**kwargs: Any) -> Speaker:
+        made.append(Speaker(**kwargs))
+        return made[-1]
+
+    yield make
+    for speaker in made:
+        speaker.close()
+
+
+def test_detect_mode_finds_http_whatever_the_status(server: Server) -> None:
+    server.start()
+    target = CheckTarget("127.0.0.1", server.port)
+    assert detect_mode(target, 1.0) == "http"
+    server.status = 503
+    assert detect_mode(target, 1.0) == "http"  # any status: it speaks HTTP/1
+
+
+def test_detect_mode_waits_for_a_banner_and_sends_nothing_to_a_server_that_speaks_first(
+    speakers: Callable[..., Speaker],
+) -> None:
+    smtp = speakers(banner=b"220 mail.example ESMTP ready\r\n")
+    assert detect_mode(CheckTarget("127.0.0.1", smtp.port), 1.0) == "tcp"
+    eventually(lambda: len(smtp.received) == 1)
+    assert smtp.received == [b""]  # it never saw a byte of HTTP
+    mysql = speakers(banner=b"J\x00\x00\x00\n8.0.36\x00")  # binary greeting
+    assert detect_mode(CheckTarget("127.0.0.1", mysql.port), 1.0) == "tcp"
+
+
+def test_detect_mode_reads_a_late_banner_as_what_it_is(speakers: Callable[..., Speaker]) -> None:
+    """A banner later than the wait (a server resolving the client's name first) arrives
+    after the request: still not an HTTP answer."""
+    slow = speakers(banner=b"220 slow ESMTP\r\n", banner_after=checks.BANNER_WAIT + 0.2)
+    assert detect_mode(CheckTarget("127.0.0.1", slow.port), 2.0) == "tcp"
+
+
+def test_detect_mode_asks_a_silent_server_the_smallest_request(
+    speakers: Callable[..., Speaker],
+) -> None:
+    redis = speakers(reply=b"-ERR unknown command\r\n")
+    assert detect_mode(CheckTarget("127.0.0.1", redis.port), 1.0) == "tcp"
+    eventually(lambda: len(redis.received) == 1)
+    [sent] = redis.received
+    assert sent.startswith(b"HEAD / HTTP/1.0\r\n") and sent.endswith(b"\r\n\r\n")
+    assert b"host:" not in sent.lower()  # Redis takes a Host: line for an attack
+    binary = speakers(reply=b"\x00\x00\x12\x04\x00\x00\x00\x00\x00")  # an HTTP/2 frame
+    assert detect_mode(CheckTarget("127.0.0.1", binary.port), 1.0) == "tcp"
+    almost = speakers(reply=b"HTTP/2 200\r\n\r\n")  # not HTTP/1
+    assert detect_mode(CheckTarget("127.0.0.1", almost.port), 1.0) == "tcp"
+
+
+def test_detect_mode_cannot_tell_without_a_byte_back(speakers: Callable[..., Speaker]) -> None:
+    silent = speakers()  # reads and never answers
+    started = time.monotonic()
+    assert detect_mode(CheckTarget("127.0.0.1", silent.port), 0.3) is None
+    assert time.monotonic() - started < 2.0
+    closing = speakers(close_at_once=True)
+    assert detect_mode(CheckTarget("127.0.0.1", closing.port), 0.5) is None
+    assert detect_mode(CheckTarget("127.0.0.1", free_port()), 0.5) is None  # nothing listens
+
+
+@needs_root
+def test_detect_mode_inside_a_namespace(server: Server) -> None:
+    server.start()
+    assert detect_mode(CheckTarget("127.0.0.1", server.port, netns=OWN_NETNS), 1.0) == "http"
+    with pytest.raises(OSError):
+        detect_mode(CheckTarget("127.0.0.1", server.port, netns="/proc/999999999/ns/net"), 1.0)
+
+
+class FakeDetector:
+    """Answers what the test says, counting the calls; ``error`` raised instead."""
+
+    def __init__(self, answer: Detected | None = "http", error: OSError | None = None) -> None:
+        self.answer, self.error = answer, error
+        self.calls: list[CheckTarget] = []
+
+    def __call__(self, target: CheckTarget, timeout: float) -> Detected | None:
+        self.calls.append(target)
+        if self.error is not None:
+            raise self.error
+        return self.answer
+
+
+IN_NAMESPACE = CheckTarget("10.0.0.2", 8000, netns="/proc/1/ns/net")
+
+
+def detecting(
+    make_readiness: MakeReadiness,
+    app: FakeApp,
+    notify: Callable[[str], None],
+    detector: FakeDetector,
+    target: CheckTarget | None = IN_NAMESPACE,
+    **options: Any,
+) -> Readiness:
+    readiness = make_readiness(app, notify, detect=True, detector=detector, **options)
+    readiness._target_of = lambda i: target
+    return readiness
+
+
+def test_the_mode_is_detected_once_after_the_first_good_check(
+    make_readiness: MakeReadiness,
+) -> None:
+    app, changes, detector = FakeApp(), Changes(), FakeDetector("http")
+    readiness = detecting(make_readiness, app, changes, detector, interval=0.02)
+    web = instance(1)
+    app.up = False
+    assert readiness.update({web.id: web}, first_wait=0.1) == set()
+    assert detector.calls == []  # never before it answers
+    app.up = True
+    eventually(lambda: readiness.modes() == {web.id: "http"})
+    eventually(lambda: changes.count("mode detected") == 1)
+    time.sleep(0.2)  # ten more checks
+    assert len(detector.calls) == 1 and detector.calls[0] == IN_NAMESPACE
+    assert readiness.update({web.id: web}, first_wait=0.0) == {web.id}
+
+
+def test_no_detection_for_an_explicit_mode_a_published_port_or_no_check(
+    make_readiness: MakeReadiness,
+) -> None:
+    app, changes = FakeApp(), Changes()
+    labelled, published, unchecked = FakeDetector(), FakeDetector(), FakeDetector()
+    first = detecting(make_readiness, app, changes, labelled)
+    web = instance(1, mode="tcp")
+    assert first.update({web.id: web}, first_wait=5.0) == {web.id}
+    second = detecting(make_readiness, app, changes, published, target=None)
+    other = instance(2)
+    assert second.update({other.id: other}, first_wait=5.0) == {other.id}
+    forwarded = CheckTarget("127.0.0.1", 2)  # no namespace: the published port
+    third = detecting(make_readiness, app, changes, unchecked, target=forwarded)
+    plain = instance(3, check="none")
+    assert third.update({plain.id: plain, other.id: other}, first_wait=5.0) == {plain.id, other.id}
+    time.sleep(0.3)
+    assert labelled.calls == published.calls == unchecked.calls == []
+    assert first.modes() == second.modes() == third.modes() == {}
+
+
+def test_a_namespace_detection_cannot_enter_is_never_detected_elsewhere(
+    make_readiness: MakeReadiness,
+) -> None:
+    app, changes = FakeApp(), Changes()
+    denied = FakeDetector(error=PermissionError(1, "Operation not permitted"))
+    readiness = detecting(make_readiness, app, changes, denied, interval=0.02)
+    web = instance(1)
+    assert readiness.update({web.id: web}, first_wait=5.0) == {web.id}
+    eventually(lambda: len(denied.calls) == 1)
+    time.sleep(0.2)
+    assert len(denied.calls) == 1 and readiness.modes() == {}
+    gone = FakeDetector(error=FileNotFoundError(2, "No such file or directory"))
+    other = detecting(make_readiness, app, changes, gone, interval=0.02)
+    assert other.update({web.id: web}, first_wait=5.0) == {web.id}
+    eventually(lambda: len(gone.calls) >= 2)  # tried again: the checks say what happened
+    assert other.modes() == {}
+
+
+def test_an_application_that_never_answers_is_taken_for_tcp_after_a_few_tries(
+    make_readiness: MakeReadiness,
+) -> None:
+    app, changes, mute = FakeApp(), Changes(), FakeDetector(None)
+    readiness = detecting(make_readiness, app, changes, mute, interval=0.02)
+    web = instance(1)
+    readiness.update({web.id: web}, first_wait=5.0)
+    eventually(lambda: readiness.modes() == {web.id: "tcp"})
+    assert len(mute.calls) == DETECT_TRIES
+
+
+def test_a_remembered_mode_is_not_detected_again_and_a_new_process_is(
+    make_readiness: MakeReadiness,
+) -> None:
+    app, changes, detector = FakeApp(), Changes(), FakeDetector("tcp")
+    web = instance(1)
+    readiness = detecting(
+        make_readiness, app, changes, detector, interval=0.02, remembered={web.id: "http"}
+    )
+    assert readiness.modes() == {}
+    assert readiness.update({web.id: web}, first_wait=5.0) == {web.id}
+    assert readiness.modes() == {web.id: "http"}
+    time.sleep(0.1)
+    assert detector.calls == []
+    # The container restarted (the source names another process): asked again.
+    restarted = CheckTarget("10.0.0.2", 8000, netns="/proc/2/ns/net")
+    readiness._target_of = lambda i: restarted
+    readiness.update({web.id: web}, first_wait=0.0)
+    eventually(lambda: readiness.modes() == {web.id: "tcp"})
+    assert detector.calls == [restarted]
+
+
+@needs_root
+def test_the_register_role_publishes_the_detected_mode_and_keeps_it(
+    server: Server, tmp_path: Path
+) -> None:
+    """A real check and a real detection, in this process's namespace: registered at once,
+    then again with ``detected_mode``; a restarted role registers it with its mode at once."""
+    server.start()
+
+    class InNamespace(FakeSource):
+        def check_target(self, i: ServiceInstance) -> CheckTarget | None:
+            return CheckTarget("127.0.0.1", server.port, netns=OWN_NETNS)
+
+    class Recording(FakeRegistry):
+        def __init__(self) -> None:
+            super().__init__()
+            self.log: list[ServiceInstance] = []
+
+        def register(self, instance: ServiceInstance) -> None:
+            self.log.append(instance)
+            super().register(instance)
+
+    source, registry = InNamespace(), Recording()
+    web = instance(server.port)
+    source.instances = [web]
+    kept = tmp_path / "register" / "modes.json"
+
+    def role() -> RegisterRole:
+        return RegisterRole(
+            source,
+            registry,
+            min_wait=0.0,
+            max_wait=0.01,
+            retry_max=0.05,
+            checks=CheckSpec("tcp", interval=0.1, timeout=0.5),
+            detect_modes=True,
+            modes_file=kept,
+        )
+
+    first = role()
+    first.start()
+    try:
+        eventually(lambda: registry.entries.get(web.id) is not None)
+        eventually(lambda: registry.entries[web.id].meta_dict.get("detected_mode") == "http")
+        assert registry.entries[web.id].meta_dict.get("mode") is None  # the operator's key
+    finally:
+        first.shutdown()
+    assert json.loads(kept.read_text()) == {"modes": {web.id: "http"}}
+    registry.log.clear()
+    second = role()
+    second.start()
+    try:
+        eventually(lambda: len(registry.log) >= 1)
+        assert registry.log[0].meta_dict.get("detected_mode") == "http"
+    finally:
+        second.shutdown()

@@ -323,7 +323,8 @@ def test_both_roles_in_one_process_and_a_restart_keeps_traffic(cluster: Cluster)
     until(lambda: cluster.answers() == {whoami_name(a)}, 30, "routable\n" + cluster.logs())
     config = state / "haproxy" / "haproxy.cfg"
     served = config.read_text()
-    assert f"{HOST_A}:" in served
+    a.reload()  # this host's own instance: served at its container address (local_direct)
+    assert f"{a.attrs['NetworkSettings']['IPAddress']}:8000" in served
 
     assert first.terminate() == 0
     # The proxy was not emptied by this host's own deregistration on the way out.

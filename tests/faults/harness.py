@@ -426,6 +426,11 @@ class Fleet:
                 # The hosts are loopback addresses of this one machine: without it, a proxy
                 # refuses loopback backends another host registered (issue 9's address policy).
                 env["DISCOVERD_SINGLE_MACHINE"] = "true"
+            if "local_direct" in known:
+                # The scenarios compare each proxy's servers with the published ports and
+                # measure the path through docker-proxy: keep every instance at its published
+                # port (tests/e2e/test_local_direct.py covers container addresses).
+                env["DISCOVERD_LOCAL_DIRECT"] = "false"
             if "listen" in known:
                 # The agent's HTTP endpoint (/healthz): on the host's own address and a free
                 # port, not the shared default (127.0.0.1:9275).

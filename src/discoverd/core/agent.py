@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -101,6 +102,18 @@ def _make_dirs(path: Path, mode: int) -> None:
             raise ConfigError(f"state_dir {path}: {current} is not a directory")
 
 
+def settle_gc() -> None:
+    """Tune the cyclic garbage collector for a long-running agent, once its modules are
+    imported and its settings read (before its roles are built: a reload replaces those, and
+    frozen objects are never examined for cycles again): what exists then is frozen out of
+    every later collection, and collections come every 10,000 allocations instead of 700. A
+    first pass over a large registry allocates hundreds of thousands of objects and no cycles;
+    with the defaults, full collections of the growing heap cost it 60-100 ms of CPU (1,000
+    services x 10 instances). Garbage without cycles is freed at once as always."""
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
+
+
 def context_for(settings: Settings, plugin: str, *, create: bool = True) -> PluginContext[Any]:
     """The factory's context. ``create=False`` (``render``, ``services``, ``check``) leaves the
     state directory alone: those commands change nothing."""
@@ -182,6 +195,8 @@ class Agent:
                     interval=core.check_interval,
                     timeout=core.check_timeout,
                 ),
+                detect_modes=core.default_mode == "auto",
+                modes_file=self.settings.state_dir / "register" / "modes.json",
                 **timing,
             )
         if "discover" in self.roles:
@@ -201,6 +216,7 @@ class Agent:
                 served_file=self.settings.state_dir / "discover" / "served.json",
                 own_host_id=self.settings.host().id,
                 single_machine=core.single_machine,
+                local_direct=core.local_direct,
             )
 
     def active(self) -> Iterable[Role]:
@@ -294,8 +310,9 @@ class Agent:
         watchdog = systemd.watchdog_interval()
         first_passes = False
         try:
-            self.start_endpoint()
+            # The roles first: the endpoint's imports then overlap the first registry reads.
             self.start()
+            self.start_endpoint()
             # Started: systemd's READY means the loops run (an agent that cannot reach the
             # registry at boot must not be restarted for it); readiness is /healthz/ready's.
             systemd.notify("READY=1", "STATUS=started; first passes under way")

@@ -6,7 +6,47 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from discoverd.core.model import Catalog, Mode, Problem, Service, ServiceInstance
+from discoverd.core.model import (
+    DETECTED_MODE_KEY,
+    Catalog,
+    Mode,
+    ModeSetting,
+    Problem,
+    Service,
+    ServiceInstance,
+)
+
+#: What a service's mode depends on besides its members: the core option ``default_mode``, and
+#: the instances this host's address policy refused (they vote all the same, so that every host
+#: gives a service the same mode).
+_ModeInputs = tuple[ModeSetting, tuple[ServiceInstance, ...]]
+
+
+def service_mode(instances: Iterable[ServiceInstance], default_mode: ModeSetting = "auto") -> Mode:
+    """The proxy mode of a service made of ``instances`` (pure: the same on every host that
+    reads the same registry).
+
+    1. The operator's word first: when an instance's metadata says ``mode`` (label
+       ``SERVICE_MODE``), ``http`` if any says ``http``, else ``tcp``.
+    2. Otherwise a forced ``default_mode`` (``tcp`` or ``http``).
+    3. Otherwise (``auto``) the detection: ``http`` when at least one instance was checked
+       (metadata ``detected_mode``, set by its register role) and every instance checked
+       answered in HTTP/1; ``tcp`` when one of them did not, or none was checked yet
+       (instances of another discoverd, or not checked in their namespace).
+    """
+    explicit: set[str] = set()
+    detected: set[str] = set()
+    for instance in instances:
+        for key, value in instance.meta:
+            if key == "mode":
+                explicit.add(value)
+            elif key == DETECTED_MODE_KEY:
+                detected.add(value)
+    if explicit:
+        return "http" if "http" in explicit else "tcp"
+    if default_mode != "auto":
+        return "http" if default_mode == "http" else "tcp"
+    return "http" if detected == {"http"} else "tcp"
 
 
 @dataclass
@@ -25,14 +65,14 @@ class ServiceCache:
 
     def __init__(self) -> None:
         self._entries: dict[
-            str, tuple[tuple[ServiceInstance, ...], Mode, Service | None, list[Problem]]
+            str, tuple[tuple[ServiceInstance, ...], _ModeInputs, Service | None, list[Problem]]
         ] = {}
 
     def get(
-        self, name: str, members: tuple[ServiceInstance, ...], default_mode: Mode
+        self, name: str, members: tuple[ServiceInstance, ...], mode_inputs: _ModeInputs
     ) -> tuple[Service | None, list[Problem]] | None:
         entry = self._entries.get(name)
-        if entry is not None and entry[1] == default_mode and entry[0] == members:
+        if entry is not None and entry[1] == mode_inputs and entry[0] == members:
             return entry[2], entry[3]
         return None
 
@@ -40,10 +80,10 @@ class ServiceCache:
         self,
         name: str,
         members: tuple[ServiceInstance, ...],
-        default_mode: Mode,
+        mode_inputs: _ModeInputs,
         result: tuple[Service | None, list[Problem]],
     ) -> None:
-        self._entries[name] = (members, default_mode, result[0], result[1])
+        self._entries[name] = (members, mode_inputs, result[0], result[1])
 
     def keep_only(self, names: Iterable[str]) -> None:
         wanted = set(names)
@@ -52,7 +92,7 @@ class ServiceCache:
 
 
 def _build_one(
-    name: str, members_in: Iterable[ServiceInstance], default_mode: Mode
+    name: str, members_in: Iterable[ServiceInstance], mode_inputs: _ModeInputs
 ) -> tuple[Service | None, list[Problem]]:
     problems: list[Problem] = []
     members = _one_per_id(name, sorted(set(members_in)), problems)
@@ -75,8 +115,8 @@ def _build_one(
         return None, problems
     top = max(ports.values())
     frontend = min(p for p, n in ports.items() if n == top)
-    modes = sorted({m.meta_dict.get("mode", "") for m in members} - {""})
-    mode: Mode = "http" if (modes[0] if modes else default_mode) == "http" else "tcp"
+    default_mode, refused = mode_inputs
+    mode = service_mode((*members, *refused), default_mode)
     service = Service(
         name=name,
         frontend_port=frontend,
@@ -114,7 +154,7 @@ def _one_per_id(
 def build_services(
     catalog: Catalog,
     *,
-    default_mode: Mode = "tcp",
+    default_mode: ModeSetting = "auto",
     reserved_ports: Iterable[int] = (),
     previous_owners: Mapping[int, str] | None = None,
     cache: ServiceCache | None = None,
@@ -132,26 +172,31 @@ def build_services(
     - ``accept`` (the discover host's address policy) refuses an instance with a problem.
     - A port the proxy reserves for itself (stats page) is refused.
     - Instances of another protocol than the service's first one are refused.
+    - The proxy mode: :func:`service_mode` of the service's instances, those ``accept``
+      refused included (every host decides the same).
     """
     previous = dict(previous_owners or {})
     reserved = set(reserved_ports)
     problems: list[Problem] = list(catalog.problems)
     grouped: dict[str, list[ServiceInstance]] = {}
+    hidden: dict[str, list[ServiceInstance]] = {}
     for instance in catalog.instances:
         refused = accept(instance) if accept is not None else None
         if refused is not None:
             problems.append(refused)
+            hidden.setdefault(instance.service, []).append(instance)
             continue
         grouped.setdefault(instance.service, []).append(instance)
 
     candidates: dict[str, Service] = {}
     for name in sorted(grouped):
         members_in = tuple(grouped[name])
-        result = cache.get(name, members_in, default_mode) if cache is not None else None
+        mode_inputs: _ModeInputs = (default_mode, tuple(sorted(hidden.get(name, ()))))
+        result = cache.get(name, members_in, mode_inputs) if cache is not None else None
         if result is None:
-            result = _build_one(name, members_in, default_mode)
+            result = _build_one(name, members_in, mode_inputs)
             if cache is not None:
-                cache.put(name, members_in, default_mode, result)
+                cache.put(name, members_in, mode_inputs, result)
         service, trouble = result
         problems.extend(trouble)
         if service is not None:

@@ -16,6 +16,12 @@ connection, nothing the application sees, a few microseconds. The readiness sche
 notice within a fraction of a second that an application stopped listening (docker-proxy keeps
 accepting on the published port meanwhile), and confirms with a real check.
 
+Once per instance, after its first good check, :func:`detect_mode` finds whether the application
+speaks HTTP/1 (the proxy mode of a service whose containers do not say, core option
+``default_mode = "auto"``): it waits briefly for the server to speak first (a banner: SMTP, FTP,
+SSH, MySQL...), and only if it said nothing sends the smallest HTTP/1.0 request and reads the
+status line. It is made in the application's namespace only, never through a published port.
+
 Check kinds, from the instance's metadata (labels ``SERVICE_CHECK=tcp|http|none``,
 ``SERVICE_CHECK_HTTP=/path``, ``SERVICE_CHECK_TCP=true``, ``SERVICE_CHECK_INTERVAL=2s``,
 ``SERVICE_CHECK_TIMEOUT=1s``) or else from the agent's settings (``check``, ``check_path``,
@@ -29,6 +35,7 @@ import ctypes
 import errno
 import ipaddress
 import os
+import re
 import resource
 import socket
 import struct
@@ -200,6 +207,74 @@ def _http(
         return "no HTTP answer" if not head else f"not an HTTP answer: {status_line[:60]!r}"
     status = int(parts[1])
     return None if 200 <= status < 400 else f"HTTP {status}"
+
+
+#: What :func:`detect_mode` finds an application speaks: ``http`` (HTTP/1) or ``tcp`` (anything
+#: else).
+Detected = Literal["http", "tcp"]
+#: How long mode detection waits for a server that speaks first (a banner) before it asks.
+BANNER_WAIT = 0.15
+# The smallest request: HTTP/1.0 needs no Host header (a Redis server takes a "Host:" line for
+# a cross-protocol attack, logs it and closes), HEAD has no body, and every line is one an
+# inline text protocol (Redis, memcached) answers with a plain error.
+_DETECT_REQUEST = b"HEAD / HTTP/1.0\r\nUser-Agent: discoverd-detect\r\n\r\n"
+_STATUS_LINE = re.compile(rb"HTTP/1\.[01] [1-5][0-9][0-9](?:[ \r]|$)")
+_STATUS_HEAD = b"HTTP/1."
+_STATUS_LEN = 13  # "HTTP/1.1 200 " or "HTTP/1.1 200\r"
+
+
+def detect_mode(
+    target: CheckTarget, timeout: float, *, banner_wait: float = BANNER_WAIT
+) -> Detected | None:
+    """Whether the application at ``target`` speaks HTTP/1: ``"http"``, ``"tcp"``, or ``None``
+    when this attempt could not tell (no connection, or not a byte back).
+
+    Careful with servers that are not HTTP: it first waits ``banner_wait`` seconds for the
+    server to speak first (SMTP, FTP, SSH, MySQL, POP3... send a banner), which makes it
+    ``tcp`` without a byte sent; only a server that said nothing gets ``HEAD / HTTP/1.0``, and
+    the first bytes of its answer decide: an HTTP/1 status line (any status) is ``http``,
+    anything else (``-ERR unknown command``, a TLS alert, a binary frame) ``tcp``. A server that
+    closes or stays silent gives ``None``. Made inside ``target.netns`` when given (raises
+    ``OSError`` when the namespace cannot be entered), else from the agent's namespace."""
+    sock = None
+    if target.netns:
+        family = socket.AF_INET6 if ":" in target.address else socket.AF_INET
+        sock = socket_in(target.netns, family, socket.SOCK_STREAM)
+    try:
+        conn = _connect(target.address, target.port, timeout, sock)
+    except OSError:
+        return None
+    with conn:
+        try:
+            conn.settimeout(banner_wait)
+            try:
+                first = conn.recv(64)
+            except TimeoutError:
+                first = None  # silent: it waits for the client, as HTTP servers do
+            if first is not None:
+                return "tcp" if first else None  # a banner; or closed without a word
+            conn.sendall(_DETECT_REQUEST)
+            deadline = time.monotonic() + timeout
+            head = b""
+            while len(head) < _STATUS_LEN:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                conn.settimeout(left)
+                try:
+                    chunk = conn.recv(_STATUS_LEN - len(head))
+                except TimeoutError:
+                    break
+                if not chunk:
+                    break
+                head += chunk
+                if not _STATUS_HEAD.startswith(head[: len(_STATUS_HEAD)]):
+                    return "tcp"  # not the beginning of an HTTP/1 status line
+        except OSError:
+            return None
+    if not head:
+        return None
+    return "http" if _STATUS_LINE.match(head) else "tcp"
 
 
 def run_check(spec: CheckSpec, target: CheckTarget, *, forwarded: bool) -> str | None:

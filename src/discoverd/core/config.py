@@ -97,9 +97,13 @@ class CoreConfig:
         "front of it before opening it to the network.",
         check=listen_address,
     )
-    default_mode: Literal["tcp", "http"] = option(
-        "tcp",
-        "Proxy mode of a service whose instances do not say (label SERVICE_MODE): tcp or http.",
+    default_mode: Literal["auto", "tcp", "http"] = option(
+        "auto",
+        "Proxy mode of a service whose instances do not say (label SERVICE_MODE): auto (the "
+        "register role asks each new instance, once, from inside its container, whether it "
+        "answers in HTTP/1; a service is proxied in http mode, with replays of idempotent "
+        "requests, when every instance so checked does, else tcp), or tcp or http for every "
+        "such service (no detection). Set it the same on every host.",
     )
     min_wait: float = option(0.02, "Quiescence window: seconds of calm before acting.", min=0)
     max_wait: float = option(0.5, "Longest a burst of events may delay acting, in seconds.", min=0)
@@ -160,6 +164,14 @@ class CoreConfig:
         "are routed whichever host id registered them, and a port published on loopback only "
         "is registered without HOST_IP. Off: a loopback backend is routed only by the proxy "
         "of the host that registered it.",
+    )
+    local_direct: bool = option(
+        True,
+        "The discover role reaches this host's own instances at their container address "
+        "(the container's IP and private port, which the register role publishes beside the "
+        "published port) once a TCP connect from this host shows it reachable, skipping the "
+        "published port's forwarder (docker-proxy); other hosts' instances keep their "
+        "published port. Off: every instance at its published port.",
     )
 
     removal_hold: float = option(

@@ -17,7 +17,7 @@ from discoverd.core.assignment import Assignment
 from discoverd.core.checks import CheckSpec, run_check, spec_for
 from discoverd.core.interfaces import CheckTarget, Proxy, Source
 from discoverd.core.metadata import ContainerSpec, ExposurePolicy, PortStory, port_stories
-from discoverd.core.model import Catalog, Problem, Service, ServiceInstance
+from discoverd.core.model import DETECTED_MODE_KEY, Catalog, Problem, Service, ServiceInstance
 
 
 @dataclass
@@ -39,6 +39,7 @@ class InstanceStory:
             "host_id": i.host_id,
             "frontend_port": i.frontend_port,
             "mode": i.meta_dict.get("mode", ""),
+            "detected_mode": i.meta_dict.get(DETECTED_MODE_KEY, ""),
             "registered": self.registered,
             "routed": self.routed,
             "check": self.check,

@@ -35,6 +35,7 @@ from discoverd.core.checks import CHECK_KINDS
 from discoverd.core.durations import format_seconds, parse_duration
 from discoverd.core.errors import ValidationError
 from discoverd.core.model import (
+    INTERNAL_META_KEYS,
     META_KEY_RE,
     SERVICE_NAME_RE,
     PortRanges,
@@ -372,6 +373,8 @@ def instances_for(
 
 def _published(key: str, policy: ExposurePolicy) -> bool:
     lower = key.lower()
+    if lower in INTERNAL_META_KEYS:
+        return False  # set by the source itself (container_address), never by a label
     return lower in META_KEYS or lower in policy.meta_keys
 
 
@@ -571,6 +574,11 @@ def check_meta_key_names(keys: Iterable[str]) -> tuple[str, ...]:
             raise ValueError(
                 f"{key[:80]!r} is not a metadata key: [a-z0-9][a-z0-9_-]{{0,62}}, and not "
                 "name, tags, ignore, id or port"
+            )
+        if text in INTERNAL_META_KEYS:
+            raise ValueError(
+                f"{key[:80]!r} is set by discoverd itself (an internal metadata key), never "
+                "from a label"
             )
         found.append(text)
     return tuple(dict.fromkeys(found))

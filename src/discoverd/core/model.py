@@ -6,6 +6,7 @@ configuration has passed these checks, whichever source or registry it came from
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import ipaddress
 import re
@@ -17,6 +18,9 @@ from discoverd.core.errors import ValidationError
 
 Protocol = Literal["tcp", "udp"]
 Mode = Literal["http", "tcp"]
+#: The core option ``default_mode``: ``auto`` (detected: http when the instances answer in
+#: HTTP/1), or a mode forced on every service whose instances carry no ``mode`` label.
+ModeSetting = Literal["auto", "http", "tcp"]
 
 SERVICE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 INSTANCE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}")
@@ -144,6 +148,69 @@ def check_backend_address(
     return checked
 
 
+#: The metadata key of an instance's container address: ``IP:PORT`` where the application
+#: listens on its own host (the container's address and its private port), without the
+#: published port's forwarder (docker-proxy). Set by the register side (the source), never from
+#: a label: :data:`INTERNAL_META_KEYS` cannot be published by the metadata rules nor named in
+#: the core option ``meta_keys``. Used only by the discover role of the instance's own host.
+CONTAINER_ADDRESS_KEY = "container_address"
+#: The metadata key of the proxy mode the register role found the instance's application
+#: speaks (``http``: it answered in HTTP/1; ``tcp``: anything else), beside the operator's own
+#: ``mode`` (label ``SERVICE_MODE``), which wins. See ``core.assignment.service_mode``.
+DETECTED_MODE_KEY = "detected_mode"
+#: Metadata keys the core or a source sets itself, never taken from labels or variables.
+INTERNAL_META_KEYS = frozenset({CONTAINER_ADDRESS_KEY, DETECTED_MODE_KEY})
+
+
+def format_endpoint(address: str, port: int) -> str:
+    """``IP:PORT``, IPv6 in brackets."""
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def check_container_address(value: str) -> tuple[str, int]:
+    """``(address, port)`` of a container address (metadata ``container_address``), written
+    ``IP:PORT`` or ``[IPv6]:PORT`` in canonical form (no spaces, no leading zeros);
+    ``ValidationError`` with the rule otherwise.
+
+    The rules of :func:`check_address` (no unspecified, link-local, multicast or broadcast
+    address), and no loopback: on the discover host, ``127.0.0.1`` is that host's own services,
+    never a container's."""
+    if not isinstance(value, str) or len(value) > 64:
+        raise ValidationError(f"container address {_short(value)} is not IP:PORT")
+    address, port = parse_endpoint(value)
+    if is_loopback(address):
+        raise ValidationError(
+            f"container address {address} is loopback: on the discover host it reaches that "
+            "host's own services, never a container"
+        )
+    canonical = format_endpoint(address, port)
+    if value != canonical:
+        raise ValidationError(
+            f"container address {_short(value)} is not written in canonical form ({canonical})"
+        )
+    return address, port
+
+
+def container_endpoint(instance: ServiceInstance) -> tuple[str, int] | None:
+    """The instance's container address (metadata ``container_address``), ``None`` when it
+    has none; ``ValidationError`` when the value breaks :func:`check_container_address`."""
+    for key, value in instance.meta:
+        if key == CONTAINER_ADDRESS_KEY:
+            return check_container_address(value)
+    return None
+
+
+def with_container_address(instance: ServiceInstance, address: str, port: int) -> ServiceInstance:
+    """``instance`` with its container address (``address``, the container's own IP, and
+    ``port``, the port the application listens on inside it) in its metadata, for the discover
+    role of its own host (see ``local_direct``). A source calls it; ``ValidationError`` when
+    the address breaks :func:`check_container_address`."""
+    value = format_endpoint(check_address(address), check_port(port))
+    check_container_address(value)
+    meta = {**instance.meta_dict, CONTAINER_ADDRESS_KEY: value}
+    return dataclasses.replace(instance, meta=frozen_meta(meta))
+
+
 def check_tag(tag: str) -> str:
     if not isinstance(tag, str) or not TAG_RE.fullmatch(tag):
         raise ValidationError(f"tag {_short(tag)} must match [A-Za-z0-9_.:=/+-]{{1,128}}")
@@ -164,6 +231,26 @@ def check_meta(key: str, value: str) -> tuple[str, str]:
         shown = ", ".join(repr(c) for c in bad) or "a control character"
         raise ValidationError(f"metadata value for {key!r} contains {shown}")
     return key, value
+
+
+@functools.lru_cache(maxsize=4096)
+def _valid_service_name(name: str) -> bool:
+    return SERVICE_NAME_RE.fullmatch(name) is not None
+
+
+@functools.lru_cache(maxsize=1024)
+def _valid_host_id(host_id: str) -> bool:
+    return INSTANCE_ID_RE.fullmatch(host_id) is not None
+
+
+@functools.lru_cache(maxsize=2048)
+def _valid_meta(pair: tuple[str, str]) -> bool:
+    """``check_meta(*pair)`` passes (``pair``: a key and a text value)."""
+    try:
+        check_meta(*pair)
+    except ValidationError:
+        return False
+    return True
 
 
 def check_path(path: str) -> str:
@@ -195,7 +282,11 @@ class ServiceInstance:
     host_id: str = ""
 
     def __post_init__(self) -> None:
-        check_service_name(self.service)
+        # The same rules as the check_* functions; the values that repeat (names, host ids,
+        # metadata pairs) are looked up in small caches of values that passed: a registry of
+        # 10,000 instances holds few of each.
+        if not (type(self.service) is str and _valid_service_name(self.service)):
+            check_service_name(self.service)
         valid_id = isinstance(self.id, str) and INSTANCE_ID_RE.fullmatch(self.id)
         if not valid_id or self.id == "port":
             raise ValidationError(
@@ -215,10 +306,15 @@ class ServiceInstance:
             check_tag(tag)
         object.__setattr__(self, "tags", tags)
         meta = tuple(sorted((str(k), v) for k, v in self.meta))
-        for key, value in meta:
-            check_meta(key, value)
+        for pair in meta:
+            if not (type(pair[1]) is str and _valid_meta(pair)):
+                check_meta(*pair)
         object.__setattr__(self, "meta", meta)
-        if self.host_id and not INSTANCE_ID_RE.fullmatch(self.host_id):
+        if self.host_id and not (
+            _valid_host_id(self.host_id)
+            if type(self.host_id) is str
+            else INSTANCE_ID_RE.fullmatch(self.host_id)
+        ):
             raise ValidationError(f"host id {_short(self.host_id)} has forbidden characters")
 
     @property

@@ -21,6 +21,19 @@ How fast, and how damped:
   :data:`HALF_LIFE` (60 s). A flapping instance therefore changes the registry at most once
   per hold, and a hold longer than its good spells keeps it out until it is steady. A new
   instance (one that was never ready) is registered at its first good check, as before.
+
+Mode detection (``detect``): after an instance's first good check, whether its application
+speaks HTTP/1 is found once (:func:`~discoverd.core.checks.detect_mode`, in a small pool of its
+own so that it never delays a check), for instances whose metadata names no ``mode``. It is
+made in the application's own namespace only: an instance checked on its published port (no
+namespace, or one that cannot be entered) is never detected. The register role registers the
+instance at once and again with the mode found (:meth:`Readiness.modes`).
+
+A check whose namespace is gone (``/proc/<pid>`` of a process that exited: the container
+stopped, or restarted since the source named that process) fails with :data:`GONE` and asks
+for a new snapshot; it never falls back to the published port, which may belong to another
+container by then. Only a namespace that cannot be entered for want of privileges (not root)
+falls back to the published port.
 """
 
 from __future__ import annotations
@@ -35,7 +48,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
-from discoverd.core.checks import CheckSpec, ListenProbe, run_check, spec_for
+from discoverd.core.checks import (
+    CheckSpec,
+    Detected,
+    ListenProbe,
+    detect_mode,
+    run_check,
+    spec_for,
+)
 from discoverd.core.durations import format_seconds
 from discoverd.core.interfaces import CheckTarget
 from discoverd.core.model import ServiceInstance
@@ -51,6 +71,10 @@ CONFIRM = 0.1
 #: becomes routable within this long of listening), starting fast and doubling.
 FIRST_RETRY = 0.02
 NOT_READY_MAX = 0.5
+#: The first retry of a new instance: its first check often comes a few ms before its
+#: application listens, and the next one then comes 5, 10, 20, 40 ms... later (an instance
+#: that fell starts again from :data:`FIRST_RETRY`).
+NEW_RETRY = 0.005
 #: The longest the register role's first pass waits for the first check of every instance.
 FIRST_PASS_MAX = 3.0
 #: Seconds between two listen probes of a ready instance (0: no probes).
@@ -65,6 +89,13 @@ HALF_LIFE = 60.0
 #: During a hold, an answering instance is checked this often (shorter than the spells of a
 #: fast flapper, so that one of its failures falls between two checks).
 HOLD_RECHECK = 0.2
+#: The reason of a check whose namespace is gone (its process exited).
+GONE = "its process is gone"
+#: Threads for mode detection (each may wait ``BANNER_WAIT`` plus a check timeout).
+DETECT_WORKERS = 4
+#: Detection attempts that get no byte back (a server that closes, or stays silent) before the
+#: instance is taken for ``tcp``: it does not answer in HTTP.
+DETECT_TRIES = 3
 
 
 class LivenessProbe(Protocol):
@@ -79,6 +110,9 @@ class LivenessProbe(Protocol):
 CheckRun = Callable[[ServiceInstance, CheckSpec, CheckTarget | None], str | None]
 #: Makes the probe of an instance (``None``: it has none). Raises ``OSError`` when it cannot.
 ProbeMaker = Callable[[ServiceInstance, CheckSpec, CheckTarget | None], LivenessProbe | None]
+#: Finds what an application speaks (``detect_mode(target, timeout)``): ``None`` when it
+#: could not tell; raises ``OSError`` when the namespace cannot be entered.
+Detector = Callable[[CheckTarget, float], Detected | None]
 
 
 def listen_probe(
@@ -101,7 +135,7 @@ class _State:
     checked: bool = False
     failures: int = 0
     due: float = 0.0
-    retry: float = FIRST_RETRY
+    retry: float = NEW_RETRY
     running: Future[tuple[str | None, LivenessProbe | None]] | None = None
     reason: str = ""
     # Damping: the faded count of falls (as of ``penalty_at``); while ``hold`` > 0 the
@@ -116,6 +150,13 @@ class _State:
     probe_wanted: bool = True
     probe_misses: int = 0
     suspect: bool = False
+    # Mode detection: wanted (no explicit mode), the mode found, a detection running, the
+    # attempts that could not tell; ``gone_noted``: a snapshot was asked for a gone target.
+    detect: bool = False
+    mode: Detected | None = None
+    detecting: bool = False
+    detect_tries: int = 0
+    gone_noted: bool = False
 
 
 class Readiness:
@@ -142,6 +183,9 @@ class Readiness:
         hold_max: float = HOLD_MAX,
         half_life: float = HALF_LIFE,
         hold_recheck: float = HOLD_RECHECK,
+        detect: bool = False,
+        detector: Detector | None = None,
+        remembered: Mapping[str, Detected] | None = None,
     ) -> None:
         self.default = default
         self._target_of = target_of
@@ -156,12 +200,20 @@ class Readiness:
         self._states: dict[str, _State] = {}
         self._cond = threading.Condition()
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="discoverd-check")
+        self._detect = detect
+        self._detector: Detector = detector or _detect
+        self._remembered = dict(remembered or {})
+        self._detect_pool = ThreadPoolExecutor(
+            DETECT_WORKERS, thread_name_prefix="discoverd-detect"
+        )
+        self._detect_failed = False
         self._stopped = False
         self._next_probe = 0.0
         self._netns_failed = False
         self._probe_failed = False
-        #: Counters for tests and benchmarks: checks run, probes asked, falls, readmissions.
-        self.counts = {"checks": 0, "probes": 0, "fell": 0, "readmitted": 0}
+        #: Counters for tests and benchmarks: checks run, probes asked, falls, readmissions,
+        #: mode detections made.
+        self.counts = {"checks": 0, "probes": 0, "fell": 0, "readmitted": 0, "detections": 0}
         self._results = {"ok": 0, "failed": 0}
         self._thread = threading.Thread(
             target=self._schedule, name="discoverd-register-checks", daemon=True
@@ -197,11 +249,18 @@ class Readiness:
                         and state.instance.endpoint == (instance.endpoint)
                     )
                     new = _State(instance, spec, target, ready=kept, checked=kept, due=now)
+                    new.detect = self._wants_detection(instance, spec)
                     if state is not None:  # the damping outlives a change of metadata
                         new.penalty, new.penalty_at = state.penalty, state.penalty_at
                         new.hold = state.hold
+                        if state.target == target:  # the same process: what it speaks
+                            new.mode = state.mode
                         if state.probe is not None:
                             closing.append(state.probe)
+                    elif new.detect:
+                        new.mode = self._remembered.pop(iid, None)
+                    if not new.detect:
+                        new.mode = None
                     state = new
                     self._states[iid] = state
                     if spec.kind == "none":
@@ -210,6 +269,12 @@ class Readiness:
                         fresh.append(iid)
                 elif state.target != target:
                     state.target = target
+                    # Another process (a restart, its events late or missed): a new start, as
+                    # when the events are read in time. What it speaks is found again, and
+                    # the damping of the old process is forgotten.
+                    state.mode, state.detect_tries, state.gone_noted = None, 0, False
+                    state.hold = state.penalty = 0.0
+                    state.passing_since, state.due, state.retry = None, now, NEW_RETRY
                     if state.probe is not None:  # made for the old target
                         closing.append(state.probe)
                         state.probe = None
@@ -234,6 +299,18 @@ class Readiness:
         for probe in closing:
             probe.close()
         return ready
+
+    def modes(self) -> dict[str, Detected]:
+        """The mode found for each instance whose mode was detected (see ``detect``)."""
+        with self._cond:
+            return {iid: st.mode for iid, st in self._states.items() if st.mode is not None}
+
+    def _wants_detection(self, instance: ServiceInstance, spec: CheckSpec) -> bool:
+        return (
+            self._detect
+            and spec.kind != "none"
+            and not any(key == "mode" for key, _ in instance.meta)
+        )
 
     def reason(self, iid: str) -> str:
         with self._cond:
@@ -260,6 +337,7 @@ class Readiness:
             self._cond.notify_all()
         self._thread.join(5.0)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._detect_pool.shutdown(wait=False, cancel_futures=True)
         for probe in probes:
             probe.close()
 
@@ -344,6 +422,8 @@ class Readiness:
                     probe.close()
                     probe, state.probe_wanted = None, False
             except OSError as exc:
+                if exc.errno in (errno.ENOENT, errno.ESRCH):
+                    return reason, None  # its process exited since: the next check says so
                 if not self._probe_failed:
                     log.info(
                         "checks: listen probes unavailable (%s); checks only",
@@ -362,7 +442,12 @@ class Readiness:
         try:
             return run_check(spec, target, forwarded=forwarded)
         except OSError as exc:
-            if target.netns and exc.errno in (errno.EPERM, errno.ENOENT, errno.EACCES):
+            if target.netns and exc.errno in (errno.ENOENT, errno.ESRCH):
+                # The process the source named exited (the container stopped, or restarted
+                # since): its published port may belong to another container by now.
+                return f"{GONE} ({target.netns}): the container stopped or restarted"
+            if target.netns and exc.errno in (errno.EPERM, errno.EACCES):
+                # Not allowed to enter namespaces (not root): the published port, always.
                 if not self._netns_failed:
                     log.warning(
                         "checks: cannot enter %s (%s); checking published ports instead",
@@ -386,6 +471,7 @@ class Readiness:
         except Exception as exc:  # a bug in a check must not stop the others
             reason = f"check failed: {type(exc).__name__}: {exc}"
         changed, detail = None, ""
+        gone = False
         unused: list[LivenessProbe] = []
         with self._cond:
             state.running = None
@@ -402,9 +488,16 @@ class Readiness:
                         unused.append(probe)
                 changed, detail = self._judge(state, reason, unused)
                 state.checked = True
+                if reason is None:
+                    self._start_detection(iid, state)
+                elif reason.startswith(GONE) and not state.gone_noted:
+                    state.gone_noted = True
+                    gone = True
                 self._cond.notify_all()
         for each in unused:
             each.close()
+        if gone:  # a new snapshot names the current process, or drops the container
+            self._notify(f"check target gone {iid}")
         if changed == "ready":
             log.info("checks: %s %s answers%s", state.instance.service, iid, detail)
             self._notify(f"check passed {iid}")
@@ -413,6 +506,69 @@ class Readiness:
                 "checks: %s %s stopped answering: %s%s", state.instance.service, iid, reason, detail
             )
             self._notify(f"check failed {iid}")
+
+    # -- mode detection
+
+    def _start_detection(self, iid: str, state: _State) -> None:
+        """After a good check (lock held): detect the mode, once, in the namespace only."""
+        target = state.target
+        if (
+            not state.detect
+            or state.mode is not None
+            or state.detecting
+            or self._stopped
+            or target is None
+            or not target.netns  # never through a published port (a forwarder's answer)
+        ):
+            return
+        state.detecting = True
+        timeout = state.spec.timeout
+        future = self._detect_pool.submit(self._detector, target, timeout)
+        future.add_done_callback(functools.partial(self._detected, iid, state, target))
+
+    def _detected(
+        self, iid: str, state: _State, target: CheckTarget, future: Future[Detected | None]
+    ) -> None:
+        if future.cancelled():  # at close
+            return
+        found: Detected | None = None
+        problem: OSError | None = None
+        try:
+            found = future.result()
+        except OSError as exc:
+            problem = exc
+        except Exception as exc:  # a bug must not stop the checks
+            log.warning("checks: %s: mode detection failed: %s: %s", iid, type(exc).__name__, exc)
+        with self._cond:
+            state.detecting = False
+            self.counts["detections"] += 1
+            if self._states.get(iid) is not state or state.target != target or self._stopped:
+                return  # gone, or another process since: its result says nothing now
+            if problem is not None:
+                if problem.errno in (errno.EPERM, errno.EACCES):
+                    state.detect = False  # never on the published port
+                    if not self._detect_failed:
+                        log.info(
+                            "checks: cannot enter %s (%s): modes are not detected",
+                            target.netns,
+                            problem.strerror,
+                        )
+                        self._detect_failed = True
+                return  # ENOENT: the process is gone, the checks say so
+            if found is None:
+                state.detect_tries += 1
+                if state.detect_tries < DETECT_TRIES:
+                    return  # tried again after the next good check
+                found = "tcp"  # never a byte back: it does not answer in HTTP
+            state.mode = found
+        log.info(
+            "checks: %s %s speaks %s: %s mode unless labelled",
+            state.instance.service,
+            iid,
+            "HTTP/1" if found == "http" else "something else than HTTP/1",
+            found,
+        )
+        self._notify(f"mode detected {iid}")
 
     def _judge(
         self, state: _State, reason: str | None, unused: list[LivenessProbe]
@@ -454,6 +610,8 @@ class Readiness:
         if suspect:
             state.probe_misses = 0  # the probe was right
         state.failures += 1
+        if reason.startswith(GONE):
+            state.failures = max(state.failures, FALL)  # that process can never answer again
         state.passing_since = None
         if state.ready and state.failures >= FALL:
             state.ready = False
@@ -474,6 +632,10 @@ class Readiness:
         state.hold = min(self._hold_max, self._hold * 2.0 ** (state.penalty - 1.0))
         state.retry = FIRST_RETRY
         self.counts["fell"] += 1
+
+
+def _detect(target: CheckTarget, timeout: float) -> Detected | None:
+    return detect_mode(target, timeout)
 
 
 def _port(state: _State) -> int:

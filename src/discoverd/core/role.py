@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from discoverd.core.errors import PluginError
 from discoverd.core.model import Problem
 from discoverd.core.scheduling import Backoff, Waker
-from discoverd.core.telemetry import Contact, Counters
+from discoverd.core.telemetry import Contact, Counters, now_ms
 
 log = logging.getLogger("discoverd")
 
@@ -65,6 +65,15 @@ class Role:
 
     def start(self) -> None:
         raise NotImplementedError
+
+    def _log_wake(self, reasons: list[str]) -> None:
+        """The debug line of a pass about to start: its reasons, how long after the first
+        event of its batch, and when (``t=``, see :func:`~discoverd.core.telemetry.now_ms`)."""
+        if not log.isEnabledFor(logging.DEBUG):
+            return
+        first = self.waker.batch_first
+        after = "" if first is None else f"; {(time.monotonic() - first) * 1000:.1f} ms after"
+        log.debug("%s: reconcile (%s)%s (t=%s)", self.name, ", ".join(reasons), after, now_ms())
 
     def _spawn(self, name: str, target: Callable[[], None]) -> None:
         thread = _thread(f"{self.name}-{name}", target)

@@ -28,6 +28,9 @@ class Waker:
         self._due: float | None = None  # a retry scheduled for later
         self._due_reason = ""
         self._reasons: list[str] = []
+        #: When the first event of the batch :meth:`wait` returned last came (``None``: a
+        #: scheduled pass without events), on the ``time.monotonic()`` clock.
+        self.batch_first: float | None = None
 
     def notify(self, reason: str, services: Collection[str] | None = None) -> None:
         """Something may have changed (``services`` is accepted, so the waker can be handed
@@ -79,7 +82,7 @@ class Waker:
 
     def _take(self) -> list[str]:
         reasons, self._reasons = self._reasons, []
-        self._first = None
+        self.batch_first, self._first = self._first, None
         self._due = None
         self._leading = False
         self._quiet_since = time.monotonic()

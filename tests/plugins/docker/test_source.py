@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import signal
 import socket
@@ -34,8 +35,10 @@ from discoverd.plugins.docker.source import (
     _container_address,
     _container_name,
     _eligible,
+    _read_inspect,
     _signal_number,
     _watched_action,
+    _with_local_address,
 )
 from tests.support.services import (
     WHOAMI_COMMAND,
@@ -153,6 +156,8 @@ def test_snapshot_of_a_whoami_container(
     container = whoami(docker_client)
     port = published_port(container)
     [instance] = of(source.snapshot(), container)
+    container.reload()
+    own_address = container.attrs["NetworkSettings"]["IPAddress"]
     assert instance == ServiceInstance(
         service="whoami",
         id=f"{HOST_ID}:{container.id[:12]}:8000:tcp",
@@ -160,8 +165,28 @@ def test_snapshot_of_a_whoami_container(
         port=port,
         protocol="tcp",
         frontend_port=8000,
+        # Where the application listens on this host, for this host's discover role.
+        meta=(("container_address", f"{own_address}:8000"),),
         host_id=HOST_ID,
     )
+
+
+def test_no_container_address_without_an_address_of_its_own_nor_for_udp(
+    new_source: SourceFactory, docker_client: docker.DockerClient
+) -> None:
+    source = new_source()
+    udp = run_plain(
+        docker_client,
+        ports={"9000/udp": ("127.0.0.1", None), "9001/tcp": ("127.0.0.1", None)},
+    )
+    found = {i.protocol: i for i in of(source.snapshot(), udp)}
+    assert "container_address" not in found["udp"].meta_dict
+    assert found["tcp"].meta_dict["container_address"].endswith(":9001")
+    # An odd inspect (no address, an address that cannot be one) publishes none either.
+    bare = dataclasses.replace(found["tcp"], meta=())
+    inspected = _read_inspect({"NetworkSettings": {"IPAddress": "127.0.0.1"}, "State": {}})
+    assert _with_local_address(inspected, bare) is bare
+    assert _with_local_address(_read_inspect({}), bare) is bare
 
 
 def test_without_host_ip_the_binding_address_is_used(

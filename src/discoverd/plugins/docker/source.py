@@ -4,7 +4,10 @@ A snapshot is one ``GET /containers/json`` (running containers, their labels, pu
 status) plus one inspect per container never seen before: a container's environment and the image
 name it was started with cannot change while its id stays the same, so inspect results are cached
 by id and forgotten when the container is gone. Ports are always taken from the fresh list, since
-a restarted container keeps its id but may get new host ports.
+a restarted container keeps its id but may get new host ports. Each TCP instance of a container
+with an address of its own also carries that address and the private port (the internal
+metadata ``container_address``): the discover role of this host dials it instead of the
+published port, skipping docker-proxy (core option ``local_direct``).
 
 The watch streams the daemon's container events and *wakes* the core, which then takes a full
 snapshot (level-triggered). The events also tell what the list cannot yet: a container sent its
@@ -18,6 +21,7 @@ draining it); a missed ``die`` costs the time until the list stops showing the c
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -49,9 +53,11 @@ from discoverd import (
     Source,
     SourceSnapshot,
     Unavailable,
+    ValidationError,
     exception_chain,
     instances_for,
     parse_env,
+    with_container_address,
 )
 from discoverd.plugins.docker.config import DockerConfig
 
@@ -98,11 +104,15 @@ INSPECT_WORKERS = 8
 class _Inspected:
     """What the snapshot needs of a container's inspect result. Image and environment cannot
     change while the id stays; the process id and address are those of the current start, so
-    the entry is dropped when the container starts again."""
+    the entry is dropped when the container starts again, and whenever ``pid`` no longer names
+    the process that had it when the container was inspected (``started``)."""
 
     image: str
     env: Mapping[str, str]
     pid: int = 0
+    #: When ``pid`` started (``/proc/<pid>/stat``, clock ticks after boot), read right after
+    #: the inspect; 0 when this agent cannot see the host's processes.
+    started: int = 0
     address: str = ""
     stop_signal: int = 15  # the image's StopSignal: what `docker stop` sends first
     #: Why the container cannot be used ("" if it can): an inspect refused by the daemon, or
@@ -170,6 +180,10 @@ class DockerSource(Source):
         # How many ``start`` events each container had: an inspect taken before a restart
         # (old pid, maybe old address) must not be cached past it.
         self._starts: dict[str, int] = {}
+        # Whether this agent sees the host's processes (a container's /proc/<pid> was read):
+        # then a process missing right after its inspect has exited.
+        self._sees_pids = False
+        self._pids_warned = False
 
     # -- connection
 
@@ -257,7 +271,12 @@ class DockerSource(Source):
             if not isinstance(cid, str) or not cid:
                 continue
             try:
-                inspected = self._cache.get(cid) or fresh.get(cid)
+                inspected = self._cache.get(cid)
+                if inspected is not None and not _same_process(inspected):
+                    # Restarted (or stopped) since it was inspected, and the event that says
+                    # so is not read yet (or was missed): its process id is another's now.
+                    inspected = None
+                inspected = inspected or fresh.get(cid)
                 if inspected is None:
                     inspected = self._inspect(client, cid)
                     if inspected is None:
@@ -272,6 +291,7 @@ class DockerSource(Source):
                 found, refused = instances_for(
                     spec, host_ip=self._host_ip, host_id=self._host_id, policy=self._policy
                 )
+                found = [_with_local_address(inspected, instance) for instance in found]
                 container_targets: dict[str, CheckTarget] = {}
                 for instance in found:
                     target = _check_target(inspected, instance)
@@ -288,9 +308,11 @@ class DockerSource(Source):
             targets.update(container_targets)
         with self._lock:
             for cid, count in self._starts.items():
-                if starts.get(cid, 0) != count and seen.pop(cid, None) is not None:
-                    # Restarted while this snapshot ran: inspect it again next time.
-                    targets = {k: v for k, v in targets.items() if f":{cid[:12]}:" not in k}
+                if starts.get(cid, 0) != count:
+                    # Restarted while this snapshot ran: inspect it again next time. Its target
+                    # stays: a check that finds its process gone asks for that next snapshot,
+                    # and never checks the published port instead.
+                    seen.pop(cid, None)
             self._cache = seen
             self._targets = targets
             self._instances_of = instances_of
@@ -390,9 +412,26 @@ class DockerSource(Source):
         except Exception as exc:  # the SDK tripped over this container's answer
             return _Inspected(image="", env={}, problem=_unexpected(exc))
         try:
-            return _read_inspect(data)
+            inspected = _read_inspect(data)
         except Exception as exc:  # an odd answer refuses that container only
             return _Inspected(image="", env={}, problem=_unexpected(exc))
+        if not inspected.pid:
+            return inspected
+        started = _process_start(inspected.pid)
+        if started:
+            self._sees_pids = True
+            return dataclasses.replace(inspected, started=started)
+        if self._sees_pids:
+            return None  # its process exited since the inspect: the container is stopping
+        if not self._pids_warned:
+            self._pids_warned = True
+            log.warning(
+                "docker: container processes are not visible here (/proc/%d: no such process; "
+                "an agent in a container needs --pid host): readiness checks use the published "
+                "ports, and proxy modes are not detected",
+                inspected.pid,
+            )
+        return inspected  # no namespace to enter: the published port is checked
 
     # -- watch
 
@@ -589,9 +628,46 @@ def _container_address(settings: Any) -> str:
     return ""
 
 
+def _with_local_address(inspected: _Inspected, instance: ServiceInstance) -> ServiceInstance:
+    """``instance`` with its container address (metadata ``container_address``: the
+    container's own IP and the private port), which the discover role of this host dials
+    instead of the published port (no docker-proxy on the way). Only for a TCP port of a
+    container with an address of its own (not one on the host's network, nor loopback)."""
+    if instance.protocol != "tcp" or not inspected.address:
+        return instance
+    private = instance.id.rsplit(":", 2)[-2]
+    if not private.isdigit():
+        return instance
+    try:
+        return with_container_address(instance, inspected.address, int(private))
+    except ValidationError:
+        return instance
+
+
+def _process_start(pid: int) -> int:
+    """When process ``pid`` started (field 22 of ``/proc/<pid>/stat``, clock ticks after
+    boot); 0 when there is no such process here."""
+    try:  # os.read: half the cost of a file object, once per container and snapshot
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data = os.read(fd, 4096)
+        finally:
+            os.close(fd)
+        return int(data.rsplit(b")", 1)[-1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _same_process(inspected: _Inspected) -> bool:
+    """True while ``inspected.pid`` still names the process it named at the inspect (not
+    another one, after the container restarted or stopped and the id was handed out again)."""
+    return not inspected.started or _process_start(inspected.pid) == inspected.started
+
+
 def _check_target(inspected: _Inspected, instance: ServiceInstance) -> CheckTarget | None:
-    """Dial the private port from inside the container's namespace, where no forwarder sits."""
-    if not inspected.pid:
+    """Dial the private port from inside the container's namespace, where no forwarder sits.
+    ``None`` (the published port) when this agent cannot see the container's process."""
+    if not inspected.pid or not inspected.started:
         return None
     private = instance.id.rsplit(":", 2)[-2]
     if not private.isdigit():

@@ -113,16 +113,26 @@ def _server_line(section: str, line: str) -> ServerLine | None:
         return None
     text = match.group(1) or match.group(2)
     port = int(match.group(3))
-    try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
+    address = _address(text)
+    if address is None:
         return None
-    if (address.version == 6) != (match.group(1) is not None) or not 0 < port < 65536:
+    if (address[0] == 6) != (match.group(1) is not None) or not 0 < port < 65536:
         return None
     args = " ".join(fields[3:])
     if not _ARGS_RE.fullmatch(args):
         return None
-    return ServerLine(section, fields[1], str(address), port, args)
+    return ServerLine(section, fields[1], address[1], port, args)
+
+
+@functools.lru_cache(maxsize=1 << 12)
+def _address(text: str) -> tuple[int, str] | None:
+    """(IP version, normalised text) of an address, ``None`` if it is not one. Cached: the
+    servers of a configuration share few addresses (one per host)."""
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    return address.version, str(address)
 
 
 @dataclass(frozen=True)

@@ -195,17 +195,31 @@ class HAProxy(ManagedProxy[ProcStatus]):
         return self.renderer.render(services)
 
     def validate(self, config: str) -> None:
-        if checked_without_haproxy(self.split(config), self.running_split()):
+        running = self.running_split()
+        splitting: threading.Thread | None = None
+        if running is None:
+            # No configuration confirmed running (a first start): haproxy -c runs whatever the
+            # split says, and the split is wanted by the apply that follows. Split meanwhile,
+            # on another core, while haproxy -c parses the file.
+            splitting = threading.Thread(
+                target=self.split, args=(config,), name="discoverd-haproxy-split", daemon=True
+            )
+            splitting.start()
+        elif checked_without_haproxy(self.split(config), running):
             log.debug("haproxy: candidate differs only in server lines; haproxy -c skipped")
             return
         binary = self.master.executable()
-        done, name = self.check_candidate(
-            config,
-            lambda path: [binary, "-c", "-f", path],
-            suffix=".cfg",
-            timeout=self.check_timeout,
-            label=f"{binary} -c",
-        )
+        try:
+            done, name = self.check_candidate(
+                config,
+                lambda path: [binary, "-c", "-f", path],
+                suffix=".cfg",
+                timeout=self.check_timeout,
+                label=f"{binary} -c",
+            )
+        finally:
+            if splitting is not None:
+                splitting.join()
         if done.returncode != 0:
             output = (done.stdout + "\n" + done.stderr).replace(name, "candidate")
             found = alerts(output)

@@ -92,9 +92,18 @@ def check_http_path(service: Service) -> str:
     candidates = (
         [own]
         if own
-        else sorted({i.meta_dict.get(CHECK_HTTP_KEY, "") for i in service.instances} - {""})
+        else sorted({_meta_value(i.meta, CHECK_HTTP_KEY) for i in service.instances} - {""})
     )
     return next((path for path in candidates if _CHECK_PATH_RE.fullmatch(path)), "")
+
+
+def _meta_value(pairs: Sequence[tuple[str, str]], key: str) -> str:
+    """``dict(pairs).get(key, "")`` without building the dict (once per instance per render)."""
+    found = ""
+    for name, value in pairs:
+        if name == key:
+            found = value
+    return found
 
 
 def _checked(value: Any) -> Any:
