@@ -285,7 +285,8 @@ def main() -> int:
             sys.stdout.flush()
 
     # The HTTP requests every agent of this process sends, by kind: both registry clients
-    # (etcd3gw, py-consul) and the etcd watch stream go through requests.Session.send.
+    # (the etcd plugin's gateway client, py-consul) and the etcd watch stream go through
+    # requests.Session.send.
     counter = RequestCounter()
     counter.install()
 

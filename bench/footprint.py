@@ -7,6 +7,11 @@ roles), waits until every container answers through its frontend, lets it settle
 the CPU used (utime + stime) over `--idle` seconds and VmRSS from /proc/PID/status, `--runs`
 times in a row (the RSS reported is the largest reading; VmHWM is the peak since start).
 Target: RSS <= 50 MB.
+
+Also reported: the process tree discoverd keeps running (discoverd, HAProxy's master and its
+workers), as the sum of their RSS (pages shared between them, such as HAProxy's master and
+worker, counted in each) and as the sum of their PSS (each shared page divided among the
+processes that map it: what the tree costs the machine), and discoverd's threads.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from bench.stack import (
     Report,
     Stack,
     Target,
+    haproxy_pids,
     idle_cpu_percent,
     main_guard,
     parser,
@@ -32,6 +38,25 @@ from bench.stack import (
     whoami_labels,
 )
 from tests.support.services import free_port
+
+
+def pss_kib(pid: int) -> int:
+    """Proportional set size of ``pid`` in KiB (/proc/PID/smaps_rollup); 0 if unreadable."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1])
+    return 0
+
+
+def threads(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    return 0
 
 
 def main() -> int:
@@ -63,6 +88,11 @@ def main() -> int:
             cpu_samples.append(idle_cpu_percent(agent.pid, args.idle))
             rss_samples.append(rss_kib(agent.pid)[0] / 1024)
         hwm = rss_kib(agent.pid)[1] / 1024
+        state = Path(agent.cmd[agent.cmd.index("--state-dir") + 1])
+        tree = [agent.pid, *haproxy_pids(state)]
+        tree_rss = sum(rss_kib(pid)[0] for pid in tree) / 1024
+        tree_pss = sum(pss_kib(pid) for pid in tree) / 1024
+        own_pss = pss_kib(agent.pid) / 1024
         report.add(
             Figure(
                 "both roles at idle: RSS",
@@ -71,6 +101,16 @@ def main() -> int:
                 targets=[Target("value", "<=", 50)],
                 note=f"largest of {len(rss_samples)} reading(s); VmHWM (peak) {hwm:.0f} MB; "
                 f"{args.services} services x {args.per_service} containers",
+            )
+        )
+        report.add(
+            Figure(
+                "both roles at idle: process tree RSS (discoverd + HAProxy)",
+                "MB",
+                value=tree_rss,
+                note=f"sum of the RSS of {len(tree)} processes (discoverd, HAProxy master and "
+                f"workers); their PSS: {tree_pss:.0f} MB (discoverd's own {own_pss:.0f} MB); "
+                f"discoverd runs {threads(agent.pid)} threads",
             )
         )
         report.add(

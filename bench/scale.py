@@ -13,11 +13,18 @@ Then measures, for `discoverd discover`:
   address showing in `show servers state` on HAProxy's admin socket; target <= 300 ms;
 - RSS of the discoverd process (VmRSS, and its peak VmHWM); target <= 100 MB;
 - idle CPU of the discoverd process over `--idle` seconds (60); target < 1 % of one core.
+
+With `--breakdown`, discoverd runs at debug level and the cold start is split into where its
+time went: from starting the process to its first pass (Python, imports, settings, plugins),
+then the stages of that pass as discoverd logs them (registry read and parse, build, servable,
+render, validate with `haproxy -c`, apply: writing the file and starting HAProxy), each with
+the CPU time the pass's thread spent in it.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import socket
 import sys
 import time
@@ -76,6 +83,23 @@ def registry_items(services: int, instances: int, port_base: int) -> list[tuple[
     return items
 
 
+def breakdown(lines: list[tuple[float, str]], started: float, cold: float) -> str:
+    """Where the cold start went, from discoverd's debug lines (see ``--breakdown``)."""
+    rows = [f"cold start {cold * 1000:.0f} ms:"]
+    for _, text in lines:
+        if "discover: reconcile (start)" in text and (found := re.search(r"\(t=([0-9.]+)\)", text)):
+            first = float(found.group(1)) / 1000 - started
+            rows.append(
+                f"  start {first * 1000:.0f} ms (Python, imports, plugins, to the first pass)"
+            )
+        if "discover: pass started:" in text:
+            stages = text.split("discover: pass started:", 1)[1].split(";")[0]
+            for stage in stages.split(","):
+                rows.append(f"  {stage.strip()}")
+            break
+    return "\n".join(rows)
+
+
 def ports_free(first: int, count: int) -> bool:
     for port in range(first, first + count):
         with socket.socket() as sock:
@@ -100,11 +124,14 @@ def measure(stack: Stack, args: argparse.Namespace, runs: int, report: Report) -
     print(f"wrote {len(items)} keys to etcd in {time.monotonic() - begin:.1f} s", flush=True)
 
     sets = [f"haproxy.check_interval={args.check_interval}"]
-    agent = stack.agent("discover", sets=sets)
+    agent = stack.agent("discover", sets=sets, log_level="debug" if args.breakdown else None)
     state = Path(agent.cmd[agent.cmd.index("--state-dir") + 1])
     pattern = rf"discover: haproxy \S+ \({services} services, {services * instances} instances\)"
     applied, _ = agent.wait_line(pattern, timeout=300)
     cold = applied - agent.started
+    if args.breakdown:
+        agent.wait_line(r"discover: pass started:", timeout=60)  # logged once it is all done
+        print(breakdown(agent.lines, agent.started, cold), flush=True)
     servers = sum(
         1
         for row in haproxy_cli(state, "show servers state").splitlines()
@@ -195,6 +222,11 @@ def main() -> int:
         default="10s",
         help="HAProxy health check interval (10s: 10,000 "
         "servers checked every second would load a small machine)",
+    )
+    p.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="run discoverd at debug level and print where the cold start's time went",
     )
     args = p.parse_args()
     if args.idle is None:

@@ -533,20 +533,24 @@ class Stack:
         labels: dict[str, str] | Callable[[int], dict[str, str]],
         command: list[str] | None = None,
         threads: int = 8,
+        private_port: int = 8000,
     ) -> list[Container]:
-        """Run ``count`` whoami containers (port 8000 published on 127.0.0.1) in parallel."""
+        """Run ``count`` whoami containers (``private_port``, 8000 by default, published on
+        127.0.0.1) in parallel."""
         from tests.support.services import run_whoami
 
         def one(index: int) -> Container:
             wanted = labels(index) if callable(labels) else labels
             if command is None:
-                return run_whoami(self.client, host_ip="127.0.0.1", labels=wanted)
+                return run_whoami(
+                    self.client, host_ip="127.0.0.1", labels=wanted, private_port=private_port
+                )
             return self.client.containers.run(
                 WHOAMI_IMAGE,
                 command,
                 detach=True,
                 labels=wanted,
-                ports={"8000/tcp": ("127.0.0.1", None)},
+                ports={f"{private_port}/tcp": ("127.0.0.1", None)},
             )
 
         if count == 1:
@@ -599,6 +603,41 @@ def whoami_labels(frontend: int, mode: str = "http", name: str = "whoami") -> di
     return {"SERVICE_NAME": name, port_label: str(frontend), "SERVICE_MODE": mode}
 
 
+#: ``--mode``: ``http`` and ``tcp`` label the backends (``SERVICE_MODE``); ``auto`` runs them
+#: without a single label, as most users do: the service is named after the image (``whoami``),
+#: served on the private port, and its mode is the one discoverd detects.
+MODES = ("http", "tcp", "auto")
+
+
+def whoami_backend(frontend: int, mode: str) -> tuple[dict[str, str], int]:
+    """The labels and the private port of the whoami backends of a service served on
+    ``frontend``: with ``auto`` no label at all, so the backends listen on ``frontend``
+    itself (the frontend port is then the private port); otherwise ``whoami_labels`` and
+    port 8000."""
+    if mode == "auto":
+        return {}, frontend
+    return whoami_labels(frontend, mode), WHOAMI_PORT
+
+
+def add_mode_argument(p: argparse.ArgumentParser, default: str = "http") -> None:
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        default=default,
+        help=f"service mode (default {default}): http or tcp (label SERVICE_MODE), or auto: "
+        "backends without a single label, the mode detected by discoverd",
+    )
+
+
+def wait_detected(agent: Agent, containers: Sequence[Container], timeout: float = 30) -> None:
+    """With ``--mode auto``: wait until the agent has detected what each of ``containers``
+    speaks (its log line ``checks: ... <id>:<port>:tcp speaks ...``), then a second for the
+    proxies to apply the service's mode."""
+    for container in containers:
+        agent.wait_line(rf":{container.id[:12]}:\d+:tcp speaks ", timeout)
+    time.sleep(1.0)
+
+
 def slow_whoami_command(delay: float) -> list[str]:
     """The graceful whoami backend, but httpd starts listening only ``delay`` seconds after
     the container starts."""
@@ -611,10 +650,10 @@ def slow_whoami_command(delay: float) -> list[str]:
     ]
 
 
-def graceful_command(kind: str) -> list[str] | None:
+def graceful_command(kind: str, port: int = WHOAMI_PORT) -> list[str] | None:
     """The backend command for ``--backend``: ``graceful`` finishes its requests on TERM,
     ``abrupt`` (``None``: the plain whoami) dies at once."""
-    return graceful_whoami_command() if kind == "graceful" else None
+    return graceful_whoami_command(port) if kind == "graceful" else None
 
 
 def add_backend_argument(p: argparse.ArgumentParser) -> None:

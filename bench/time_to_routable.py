@@ -7,10 +7,16 @@ Starts its own etcd, Docker daemon (own bridge) and discoverd, keeps one whoami 
 service exists, then starts `--runs` more, one at a time, and for each polls the frontend (a new
 connection per request) until the new container answers. Reports min, median, p99 and max.
 Targets: median <= 60 ms, p99 <= 300 ms.
+
+With ``--timeline`` discoverd runs at debug level and each run prints where its time went:
+every debug line that carries a moment (``t=``, on the machine's monotonic clock, which this
+script shares) as milliseconds after the ``docker run`` call, with the stages of the register
+and discover passes (each with its CPU time). Debug logging costs a little time itself.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from pathlib import Path
@@ -31,21 +37,46 @@ from bench.stack import (
 )
 from tests.support.services import free_port
 
+_MOMENT = re.compile(r"\(t=([0-9.]+)\)")
+_LOGGER = re.compile(r"^\S+ \S+ DEBUG \S+ ")
 
-def measure(stack: Stack, runs: int, mode: str, report: Report) -> Figure:
+
+def timeline(lines: list[tuple[float, str]], began: float, returned: float, routable: float) -> str:
+    """The debug lines of one run that carry a moment, as ms after the ``docker run`` call."""
+    rows = [f"    {0:7.1f}  docker run called"]
+    events: list[tuple[float, str]] = [((returned - began) * 1000, "docker run returned")]
+    for _, text in lines:
+        found = _MOMENT.search(text)
+        if found is None:
+            continue
+        at = (float(found.group(1)) / 1000 - began) * 1000
+        events.append((at, _LOGGER.sub("", text).replace(found.group(0), "").strip()))
+    events.append(((routable - began) * 1000, "first answer through the proxy"))
+    rows += [f"    {at:7.1f}  {what}" for at, what in sorted(events, key=lambda e: e[0])]
+    return "\n".join(rows)
+
+
+def measure(
+    stack: Stack, runs: int, mode: str, report: Report, *, show_timeline: bool = False
+) -> Figure:
     frontend = free_port()
     labels = whoami_labels(frontend, mode)
-    agent = stack.agent()
+    agent = stack.agent(log_level="debug" if show_timeline else None)
     base = stack.run_containers(1, labels=labels)[0]
     wait_answer(frontend, base.id[:12], 90)
     print(f"first container routable {time.monotonic() - agent.started:.1f} s after start")
     samples: list[float] = []
     for n in range(runs):
+        mark = len(agent.lines)
+        began = time.monotonic()
         container = stack.run_containers(1, labels=labels)[0]
         start = time.monotonic()
         routable = wait_answer(frontend, container.id[:12], 30)
         samples.append((routable - start) * 1000)
         print(f"run {n + 1}: {samples[-1]:.0f} ms", flush=True)
+        if show_timeline:
+            time.sleep(0.2)  # the lines logged after the answer (the pass's summary)
+            print(timeline(agent.lines[mark:], began, start, routable), flush=True)
     return report.add(
         Figure(
             "time to routable",
@@ -60,11 +91,16 @@ def measure(stack: Stack, runs: int, mode: str, report: Report) -> Figure:
 def main() -> int:
     p = parser(__doc__, runs=10, quick_runs=5)
     p.add_argument("--mode", default="http", choices=("http", "tcp"), help="service mode")
+    p.add_argument(
+        "--timeline",
+        action="store_true",
+        help="run discoverd at debug level and print where each run's time went",
+    )
     args = p.parse_args()
     runs = runs_of(args)
     report = Report("time_to_routable", {"runs": runs, "mode": args.mode})
     with Stack(keep=args.keep, log_level=args.log_level) as stack:
-        measure(stack, runs, args.mode, report)
+        measure(stack, runs, args.mode, report, show_timeline=args.timeline)
     report.write(args.json)
     return 0
 

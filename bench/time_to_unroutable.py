@@ -10,6 +10,9 @@ the container is gone. The time to unroutable is the last answer from the stoppe
 the moment `docker stop` was called (0 if it never answered again). Failed requests are counted
 from `docker run` to the stop (joins) and from the stop to the end of the run (removals).
 Targets: p99 <= 250 ms; 0 failed requests.
+
+`--mode auto` runs the backends without a single label (the mode is detected), and
+`--backend abrupt` backends that exit at once on TERM; `scripts/bench.sh` runs both ways.
 """
 
 from __future__ import annotations
@@ -29,12 +32,14 @@ from bench.stack import (
     Stack,
     Target,
     add_backend_argument,
+    add_mode_argument,
     graceful_command,
     main_guard,
     parser,
     runs_of,
     wait_answer,
-    whoami_labels,
+    wait_detected,
+    whoami_backend,
 )
 from tests.support.services import free_port
 
@@ -43,19 +48,22 @@ def measure(
     stack: Stack, runs: int, mode: str, settle: float, backend: str, report: Report
 ) -> None:
     frontend = free_port()
-    labels = whoami_labels(frontend, mode)
-    stack.agent()
-    command = graceful_command(backend)
-    base = stack.run_containers(1, labels=labels, command=command)[0]
+    labels, port = whoami_backend(frontend, mode)
+    agent = stack.agent()
+    command = graceful_command(backend, port)
+    base = stack.run_containers(1, labels=labels, command=command, private_port=port)[0]
     wait_answer(frontend, base.id[:12], 90)
+    if mode == "auto":
+        wait_detected(agent, [base])
     unroutable: list[float] = []
     stop_calls: list[float] = []
     join_failures = removal_failures = requests = 0
+    per_removal: list[float] = []
     with Prober(frontend) as prober:
         for n in range(runs):
             begin = len(prober.results)
             started = time.monotonic()
-            container = stack.run_containers(1, labels=labels, command=command)[0]
+            [container] = stack.run_containers(1, labels=labels, command=command, private_port=port)
             host = container.id[:12]
             deadline = time.monotonic() + 30
             while prober.first_from(host, started) is None:
@@ -77,6 +85,7 @@ def measure(
             removals = sum(1 for t, who in results if who is None and t >= stopped_at)
             join_failures += joins
             removal_failures += removals
+            per_removal.append(removals)
             requests += len(results)
             print(
                 f"run {n + 1}: unroutable after {gone:.0f} ms (docker stop took "
@@ -87,19 +96,20 @@ def measure(
             if joins or removals:
                 report.note(f"run {n + 1} failures: {prober.why(results[0][0])}")
             container.remove(force=True)
+    tag = "" if (mode, backend) == ("http", "graceful") else f" ({mode} mode, {backend} backends)"
     report.add(
         Figure(
-            "time to unroutable",
+            f"time to unroutable{tag}",
             "ms",
             samples=unroutable,
             targets=[Target("p99", "<=", 250)],
             note=f"{mode} mode, {backend} backends, fresh connection per request",
         )
     )
-    report.add(Figure("docker stop call duration", "ms", samples=stop_calls))
+    report.add(Figure(f"docker stop call duration{tag}", "ms", samples=stop_calls))
     report.add(
         Figure(
-            "failed requests during joins",
+            f"failed requests during joins{tag}",
             "requests",
             value=join_failures,
             targets=[Target("value", "==", 0)],
@@ -108,18 +118,27 @@ def measure(
     )
     report.add(
         Figure(
-            "failed requests during removals",
+            f"failed requests during removals{tag}",
             "requests",
             value=removal_failures,
             targets=[Target("value", "==", 0)],
             note=f"of {requests} in all runs",
         )
     )
+    report.add(
+        Figure(
+            f"failed requests per removal{tag}",
+            "requests",
+            samples=per_removal,
+            targets=[Target("max", "==", 0)],
+            note=f"{mode} mode, {backend} backends",
+        )
+    )
 
 
 def main() -> int:
     p = parser(__doc__, runs=10, quick_runs=3)
-    p.add_argument("--mode", default="http", choices=("http", "tcp"), help="service mode")
+    add_mode_argument(p)
     p.add_argument("--settle", type=float, default=2.0, help="seconds to keep probing after a stop")
     add_backend_argument(p)
     args = p.parse_args()
