@@ -230,7 +230,7 @@ def _view(
     option ``local_direct``); off, every instance as the registry holds it."""
     from types import SimpleNamespace
 
-    from discoverd.core.agent import make_proxy, make_registry
+    from discoverd.core.agent import local_direct, make_proxy, make_registry
     from discoverd.core.assignment import build_services
     from discoverd.core.local import local_catalog
     from discoverd.core.model import backend_problem
@@ -243,8 +243,14 @@ def _view(
     finally:
         registry.close()
     own, single = settings.host().id, settings.core.single_machine
-    if direct and settings.core.local_direct:
-        catalog = local_catalog(catalog, own)  # where the discover role serves them
+    if direct and settings.core.local_direct != "false":
+        asked = proxy if proxy is not None else make_proxy(manager, settings, create=False)
+        try:
+            if local_direct(settings.core.local_direct, asked):
+                catalog = local_catalog(catalog, own)  # where the discover role serves them
+        finally:
+            if asked is not proxy:
+                asked.close()
     assignment = build_services(
         catalog,
         default_mode=settings.core.default_mode,

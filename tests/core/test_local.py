@@ -267,3 +267,30 @@ def test_both_registries_store_it_and_readers_without_the_feature_ignore_it() ->
     # address; the key is one more metadata pair, which no shipped template renders.
     [service] = build_services(Catalog((mine,))).services
     assert [i.endpoint for i in service.instances] == ["10.0.0.1:32001"]
+
+
+class _Proxy:
+    """Only what ``local_direct`` asks of a proxy."""
+
+    def __init__(self, prefers: bool) -> None:
+        self.prefers = prefers
+
+    def prefers_container_addresses(self) -> bool:
+        return self.prefers
+
+
+@pytest.mark.parametrize(
+    ("setting", "prefers", "expected"),
+    [
+        ("auto", True, True),
+        ("auto", False, False),
+        ("true", False, True),
+        ("false", True, False),
+    ],
+)
+def test_local_direct_follows_the_option_and_with_auto_the_proxy(
+    setting: str, prefers: bool, expected: bool
+) -> None:
+    from discoverd.core.agent import local_direct
+
+    assert local_direct(setting, _Proxy(prefers)) is expected  # type: ignore[arg-type]

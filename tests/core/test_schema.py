@@ -141,3 +141,19 @@ def test_the_documentation_table_is_derived() -> None:
     assert "| `token` | string | (empty) |" in table and "Secret: never shown." in table
     assert "| `hosts` | list of strings | `a:1` |" in table
     assert "`DISCOVERD_SAMPLE_NAME`, `SAMPLE_NAME`" in table
+
+
+@dataclass(frozen=True)
+class TriState:
+    direct: Literal["auto", "true", "false"] = option("auto", "auto, or a yes / no.")
+
+
+def test_a_choice_of_true_and_false_takes_a_toml_boolean_and_nothing_else() -> None:
+    assert build_config(TriState, {"direct": True}).direct == "true"
+    assert build_config(TriState, {"direct": False}).direct == "false"
+    assert build_config(TriState, {"direct": "AUTO"}).direct == "auto"
+    with pytest.raises(ConfigError, match="one of auto, true, false"):
+        build_config(TriState, {"direct": 1})
+    # A choice without those words takes no boolean.
+    with pytest.raises(ConfigError, match="one of tcp, http"):
+        build_config(Sample, {"mode": True})

@@ -149,9 +149,11 @@ def reloads(state: Path) -> int:
 def test_local_instances_at_their_container_address_remote_ones_at_their_published_port(
     cluster: Cluster,
 ) -> None:
+    # HAProxy asks for container addresses (local_direct = "auto"); nginx is told to.
+    told = {"DISCOVERD_LOCAL_DIRECT": "true"} if cluster.proxy == "nginx" else {}
     cluster.start_register(HOST_A)
     cluster.start_register(HOST_B)
-    state = start_discover(cluster)
+    state = start_discover(cluster, **told)
     a, b = cluster.whoami(HOST_A), cluster.whoami(HOST_B)
     expected = {whoami_name(a), whoami_name(b)}
     until(lambda: cluster.answers() == expected, 30, "both answer\n" + cluster.logs())
@@ -164,7 +166,9 @@ def test_local_instances_at_their_container_address_remote_ones_at_their_publish
 
     # The registry holds both addresses of host2's instance; discoverd services shows the
     # registry as it is (the published port), discoverd render what this host serves.
-    env = {**cluster.env(), "DISCOVERD_HOST_ID": LOCAL_ID, "DISCOVERD_STATE_DIR": str(state)}
+    env = {
+        **cluster.env(), "DISCOVERD_HOST_ID": LOCAL_ID, "DISCOVERD_STATE_DIR": str(state), **told
+    }  # fmt: skip
     listing = subprocess.run(
         [sys.executable, "-m", "discoverd", "services", "--json"],
         env={**_clean_env(), **env},
@@ -184,6 +188,22 @@ def test_local_instances_at_their_container_address_remote_ones_at_their_publish
     ).stdout  # fmt: skip
     assert direct in rendered and f"{HOST_A}:{published_port(a)}" not in rendered
     assert remote in rendered
+
+
+@pytest.mark.parametrize(
+    "cluster", [pytest.param(("etcd", "nginx"), id="etcd-nginx")], indirect=True
+)
+def test_nginx_keeps_published_ports_unless_told(cluster: Cluster) -> None:
+    """nginx has no active checks: a container address that stops answering would cost a
+    connect timeout per request, where the published port refuses at once. With the default
+    (local_direct = "auto") its instances stay at their published port."""
+    cluster.start_register(HOST_A)
+    state = start_discover(cluster)
+    a = cluster.whoami(HOST_A)
+    until(lambda: cluster.answers() == {whoami_name(a)}, 30, "routable\n" + cluster.logs())
+    published = f"{HOST_A}:{published_port(a)}"
+    until(lambda: served(state) == {published}, 10, f"{served(state)}\n{cluster.logs()}")
+    assert container_ip(a) not in (state / "nginx" / "nginx.conf").read_text()
 
 
 def test_with_local_direct_off_every_instance_keeps_its_published_port(cluster: Cluster) -> None:

@@ -114,6 +114,15 @@ def settle_gc() -> None:
     gc.set_threshold(10_000, 10, 10)
 
 
+def local_direct(setting: str, proxy: Proxy) -> bool:
+    """Whether the discover role serves this host's own instances at their container address:
+    the core option ``local_direct`` (``true`` / ``false``), or with ``auto`` what the proxy
+    plugin prefers (:meth:`Proxy.prefers_container_addresses`)."""
+    if setting == "auto":
+        return proxy.prefers_container_addresses()
+    return setting == "true"
+
+
 def context_for(settings: Settings, plugin: str, *, create: bool = True) -> PluginContext[Any]:
     """The factory's context. ``create=False`` (``render``, ``services``, ``check``) leaves the
     state directory alone: those commands change nothing."""
@@ -216,7 +225,7 @@ class Agent:
                 served_file=self.settings.state_dir / "discover" / "served.json",
                 own_host_id=self.settings.host().id,
                 single_machine=core.single_machine,
-                local_direct=core.local_direct,
+                local_direct=local_direct(core.local_direct, proxy),
             )
 
     def active(self) -> Iterable[Role]:

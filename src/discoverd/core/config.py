@@ -165,13 +165,17 @@ class CoreConfig:
         "is registered without HOST_IP. Off: a loopback backend is routed only by the proxy "
         "of the host that registered it.",
     )
-    local_direct: bool = option(
-        True,
+    local_direct: Literal["auto", "true", "false"] = option(
+        "auto",
         "The discover role reaches this host's own instances at their container address "
         "(the container's IP and private port, which the register role publishes beside the "
         "published port) once a TCP connect from this host shows it reachable, skipping the "
         "published port's forwarder (docker-proxy); other hosts' instances keep their "
-        "published port. Off: every instance at its published port.",
+        "published port. auto: when the proxy plugin asks for it (HAProxy does: it checks "
+        "its servers and moves one between addresses without a reload; nginx does not: "
+        "without active checks, a container that is gone or whose listen queue is full "
+        "costs each request a connect timeout there, where the published port refuses at "
+        "once). true: always; false: every instance at its published port.",
     )
 
     removal_hold: float = option(

@@ -236,6 +236,15 @@ class Proxy(ABC):
         default). For ``discoverd explain``; must not change the running proxy."""
         return None
 
+    def prefers_container_addresses(self) -> bool:
+        """Whether the discover role should hand this proxy the discover host's own instances
+        at their container address rather than their published port (core option
+        ``local_direct = "auto"``, the default). Say ``True`` when the proxy notices a dead or
+        overloaded server on its own (active checks) and takes one out without a reload: a
+        container address that stops answering drops connects silently (a timeout per
+        request), where the published port refuses at once. Default: ``False``."""
+        return False
+
     def preflight(self) -> None:  # noqa: B027 - optional hook with a no-op default
         """Called once when an agent starts the discover role, before anything runs: raise
         ``PluginError`` for what can never work (the proxy's executable is missing), so the

@@ -152,6 +152,8 @@ class OptionInfo:
             if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
                 return tuple(value)
         elif kind == "choice":
+            if isinstance(value, bool) and ("true" if value else "false") in self.choices:
+                return "true" if value else "false"  # TOML's true / false for such a choice
             if isinstance(value, str):
                 text = value.strip()
                 for choice in self.choices:

@@ -256,6 +256,12 @@ class HAProxy(ManagedProxy[ProcStatus]):
     def reserved_ports(self) -> frozenset[int]:
         return frozenset({self.config.stats_port}) if self.config.stats_port else frozenset()
 
+    def prefers_container_addresses(self) -> bool:
+        """Yes: every server is health-checked (a connect timeout or a failed answer takes it
+        out within a check or two, and ``observe`` at the first error), and a server moves
+        between its published port and its container address on the runtime API."""
+        return True
+
     def preflight(self) -> None:
         """The executable must exist: without it nothing will ever be served."""
         self.master.executable()
