@@ -17,7 +17,7 @@ once and cuts a response in flight mid-body (no proxy can replay half a response
 `http` and `tcp` label them `SERVICE_MODE`); `scripts/bench.sh` runs `--mode auto --backend
 abrupt` too. The failed share of requests (non-2xx and socket errors) has the target < 0.01 %.
 Each proxy runs once per `--paths` entry: `direct` (the agent reaches its own backends at their
-container address, core option `local_direct`, the default) and `published` (`local_direct =
+container address, `local_direct = true`, the default with HAProxy) and `published` (`local_direct =
 false`: through the published port and docker-proxy), with wrk's latency p50 / p90 / p99. First,
 with no proxy and no churn, wrk straight at one backend's container address and at its published
 port (`--bare-duration` seconds each; 0 skips it).
@@ -175,7 +175,7 @@ def run_proxy(
     path: str = "direct",
 ) -> None:
     """The churn runs through ``proxy``; ``path``: ``direct`` (the agent reaches its own
-    backends at their container address, core option ``local_direct``, the default) or
+    backends at their container address, ``local_direct = true``, the default with HAProxy) or
     ``published`` (``local_direct = false``: through the published port and docker-proxy)."""
     frontend = free_port()
     labels, port = whoami_backend(frontend, args.mode)
@@ -346,8 +346,8 @@ def main() -> int:
         "--paths",
         default="direct,published",
         help="how the agent reaches its own backends, each path a run of its own "
-        "(direct,published): direct = at their container address (core option local_direct, "
-        "the default), published = through the published port and docker-proxy "
+        "(direct,published): direct = at their container address (local_direct = true, "
+        "the default with HAProxy), published = through the published port and docker-proxy "
         "(local_direct = false)",
     )
     p.add_argument(
