@@ -8,24 +8,25 @@ addresses goes only to the containers these tests start, on the tests' own bridg
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import service_unavailable
-from tests.e2e.test_seed_walkthrough import HOST_A, HOST_B, Cluster, whoami_name
+from tests.e2e.test_seed_walkthrough import (
+    HOST_A,
+    HOST_B,
+    Cluster,
+    running_cluster,
+    whoami_name,
+)
 from tests.faults.harness import nginx_upstreams
 from tests.plugins.etcd.raw import RawEtcd
-from tests.support.consul import Consul
 from tests.support.discoverd import DiscoverdProcess, requests_through, until
 from tests.support.haproxy import haproxy_cli, serving_servers
 from tests.support.services import DockerDaemon, Etcd, published_port
@@ -44,29 +45,9 @@ def cluster(
     haproxy_binary: str,
 ) -> Iterator[Cluster]:
     registry, proxy = getattr(request, "param", ("etcd", "haproxy"))
-    if proxy == "nginx" and shutil.which("nginx", path=f"{os.environ['PATH']}:/usr/sbin") is None:
-        service_unavailable("nginx is not installed (run scripts/install-deps.sh)")
-    root = Path(tempfile.mkdtemp(prefix="ddlocal"))  # short: HAProxy's socket paths
-    root.chmod(0o755)
-    consul: Consul | None = None
-    if registry == "consul":
-        if shutil.which("consul") is None:
-            service_unavailable("consul is not installed (run scripts/install-deps.sh)")
-        consul = Consul(root / "consul")
-        consul.start()
     daemons = {HOST_A: docker_daemon, HOST_B: docker_daemon2}
-    c = Cluster(root, etcd, daemons, registry, proxy, consul)
-    yield c
-    for agent in c.agents.values():
-        if agent.alive():
-            agent.terminate()
-    c.stop_proxies()
-    if consul is not None:
-        consul.stop()
-    for container in c.containers:
-        with contextlib.suppress(Exception):
-            container.remove(force=True)
-    shutil.rmtree(root, ignore_errors=True)
+    with running_cluster(registry, proxy, etcd, daemons, "ddlocal") as c:
+        yield c
 
 
 def proxy_settings(cluster: Cluster) -> list[str]:

@@ -148,6 +148,43 @@ STACKS = [
 ]
 
 
+@contextlib.contextmanager
+def running_cluster(
+    registry: str, proxy: str, etcd: Etcd, daemons: dict[str, DockerDaemon], prefix: str
+) -> Iterator[Cluster]:
+    """A two-host cluster of ``registry`` and ``proxy`` below a fresh short folder (``prefix``),
+    torn down afterwards: agents, proxies, Consul, containers and the folder."""
+    if (
+        proxy == "nginx"
+        and shutil.which("nginx", path=f"{os.environ.get('PATH', '')}:/usr/sbin") is None
+    ):
+        service_unavailable("nginx is not installed (run scripts/install-deps.sh)")
+    # A short root: HAProxy's unix sockets live below it (at most ~100 bytes per path). nginx's
+    # workers drop root's privileges and must be able to walk down to their temp folders.
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    root.chmod(0o755)
+    consul: Consul | None = None
+    if registry == "consul":
+        if shutil.which("consul") is None:
+            service_unavailable("consul is not installed (run scripts/install-deps.sh)")
+        consul = Consul(root / "consul")
+        consul.start()
+    c = Cluster(root, etcd, daemons, registry, proxy, consul)
+    try:
+        yield c
+    finally:
+        for agent in c.agents.values():
+            if agent.alive():
+                agent.terminate()
+        c.stop_proxies()
+        if consul is not None:
+            consul.stop()
+        for container in c.containers:
+            with contextlib.suppress(Exception):
+                container.remove(force=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.fixture
 def cluster(
     request: pytest.FixtureRequest,
@@ -157,35 +194,9 @@ def cluster(
     haproxy_binary: str,
 ) -> Iterator[Cluster]:
     registry, proxy = getattr(request, "param", ("etcd", "haproxy"))
-    if (
-        proxy == "nginx"
-        and shutil.which("nginx", path=f"{os.environ.get('PATH', '')}:/usr/sbin") is None
-    ):
-        service_unavailable("nginx is not installed (run scripts/install-deps.sh)")
-    # A short root: HAProxy's unix sockets live below it (at most ~100 bytes per path). nginx's
-    # workers drop root's privileges and must be able to walk down to their temp folders.
-    root = Path(tempfile.mkdtemp(prefix="dde2e"))
-    root.chmod(0o755)
-    consul: Consul | None = None
-    if registry == "consul":
-        if shutil.which("consul") is None:
-            service_unavailable("consul is not installed (run scripts/install-deps.sh)")
-        consul = Consul(root / "consul")
-        consul.start()
-    c = Cluster(
-        root, etcd, {HOST_A: docker_daemon, HOST_B: docker_daemon2}, registry, proxy, consul
-    )
-    yield c
-    for agent in c.agents.values():
-        if agent.alive():
-            agent.terminate()
-    c.stop_proxies()
-    if consul is not None:
-        consul.stop()
-    for container in c.containers:
-        with contextlib.suppress(Exception):
-            container.remove(force=True)
-    shutil.rmtree(root, ignore_errors=True)
+    daemons = {HOST_A: docker_daemon, HOST_B: docker_daemon2}
+    with running_cluster(registry, proxy, etcd, daemons, "dde2e") as c:
+        yield c
 
 
 def whoami_name(container: Any) -> str:
