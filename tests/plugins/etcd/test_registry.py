@@ -923,6 +923,41 @@ def test_a_write_lost_with_the_leader_is_sent_again_within_the_election(
         registrar.close(deregister=True)
 
 
+def test_attempts_are_short_again_once_a_member_is_seen_failing_over(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The client's own schedule (no server): two writes time out at followers that forwarded
+    them to a dead leader, then the dead leader refuses. The timeouts were the failover, not a
+    slow cluster, so the next attempts are short again instead of doubling to a second."""
+    from discoverd.plugins.etcd.gateway import WRITE_ATTEMPT, Gateway
+
+    gateway = Gateway(config("127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3", timeout=10))
+    outcomes = iter(
+        [
+            EndpointFailed("timed out", timed_out=True),
+            EndpointFailed("timed out", timed_out=True),
+            EndpointFailed("connection refused"),
+            EndpointFailed("timed out", timed_out=True),
+        ]
+    )
+    budgets: list[float] = []
+
+    def attempt(connection: Any, fn: Any, timeout: float) -> str:
+        budgets.append(timeout)
+        outcome = next(outcomes, None)
+        if outcome is not None:
+            raise outcome
+        return "written"
+
+    monkeypatch.setattr(gateway, "_attempt", attempt)
+    try:
+        assert gateway.call("put", lambda c, t: "unused", write=True) == "written"
+    finally:
+        gateway.close()
+    assert budgets[:3] == [WRITE_ATTEMPT, 2 * WRITE_ATTEMPT, 4 * WRITE_ATTEMPT]
+    assert budgets[3:] == [WRITE_ATTEMPT, WRITE_ATTEMPT], budgets
+
+
 def test_tls_with_client_certificates(
     etcd_tls: EtcdCluster, watchers: Callable[[EtcdRegistry, int], WatchRunner]
 ) -> None:

@@ -14,7 +14,9 @@ timeouts): a client that waits for that stalls far longer than the election (~1 
 attempt of a write gets :data:`WRITE_ATTEMPT` (or four times the usual latency of that kind of
 call, when that is longer), and each attempt that timed out while no other member was seen
 failing (refused, no leader) doubles the next one: a cluster that is only slow still answers,
-one that lost its leader is asked again, on the next member, soon after it has a new one. Every
+one that lost its leader is asked again, on the next member, soon after it has a new one. Once
+a member is seen failing, the attempts are short again for the rest of the call: the timeouts
+before it were the failover, not a slow cluster. Every
 write discoverd makes can be sent twice (puts of the same values, deletes, compare-and-swap
 transactions that read again when their compare fails; a lease granted twice leaves one unused
 lease that expires). Reads get longer attempts
@@ -406,7 +408,11 @@ class Gateway:
             except EndpointFailed as exc:
                 failures[connection.url] = str(exc)
                 if not exc.timed_out:
+                    # A member refused or has no leader: the attempts that timed out before
+                    # were lost in a failover, not slow; the next ones are short again, so a
+                    # write soon meets the new leader (doubling here cost up to a second).
                     failing_over = True
+                    slow = 0
                 elif not failing_over:
                     slow += 1  # the cluster may be slow: give the next attempt longer
                 log.debug("etcd %s: %s failed (%s)", what, connection.url, exc)
