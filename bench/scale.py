@@ -116,8 +116,11 @@ def measure(stack: Stack, args: argparse.Namespace, runs: int, report: Report) -
     services: int = args.services
     instances: int = args.instances
     port_base: int = args.port_base
-    if not ports_free(port_base, services):
-        raise SystemExit(f"ports {port_base}-{port_base + services - 1} are not all free")
+    deadline = time.monotonic() + 30  # the HAProxy of a run just before may still be exiting
+    while not ports_free(port_base, services):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"ports {port_base}-{port_base + services - 1} are not all free")
+        time.sleep(0.5)
     items = registry_items(services, instances, port_base)
     begin = time.monotonic()
     etcd_put_many(stack.etcd, items)

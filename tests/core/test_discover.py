@@ -112,6 +112,50 @@ def test_a_refused_apply_is_retried_without_what_the_proxy_names_then() -> None:
     assert names(role.applied) == ["a"] and "late" in role.excluded
 
 
+class SelfCheckingProxy(PickyProxy):
+    """Asks for no check before a first start (``Proxy.needs_check``): its start refuses what
+    ``validate`` would refuse, and leaves nothing running then."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.running = False
+        self.starts = 0
+
+    def needs_check(self, config: str) -> bool:
+        return self.running
+
+    def apply(self, config: str, services: Sequence[Service]) -> str:
+        if not self.running:
+            self.starts += 1
+            bad = sorted(name for name in self.invalid if f"{name}:" in config)
+            if bad:
+                raise PluginError(f"did not start: server of {bad[0]} already defined")
+            self.running = True
+        return super().apply(config, services)
+
+
+def test_a_first_start_that_checks_itself_is_not_validated_twice() -> None:
+    registry, proxy = FakeRegistry(), SelfCheckingProxy()
+    registry.entries = {i.id: i for i in (inst("a", 1), inst("b", 2, 8001))}
+    role = role_for(registry, proxy)
+    assert role.reconcile() == "applied"
+    assert (proxy.validations, proxy.starts) == (0, 1)  # the start was the only check
+    registry.entries[inst("c", 3, 8002).id] = inst("c", 3, 8002)
+    role.reconcile()
+    assert proxy.validations == 1  # it runs now: every candidate is checked
+
+
+def test_a_refused_first_start_is_checked_and_narrowed() -> None:
+    registry, proxy = FakeRegistry(), SelfCheckingProxy()
+    registry.entries = {i.id: i for i in (inst("a", 1), inst("bad", 2, 8001), inst("c", 3, 8002))}
+    proxy.invalid = {"bad"}
+    role = role_for(registry, proxy)
+    assert role.reconcile() == "applied"
+    assert names(role.applied) == ["a", "c"]
+    assert "already defined" in role.excluded["bad"]
+    assert proxy.starts == 2 and proxy.validations > 0
+
+
 def hold_role(
     registry: FakeRegistry, proxy: FakeProxy, answers: set[str], **kw: object
 ) -> DiscoverRole:

@@ -232,41 +232,50 @@ class DiscoverRole(Role):
                 log.debug("discover: %s asks to wait %.3fs before applying", self.proxy_name, delay)
                 self.waker.retry_in(delay, "deferred apply")
                 return "deferred"  # observers hear of these services once they are applied
-            try:
-                self.proxy.validate(config)
-            except ProxyConfigError as exc:
-                narrowed = self._narrow(services, exc)
-                if narrowed is None:
-                    self.rejected = config
-                    self.counters.inc("validation_failures")
-                    self.counters.inc("passes", outcome="refused")
-                    log.error(
-                        "discover: candidate configuration refused by %s; keeping the running "
-                        "one: %s",
-                        self.proxy_name,
-                        exc,
-                    )
-                    return "rejected"
-                services = narrowed
-                excluded.update({n: r for n, (_, r) in self._invalid.items()})
-                config = self.proxy.render(services)
-            stages.mark("validate")
-            try:
-                result = self._apply(config, services)
-            except Unavailable:
-                raise
-            except PluginError as exc:
-                # Refused although it passed validation: a port taken since the probe?
-                late = self.proxy.unservable(services)
-                if not late:
+            checked = False
+            for attempt in (1, 2):
+                if attempt == 2 or self.proxy.needs_check(config):
+                    checked = True
+                    try:
+                        self.proxy.validate(config)
+                    except ProxyConfigError as exc:
+                        narrowed = self._narrow(services, exc)
+                        if narrowed is None:
+                            self.rejected = config
+                            self.counters.inc("validation_failures")
+                            self.counters.inc("passes", outcome="refused")
+                            log.error(
+                                "discover: candidate configuration refused by %s; keeping the "
+                                "running one: %s",
+                                self.proxy_name,
+                                exc,
+                            )
+                            return "rejected"
+                        services = narrowed
+                        excluded.update({n: r for n, (_, r) in self._invalid.items()})
+                        config = self.proxy.render(services)
+                stages.mark("validate")
+                try:
+                    result = self._apply(config, services)
+                except Unavailable:
                     raise
-                log.warning("discover: %s refused the configuration (%s); leaving out %s",
-                            self.proxy_name, exc, ", ".join(sorted(late)))  # fmt: skip
-                excluded.update(late)
-                services = tuple(s for s in services if s.name not in late)
-                config = self.proxy.render(services)
-                self.proxy.validate(config)
-                result = self._apply(config, services)
+                except PluginError as exc:
+                    if not checked:  # a first start that was its own check (Proxy.needs_check)
+                        log.info("discover: %s did not start (%s); checking the candidate",
+                                 self.proxy_name, exc)  # fmt: skip
+                        continue
+                    # Refused although it passed validation: a port taken since the probe?
+                    late = self.proxy.unservable(services)
+                    if not late:
+                        raise
+                    log.warning("discover: %s refused the configuration (%s); leaving out %s",
+                                self.proxy_name, exc, ", ".join(sorted(late)))  # fmt: skip
+                    excluded.update(late)
+                    services = tuple(s for s in services if s.name not in late)
+                    config = self.proxy.render(services)
+                    self.proxy.validate(config)
+                    result = self._apply(config, services)
+                break
         finally:
             self._settle(assignment.problems, excluded)
         stages.mark("apply")

@@ -404,6 +404,32 @@ def test_validate_reports_haproxy_s_own_message(make_haproxy: MakeHAProxy, tmp_p
     assert not list(proxy.dir.glob("candidate*"))
 
 
+def test_a_first_start_is_its_own_check(make_haproxy: MakeHAProxy, tmp_path: Path) -> None:
+    """Nothing runs: no haproxy -c before the start (HAProxy checks as it starts, and a refused
+    start leaves nothing running). Once it runs, every candidate is checked again."""
+    (tmp_path / "haproxy.cfg.j2").write_text(
+        '{% extends "default:haproxy.cfg.j2" %}\n'
+        "{% block defaults_extra %}\n    frobnicate now\n{% endblock %}\n"
+    )
+    broken = make_haproxy(template_dir=str(tmp_path))
+    config = broken.render(sample_services())
+    assert broken.needs_check(config) is False
+    with pytest.raises(PluginError, match="frobnicate") as refused:
+        broken.apply(config, sample_services())
+    assert not isinstance(refused.value, ProxyConfigError)  # the core checks it next
+    assert broken.status() is None  # nothing was left running
+    assert broken.needs_check(config) is False
+    with pytest.raises(ProxyConfigError, match="unknown keyword 'frobnicate'"):
+        broken.validate(config)
+
+    proxy = make_haproxy()
+    services = [http_service("web", free_port())]
+    config = proxy.render(services)
+    assert proxy.needs_check(config) is False
+    assert proxy.apply(config, services) == "started"
+    assert proxy.needs_check(config) is True
+
+
 # --------------------------------------------------------------------------------------------
 # Apply, against a running HAProxy
 

@@ -231,6 +231,12 @@ class HAProxy(ManagedProxy[ProcStatus]):
                 else f"haproxy -c refused the configuration (exit status {done.returncode})"
             )
 
+    def needs_check(self, config: str) -> bool:
+        """No ``haproxy -c`` before a first start (nothing of this state directory runs):
+        HAProxy checks the file as it starts, exits if it refuses it, and a start that fails
+        loses nothing. A check is 0.2 s for 10,000 servers, a fifth of the cold start."""
+        return self.running_split() is not None or self.master.running_pid() is not None
+
     def apply_delay(self, config: str, services: Sequence[Service]) -> float:
         """Time left before a reload is allowed (``reload_interval`` after the last start or
         reload began); always 0 for a change of servers only."""
@@ -245,10 +251,20 @@ class HAProxy(ManagedProxy[ProcStatus]):
 
     def apply(self, config: str, services: Sequence[Service]) -> str:
         with self._lock:
+            splitting: threading.Thread | None = None
+            if self.running_split() is None:
+                # A start (or a reload of what is not confirmed): the split is wanted once it
+                # is done; make it on this core while HAProxy parses the file on another.
+                splitting = threading.Thread(
+                    target=self.split, args=(config,), name="discoverd-haproxy-split", daemon=True
+                )
+                splitting.start()
             try:
                 result = super().apply(config, services)
             finally:
                 self._periods = self.drain_periods.of(services)
+                if splitting is not None:
+                    splitting.join()
             if result != "unchanged":  # the file now holds the candidate: its split is known
                 self._on_disk = (config.encode("utf-8"), self.split(config))
             return result

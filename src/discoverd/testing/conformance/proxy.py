@@ -344,6 +344,9 @@ class ProxyContract:
         services = self.services(proxy, {"web": (p1, [a, b]), "api": (p2, [c])})
         result = self.apply(proxy, proxy_probe, services)
         assert result != "unchanged", "the first apply() with no proxy running did nothing"
+        assert proxy.needs_check(proxy.render(services)), (
+            "needs_check() is False while the proxy runs: a candidate would reach it unchecked"
+        )
         if self.serves_traffic:
             self.wait_served(p1, ["a", "b"])
             self.wait_served(p2, ["c"])
