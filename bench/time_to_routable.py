@@ -8,6 +8,12 @@ service exists, then starts `--runs` more, one at a time, and for each polls the
 connection per request) until the new container answers. Reports min, median, p99 and max.
 Targets: median <= 60 ms, p99 <= 300 ms.
 
+Each run's container is stopped once it has answered, and the next run waits until it is out of
+rotation: every run meets a service of two backends, so the poller, which must reach the new
+one through round robin, needs one or two requests in every run. With ``--grow`` the containers
+stay (the figures before issue 10's last session): run n meets n + 1 backends, and the poller's
+share grows with n.
+
 With ``--timeline`` discoverd runs at debug level and each run prints where its time went:
 every debug line that carries a moment (``t=``, on the machine's monotonic clock, which this
 script shares) as milliseconds after the ``docker run`` call, with the stages of the register
@@ -29,6 +35,7 @@ from bench.stack import (
     Report,
     Stack,
     Target,
+    ask,
     main_guard,
     parser,
     runs_of,
@@ -56,8 +63,26 @@ def timeline(lines: list[tuple[float, str]], began: float, returned: float, rout
     return "\n".join(rows)
 
 
+def wait_out(port: int, host: str, timeout: float, streak: int = 20) -> None:
+    """Poll until ``streak`` answers in a row on ``port`` come from another container than
+    ``host`` (a short container id): it is out of rotation."""
+    deadline = time.monotonic() + timeout
+    others = 0
+    while others < streak:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{host} still answers on port {port} after {timeout:g}s")
+        answer = ask(port, timeout=1.0)
+        others = others + 1 if answer not in (None, host) else 0
+
+
 def measure(
-    stack: Stack, runs: int, mode: str, report: Report, *, show_timeline: bool = False
+    stack: Stack,
+    runs: int,
+    mode: str,
+    report: Report,
+    *,
+    show_timeline: bool = False,
+    grow: bool = False,
 ) -> Figure:
     frontend = free_port()
     labels = whoami_labels(frontend, mode)
@@ -77,13 +102,21 @@ def measure(
         if show_timeline:
             time.sleep(0.2)  # the lines logged after the answer (the pass's summary)
             print(timeline(agent.lines[mark:], began, start, routable), flush=True)
+        if not grow:
+            container.stop(timeout=5)
+            wait_out(frontend, container.id[:12], 30)
     return report.add(
         Figure(
             "time to routable",
             "ms",
             samples=samples,
             targets=[Target("median", "<=", 60), Target("p99", "<=", 300)],
-            note=f"{mode} mode",
+            note=f"{mode} mode, "
+            + (
+                "the service grows by a backend per run"
+                if grow
+                else "a service of two backends in every run"
+            ),
         )
     )
 
@@ -96,11 +129,16 @@ def main() -> int:
         action="store_true",
         help="run discoverd at debug level and print where each run's time went",
     )
+    p.add_argument(
+        "--grow",
+        action="store_true",
+        help="keep every run's container (the service grows by a backend per run)",
+    )
     args = p.parse_args()
     runs = runs_of(args)
-    report = Report("time_to_routable", {"runs": runs, "mode": args.mode})
+    report = Report("time_to_routable", {"runs": runs, "mode": args.mode, "grow": args.grow})
     with Stack(keep=args.keep, log_level=args.log_level) as stack:
-        measure(stack, runs, args.mode, report, show_timeline=args.timeline)
+        measure(stack, runs, args.mode, report, show_timeline=args.timeline, grow=args.grow)
     report.write(args.json)
     return 0
 

@@ -727,3 +727,39 @@ def test_the_images_own_stop_signal_drains_too(
         source.note_event(event)
     assert routed(source, custom) == []  # USR2 is how this one is stopped
     assert len(routed(source, plain)) == 1  # for this one USR2 is just a signal
+
+
+def test_a_start_event_begins_the_inspect_before_the_snapshot(
+    new_source: SourceFactory, docker_client: docker.DockerClient
+) -> None:
+    """A ``start`` event begins the new container's inspect at once, and the snapshot that the
+    event asks for takes it instead of inspecting again; a restart in between (another start)
+    is never served the earlier inspect."""
+    source = new_source()
+    source.snapshot()  # connected
+    client = source._api()
+    inspected: list[str] = []
+    real = client.inspect_container
+
+    def counting(cid: str) -> Any:
+        inspected.append(cid)
+        return real(cid)
+
+    client.inspect_container = counting
+    container = whoami(docker_client, environment={"SERVICE_NAME": "early"})
+    source.note_event({"Type": "container", "Action": "start", "id": container.id})
+    wait_for(lambda: inspected == [container.id], 5, what="the inspect begun by the event")
+    [found] = of(source.snapshot(), container)
+    assert found.service == "early"
+    assert inspected == [container.id]  # the snapshot took the early inspect
+    assert source.check_target(found) is not None
+
+    container.restart(timeout=1)  # a new process: the early inspect of the first is not used
+    source.note_event({"Type": "container", "Action": "start", "id": container.id})
+    source.note_event({"Type": "container", "Action": "start", "id": container.id})
+    [again] = of(source.snapshot(), container)
+    container.reload()
+    published = {int(b["HostPort"]) for bound in container.ports.values() for b in bound or ()}
+    assert again.service == "early" and again.port in published  # the new process's port
+    assert inspected.count(container.id) >= 2
+    assert source._early == {}  # nothing left behind

@@ -31,7 +31,7 @@ import threading
 import time
 import traceback
 from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -183,6 +183,11 @@ class DockerSource(Source):
         # Whether this agent sees the host's processes (a container's /proc/<pid> was read):
         # then a process missing right after its inspect has exited.
         self._sees_pids = False
+        # Inspects begun by a ``start`` event, by container id with the start count they
+        # belong to: the snapshot that event asks for lists the containers meanwhile, so a
+        # new container costs one daemon round trip, not two in a row.
+        self._early: dict[str, tuple[int, Future[_Inspected | None]]] = {}
+        self._early_pool: ThreadPoolExecutor | None = None
         self._pids_warned = False
 
     # -- connection
@@ -278,7 +283,9 @@ class DockerSource(Source):
                     inspected = None
                 inspected = inspected or fresh.get(cid)
                 if inspected is None:
-                    inspected = self._inspect(client, cid)
+                    early, inspected = self._take_early(cid, starts.get(cid, 0))
+                    if not early:
+                        inspected = self._inspect(client, cid)
                     if inspected is None:
                         continue  # gone between the list and the inspect
                 if inspected.problem:
@@ -316,6 +323,8 @@ class DockerSource(Source):
             self._cache = seen
             self._targets = targets
             self._instances_of = instances_of
+            for cid in [c for c, (_, f) in self._early.items() if f.done() and c not in seen]:
+                del self._early[cid]  # gone before it was listed: nothing will take it
         with self._lock:  # a hint is needed only while the list still shows the container
             self._exited &= set(seen) | (self._exited - exited)
             for cid in set(self._stopping) - set(seen):
@@ -396,6 +405,34 @@ class DockerSource(Source):
                 if inspected is not None:
                     found[cid] = inspected
         return found
+
+    def _inspect_early(self, cid: str, count: int) -> None:
+        """Begin inspecting ``cid``, just started (its ``count``-th start), in the background."""
+        with self._lock:
+            client = self._client  # never connect here: this is the event stream's thread
+            if client is None:
+                return
+            if self._early_pool is None:
+                self._early_pool = ThreadPoolExecutor(2, thread_name_prefix="discoverd-inspect")
+            pool = self._early_pool
+            try:
+                future = pool.submit(self._inspect, client, cid)
+            except RuntimeError:  # closed meanwhile
+                return
+            self._early[cid] = (count, future)
+
+    def _take_early(self, cid: str, count: int) -> tuple[bool, _Inspected | None]:
+        """The background inspect of ``cid`` if one was begun for its ``count``-th start:
+        ``(True, result)``, the result ``None`` when it was gone; ``(False, None)`` when there
+        is none, it belongs to another start, or it failed (the caller inspects now)."""
+        with self._lock:
+            entry = self._early.pop(cid, None)
+        if entry is None or entry[0] != count:
+            return False, None
+        try:
+            return True, entry[1].result()
+        except Exception:  # e.g. the daemon restarted: inspected again now
+            return False, None
 
     def _inspect(self, client: docker.APIClient, cid: str) -> _Inspected | None:
         """The container's inspect result, ``None`` if it is gone, or one with a ``problem``
@@ -515,7 +552,7 @@ class DockerSource(Source):
                 self._exited.discard(cid)
                 self._stopping.pop(cid, None)
                 self._cache.pop(cid, None)  # a new process: new pid, maybe a new address
-                self._starts[cid] = self._starts.get(cid, 0) + 1
+                count = self._starts[cid] = self._starts.get(cid, 0) + 1
             elif verb in ("kill", "stop"):
                 self._stopping.setdefault(cid, time.monotonic())
             else:
@@ -523,11 +560,18 @@ class DockerSource(Source):
                 self._stopping.pop(cid, None)
                 if verb == "destroy":
                     self._starts.pop(cid, None)
+                    self._early.pop(cid, None)
+        if verb == "start":
+            self._inspect_early(cid, count)
 
     def close(self) -> None:
         with self._lock:
             streams = list(self._streams)
             client, self._client = self._client, None
+            pool, self._early_pool = self._early_pool, None
+            self._early.clear()
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
         for stream in streams:
             stream.close()
         if client is not None:
