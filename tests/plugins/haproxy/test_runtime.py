@@ -33,9 +33,11 @@ from tests.support.services import free_port, http_get, wait_for
 GOLDEN = Path(__file__).parent / "golden" / "haproxy.cfg"
 # The options of the golden file's server lines (HTTP and TCP backends).
 HTTP_ARGS = "check inter 1s fastinter 100ms fall 2 rise 1 observe layer7 " + (
+    "error-limit 1 on-error fastinter"
+)
+TCP_ARGS = "check inter 1s fastinter 100ms fall 2 rise 1 observe layer4 " + (
     "error-limit 1 on-error sudden-death"
 )
-TCP_ARGS = HTTP_ARGS.replace("layer7", "layer4")
 MakeHAProxy = Callable[..., HAProxy]
 Backends = Callable[..., NameServer]
 
