@@ -923,6 +923,42 @@ def test_a_write_lost_with_the_leader_is_sent_again_within_the_election(
         registrar.close(deregister=True)
 
 
+def test_a_snapshot_read_in_two_parts_is_at_one_revision(
+    etcd: Etcd, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The snapshot reads the plain entries and the metadata in two transactions at once.
+    Here a registration lands between them (the metadata read first, the plain entries
+    after): the older part is read again at the newer revision, so the new instance comes
+    with its metadata, never as a bare entry."""
+    registry = EtcdRegistry(config(etcd.endpoint))
+    reader = registry.reader
+    real = reader._read
+    written = threading.Event()
+    late = instance(iid="second", port=40002, tags=("late",), host_id="host2")
+
+    def racing(what: str, ranges: list[tuple[bytes, bytes]], revision: int = 0) -> Any:
+        if what != "snapshot" or revision:
+            return real(what, ranges, revision)
+        if len(ranges) == 1:  # the plain entries: after the registration
+            assert written.wait(10)
+            return real(what, ranges, revision)
+        answer = real(what, ranges, revision)  # the metadata and claims: before it
+        registry.register(late)
+        written.set()
+        return answer
+
+    try:
+        registry.register(instance())
+        monkeypatch.setattr(reader, "_read", racing)
+        catalog = registry.snapshot()
+        monkeypatch.undo()
+        assert {i.id: i for i in catalog.instances}["second"] == late
+        assert catalog.problems == ()
+        assert catalog.revision == registry.snapshot().revision
+    finally:
+        registry.close(deregister=True)
+
+
 def test_attempts_are_short_again_once_a_member_is_seen_failing_over(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
