@@ -35,9 +35,14 @@ class PickyProxy(FakeProxy):
 
     def validate(self, config: str) -> None:
         self.validations += 1
+        reason = self.refusal(config)
+        if reason:
+            raise ProxyConfigError(reason)
+
+    def refusal(self, config: str) -> str:
+        """What its checker says of ``config`` (empty: accepted)."""
         bad = sorted(name for name in self.invalid if f"{name}:" in config)
-        if bad:
-            raise ProxyConfigError(f"server of {bad[0]} already defined")
+        return f"server of {bad[0]} already defined" if bad else ""
 
     def unservable(self, services: Sequence[Service]) -> dict[str, str]:
         return {s.name: self.blocked[s.name] for s in services if s.name in self.blocked}
@@ -127,9 +132,9 @@ class SelfCheckingProxy(PickyProxy):
     def apply(self, config: str, services: Sequence[Service]) -> str:
         if not self.running:
             self.starts += 1
-            bad = sorted(name for name in self.invalid if f"{name}:" in config)
-            if bad:
-                raise PluginError(f"did not start: server of {bad[0]} already defined")
+            reason = self.refusal(config)
+            if reason:
+                raise PluginError(f"did not start: {reason}")
             self.running = True
         return super().apply(config, services)
 

@@ -100,7 +100,8 @@ class CatalogReader:
         # etcd's gateway builds both answers at once, and a cold read of 10,000 instances
         # takes 115 ms instead of 180 on two cores. Both must be at one revision: when they
         # are not, the older part is read again at the newer revision.
-        plain, rest = self.scheme.ranges()[:1], self.scheme.ranges()[1:]
+        ranges = self.scheme.ranges()
+        plain, rest = ranges[:1], ranges[1:]
         first, second = self._read_together("snapshot", plain, rest)
         try:
             revisions = [int(first["header"]["revision"]), int(second["header"]["revision"])]
@@ -110,9 +111,9 @@ class CatalogReader:
                 else:
                     second = self._read("snapshot", rest, revisions[0])
             revision = max(revisions)
-            ranges = [r["response_range"] for r in (*_responses(first), *_responses(second))]
-            backend, meta = _kvs(ranges[0]), _kvs(ranges[1])
-            holders = _holders(ranges[2])
+            found = [r["response_range"] for r in (*_responses(first), *_responses(second))]
+            backend, meta = _kvs(found[0]), _kvs(found[1])
+            holders = _holders(found[2])
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise PluginError(f"etcd: unexpected answer to the snapshot read ({exc!r})") from None
         return read_catalog(self.scheme, backend, meta, revision, holders)
