@@ -23,12 +23,13 @@ from discoverd import (
     Unavailable,
     build_config,
 )
+from discoverd.core.catalog import CatalogReader
 from discoverd.core.config import load_settings
 from discoverd.core.manager import get_plugin_manager
 from discoverd.plugins.consul import discoverd_register_registries, make_registry
 from discoverd.plugins.consul.config import ConsulConfig, parse_address
 from discoverd.plugins.consul.encoding import MAX_META_KEYS, foreign_id
-from discoverd.plugins.consul.registry import ConsulRegistry
+from discoverd.plugins.consul.registry import READ_SERVICES_MAX, ConsulRegistry
 from tests.plugins.consul.conftest import ACL_TOKEN
 from tests.support.consul import Consul
 from tests.support.services import free_port, wait_for
@@ -582,8 +583,8 @@ def test_watch_delivers_registrations_and_health_changes(
     runner.wait_for_notifications(seen + 1)
     wait_for(lambda: ids(reader) == set(), 15, what="the critical instance to leave")
     assert runner.error is None and not runner.returned
-    # Consul's indexes do not say which services moved: every notification means "read all".
-    assert set(runner.services) == {None}
+    # Each answer is compared with the one before: the notifications name the service.
+    assert set(runner.services) == {frozenset({"whoami"})}
 
 
 def test_watch_from_an_old_revision_notifies_at_once(
@@ -651,3 +652,115 @@ def test_watch_fails_when_consul_dies(
     again = watchers(reader, 1)
     again.wait_ended()
     assert isinstance(again.error, Unavailable)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading only the services a watch named
+
+
+def test_partial_reads_after_each_change_equal_a_full_read(
+    consul: Consul,
+    registries: Callable[..., ConsulRegistry],
+    watchers: Callable[[ConsulRegistry, int], WatchRunner],
+) -> None:
+    """The watch names the services each kind of change touched; the core's reader, re-reading
+    only those (``read_services``), then holds what a full read gives. A change no check
+    explains (a service changed in place) or a node's own check names nothing: read all."""
+    writer = registries(host_id="w", ttl=300)  # no check runs out during the test
+    for n in range(3):
+        writer.register(instance(f"svc{n}", f"w:c{n}:8000:tcp", 30000 + n, 8100 + n))
+    watched = registries()
+    catalog = CatalogReader(watched)
+    catalog.read()
+    runner = watchers(watched, catalog.revision)
+    catalog.watching(True)
+
+    def change(what: str, action: Callable[[], object], expected: set[str] | None) -> None:
+        count = len(runner.reasons)
+        action()
+        runner.wait_for_notifications(count + 1)
+        time.sleep(0.3)  # the other blocking queries' answers to the same change
+        named = runner.services[count:]
+        if expected is None:
+            assert None in named, f"{what}: {named}"
+        else:
+            assert None not in named, f"{what}: {named}"
+            assert set().union(*(n for n in named if n is not None)) == expected, what
+        for services in named:
+            catalog.changed(services)
+        partial_reads = catalog.partial_reads
+        got = catalog.read()
+        assert catalog.partial_reads == partial_reads + (expected is not None), what
+        full = registries().snapshot()
+        assert sorted(got.instances) == sorted(full.instances), what
+        assert sorted(map(str, got.problems)) == sorted(map(str, full.problems)), what
+        assert got.claims == full.claims, what
+
+    def foreign(body: dict[str, Any]) -> Callable[[], None]:
+        return lambda: consul_put(consul, "/v1/agent/service/register", body)
+
+    change(
+        "a new instance",
+        lambda: writer.register(instance("svc1", "w:c9:8000:tcp", 30009, 8101)),
+        {"svc1"},
+    )
+    change(
+        "a new service",
+        lambda: writer.register(instance("svc9", "w:c8:8000:tcp", 30008, 8109)),
+        {"svc9"},
+    )
+    change(
+        "a removed instance",
+        lambda: writer.deregister(instance("svc1", "w:c9:8000:tcp", 30009, 8101)),
+        {"svc1"},
+    )
+    change(
+        "a failing check",
+        lambda: consul_put(consul, "/v1/agent/check/fail/service:w:c0:8000:tcp"),
+        {"svc0"},
+    )
+    change(
+        "a malformed instance of another tool",
+        foreign(
+            {
+                "ID": "odd",
+                "Name": "svc2",
+                "Port": 1,
+                "Meta": {"discoverd_frontend_port": "not a port"},
+                "Check": {"TTL": "60s", "Status": "passing"},
+            }
+        ),
+        {"svc2"},
+    )
+    change(
+        "a service without checks", foreign({"ID": "plain", "Name": "plain", "Port": 7}), {"plain"}
+    )
+    change(
+        "that service changed in place",
+        foreign({"ID": "plain", "Name": "plain", "Port": 8}),
+        None,
+    )
+    change(
+        "a node's own check",
+        lambda: consul_put(consul, "/v1/agent/check/register", {"Name": "node-disk", "TTL": "60s"}),
+        None,
+    )
+    change(
+        "the last instance of a service, and its claim",
+        lambda: writer.deregister(instance("svc9", "w:c8:8000:tcp", 30008, 8109)),
+        {"svc9"},
+    )
+    assert catalog.partial_reads >= 6
+
+
+def test_read_services_declines_many_services(
+    registries: Callable[..., ConsulRegistry],
+) -> None:
+    registry = registries()
+    many = [f"svc{n}" for n in range(READ_SERVICES_MAX + 1)]
+    assert registry.read_services(many) is None
+    registry.register(instance("svc1", "host1:c1:8000:tcp", 30001, 8101))
+    part = registry.read_services([*many[: READ_SERVICES_MAX - 1], "consul", "absent"])
+    assert part is not None
+    assert [i.id for i in part.instances] == ["host1:c1:8000:tcp"]
+    assert part.claims == ((8101, "svc1"),)

@@ -203,6 +203,34 @@ def entries_from_node(answer: Any) -> list[Entry]:
     ]
 
 
+def entries_from_health(answer: Any) -> tuple[list[Entry], list[Any]]:
+    """Entries and their checks (the node's and the service's) from
+    ``GET /v1/health/service/<name>``."""
+    entries: list[Entry] = []
+    checks: list[Any] = []
+    for item in answer if isinstance(answer, list) else []:
+        if not isinstance(item, Mapping):
+            continue
+        node, service = item.get("Node"), item.get("Service")
+        if not isinstance(node, Mapping) or not isinstance(service, Mapping):
+            continue
+        entries.append(
+            Entry(
+                node=str(node.get("Node", "")),
+                node_address=node.get("Address"),
+                id=service.get("ID"),
+                name=service.get("Service"),
+                tags=service.get("Tags"),
+                address=service.get("Address"),
+                port=service.get("Port"),
+                meta=service.get("Meta"),
+            )
+        )
+        found = item.get("Checks")
+        checks.extend(found if isinstance(found, list) else [])
+    return entries, checks
+
+
 def entries_from_service(answer: Any) -> list[Entry]:
     """Entries from ``GET /v1/catalog/service/<name>``."""
     if not isinstance(answer, list):
@@ -367,8 +395,8 @@ class KVEntry:
         return cls(
             key=item["Key"],
             value=value if isinstance(value, bytes) else None,
-            create_index=_int(item.get("CreateIndex")),
-            modify_index=_int(item.get("ModifyIndex")),
+            create_index=index_value(item.get("CreateIndex")),
+            modify_index=index_value(item.get("ModifyIndex")),
             session=str(item.get("Session") or ""),
         )
 
@@ -384,7 +412,8 @@ class KVEntry:
         return None
 
 
-def _int(value: Any) -> int:
+def index_value(value: Any) -> int:
+    """A Consul index or count as an int (0 when it is not one)."""
     try:
         return int(value)
     except (TypeError, ValueError):
@@ -425,7 +454,9 @@ def read_claims(kv_prefix: str, entries: Iterable[KVEntry]) -> Claims:
             check_service_name(service)
             port = check_port(entry.text, "claimed port")
         except ValidationError as exc:
-            problems.append(Problem(f"consul key {entry.key}", f"{exc}; claim ignored"))
+            problems.append(
+                Problem(f"consul key {entry.key}", f"{exc}; claim ignored", service=service)
+            )
             continue
         holders.append(ClaimHolder(service, port, entry.create_index, f"consul key {entry.key}"))
     settled = settle_claims(holders, lambda service: f"consul service {service}")
@@ -470,10 +501,12 @@ def read_catalog(
         try:
             instance = _decode(entry, tag, notes)
         except (ValidationError, ValueError, TypeError) as exc:
-            problems.append(Problem(_subject(entry), f"{exc}; instance ignored"))
+            problems.append(
+                Problem(_subject(entry), f"{exc}; instance ignored", service=str(entry.name))
+            )
             continue
         if notes:
-            problems.append(Problem(_subject(entry), "; ".join(notes)))
+            problems.append(Problem(_subject(entry), "; ".join(notes), service=instance.service))
         fleet = held.ports.get(instance.service)
         if fleet is not None and instance.frontend_port != fleet:
             instance = dataclasses.replace(instance, frontend_port=fleet)
@@ -483,7 +516,11 @@ def read_catalog(
             check_service_name(name)
         except ValidationError as exc:
             problems.append(
-                Problem(f"consul service {name!r}", f"{exc}; its {count} instance(s) ignored")
+                Problem(
+                    f"consul service {name!r}",
+                    f"{exc}; its {count} instance(s) ignored",
+                    service=name,
+                )
             )
     instances: list[ServiceInstance] = []
     for name in sorted(by_service):
@@ -494,6 +531,7 @@ def read_catalog(
                     f"consul service {name}",
                     f"no instance has the meta key {KEY_FRONTEND}; "
                     f"service skipped ({len(found)} instance(s))",
+                    service=name,
                 )
             )
             continue

@@ -15,7 +15,10 @@ Discover side, built for a registry with many services:
   registration, deregistration or change of a service), ``/v1/health/state/any`` with a filter
   matching no check (moves on every check's status change, yet answers an empty list) and the
   claims' prefix (moves when a claim is taken or released). Three long polls, however many
-  services there are, instead of one per service.
+  services there are, instead of one per service. Each answer is compared with the last one
+  (the check list is read once when either of the first two moves) to name the services that
+  changed; ``read_services`` then reads only those (``/v1/health/service/<name>`` and their
+  claims). What cannot be named (see ``changes.py`` and ``_on_services``) means "read all".
 
 Frontend-port claims (KV, see ``encoding.py`` for the keys): every agent serving a service holds
 ``<kv_prefix>/claims/<service>/<session>`` = port with its session (one per registry object,
@@ -41,15 +44,17 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import json
 import logging
 import queue
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import consul
 import requests
@@ -67,6 +72,15 @@ from discoverd import (
     claim_problems,
     exception_chain,
 )
+from discoverd.plugins.consul.changes import (
+    CheckKey,
+    changed_names,
+    check_changes,
+    check_table,
+    claim_table,
+    claimed_services,
+    service_tags,
+)
 from discoverd.plugins.consul.config import ConsulConfig
 from discoverd.plugins.consul.encoding import (
     CONSUL_SERVICE,
@@ -76,6 +90,7 @@ from discoverd.plugins.consul.encoding import (
     KVEntry,
     check_id,
     claims_prefix,
+    entries_from_health,
     entries_from_node,
     entries_from_service,
     holder_key,
@@ -96,6 +111,8 @@ NO_CHECK_FILTER = 'CheckID == "discoverd-watch-matches-nothing"'
 CLAIM_ATTEMPTS = 8
 #: Services kept from their port whose claim one keepalive looks at again.
 UPKEEP_BLOCKED = 20
+#: Above this many services, ``read_services`` declines: a full read takes fewer requests.
+READ_SERVICES_MAX = 8
 #: What Consul accepts as a session TTL, in seconds.
 SESSION_TTL_MIN, SESSION_TTL_MAX = 10, 86400
 
@@ -110,6 +127,54 @@ class _Blocked:
 
     port: int
     owner: str
+
+
+@dataclass
+class _Seen:
+    """The lists a watch follows, as last read: where it blocks from, what it compares with."""
+
+    services_index: int
+    services: dict[str, frozenset[str]]
+    checks_index: int
+    checks: dict[CheckKey, tuple[int, str, str]]
+    claims_index: int  # 0: the claims could not be read
+    claims: dict[str, tuple[int, str]]
+
+    @property
+    def revision(self) -> int:
+        """The lowest index: a watch resumed from it cannot miss a change that landed between
+        the reads (at worst it wakes once for nothing)."""
+        indexes = [self.services_index, self.checks_index]
+        return min([*indexes, self.claims_index] if self.claims_index else indexes)
+
+
+class _WatchState:
+    """What a watch's pollers share: the lists last seen, the client reading the check list,
+    and the indexes at which checks were seen to change (to explain a service list move)."""
+
+    def __init__(self, seen: _Seen, fetcher: consul.Consul) -> None:
+        self.lock = threading.Lock()
+        self.seen = dataclasses.replace(seen)  # its fields are replaced, never changed in place
+        self.fetcher = fetcher
+        self.recorded: set[int] = set()
+
+    def explained(self, old: int, new: int) -> bool:
+        """Whether a check changed at an index in (old, new], the service list's move; forgets
+        those up to ``new``, the index the service list is watched from now on."""
+        with self.lock:
+            found = any(old < index <= new for index in self.recorded)
+            self.recorded = {index for index in self.recorded if index > new}
+            self.seen.services_index = new
+            return found
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.fetcher.http.session.close()
+
+
+#: A poller's handler: (index before, index now, answer) -> the services named (``None``:
+#: unknown, read everything).
+_Handler = Callable[[int, int, Any], "set[str] | None"]
 
 
 def _txn_answer(response: Any) -> tuple[bool, Any]:
@@ -172,6 +237,8 @@ class ConsulRegistry(Registry):
         self._held: dict[str, int] = {}
         self._blocked: dict[str, _Blocked] = {}
         self._pending: dict[str, str] = {}
+        # Discover side: what the last snapshot read of the lists a watch follows.
+        self._seen: _Seen | None = None
 
     def __repr__(self) -> str:
         return f"ConsulRegistry({self.config.url})"
@@ -536,20 +603,13 @@ class ConsulRegistry(Registry):
         client = self._reader
         tag = self.config.tag
         with self._read_lock:
-            # Indexes first: every change up to the revision is then in the reads that follow,
-            # and every later one moves one of the two indexes the watch blocks on.
-            services_index, services = self._call(
-                "list services", lambda: client.catalog.services()
-            )
-            checks_index, checks = self._call("read checks", lambda: client.health.state("any"))
-            claims, claims_index = self._read_claims(client)
-            # The lowest index: a watch resumed from it cannot miss a change that landed
-            # between the reads (at worst it wakes once for nothing).
-            revision = min(_index(services_index), _index(checks_index), claims_index)
+            # The lists first: every change up to the revision is then in the reads that follow,
+            # and every later one moves one of the indexes the watch blocks on.
+            seen, checks, claims = self._read_lists(client)
             names = sorted(
                 name
-                for name, tags in (services or {}).items()
-                if name != CONSUL_SERVICE and (not tag or tag in (tags or []))
+                for name, tags in seen.services.items()
+                if name != CONSUL_SERVICE and (not tag or tag in tags)
             )
             entries: list[Entry] = []
             nodes: list[str] | None = None
@@ -566,90 +626,229 @@ class ConsulRegistry(Registry):
                         f"read service {name}", partial(client.catalog.service, name)
                     )
                     entries.extend(entries_from_service(answer))
-        return read_catalog(entries, Health.from_checks(checks), revision, tag, claims)
+            self._seen = seen
+        return read_catalog(entries, Health.from_checks(checks), seen.revision, tag, claims)
 
-    def _read_claims(self, client: consul.Consul) -> tuple[Claims, int]:
-        """The claims held now, and the index of their prefix. A token that may not read them
-        is a problem, not an error: the proxies then decide ports on their own."""
+    def _read_lists(self, client: consul.Consul) -> tuple[_Seen, list[Any], Claims]:
+        """The three lists a watch follows (services, checks, claims), read now."""
+        services_index, services = self._call("list services", lambda: client.catalog.services())
+        checks_index, checks = self._call("read checks", lambda: client.health.state("any"))
+        claims_index, claim_entries, problem = self._claim_keys(client)
+        claims = read_claims(self.config.kv_prefix, claim_entries)
+        claims.problems.extend([problem] if problem else [])
+        seen = _Seen(
+            services_index=_index(services_index),
+            services=service_tags(services),
+            checks_index=_index(checks_index),
+            checks=check_table(checks),
+            claims_index=claims_index,
+            claims=claim_table(claim_entries),
+        )
+        return seen, checks if isinstance(checks, list) else [], claims
+
+    def _claim_keys(
+        self, client: consul.Consul, service: str = ""
+    ) -> tuple[int, list[KVEntry], Problem | None]:
+        """The claim keys (of ``service`` only, if named) and the index of their prefix; a
+        token that may not read them gives index 0 and a problem, not an error: the proxies
+        then decide ports on their own."""
         prefix = claims_prefix(self.config.kv_prefix)
+        if service:
+            prefix = f"{prefix}{quote(service, safe='')}/"
         try:
             index, listed = self._call("read claims", lambda: client.kv.get(prefix, recurse=True))
         except PermissionDenied as exc:
-            problem = Problem(f"consul key {prefix}", f"{exc}; frontend-port claims not read")
-            return Claims(problems=[problem]), 1 << 62
+            return 0, [], Problem(f"consul key {prefix}", f"{exc}; frontend-port claims not read")
         entries = [e for e in (KVEntry.parse(i) for i in listed or []) if e is not None]
-        return read_claims(self.config.kv_prefix, entries), _index(index)
+        return _index(index), entries, None
+
+    def read_services(self, names: Collection[str]) -> Catalog | None:
+        """The named services' instances and health (``/v1/health/service/<name>``) and their
+        claims: two requests per service. More than ``READ_SERVICES_MAX`` services: ``None``
+        (a full read then takes fewer requests)."""
+        wanted = sorted({str(n) for n in names if n and n != CONSUL_SERVICE})
+        if len(wanted) > READ_SERVICES_MAX:
+            return None
+        client = self._reader
+        entries: list[Entry] = []
+        checks: list[Any] = []
+        keys: list[KVEntry] = []
+        problems: list[Problem] = []
+        revision = 1
+        with self._read_lock:
+            for name in wanted:
+                index, answer = self._call(
+                    f"read service {name}", partial(client.health.service, quote(name, safe=""))
+                )
+                revision = max(revision, _index(index))
+                found, their_checks = entries_from_health(answer)
+                entries.extend(found)
+                checks.extend(their_checks)
+                _, listed, problem = self._claim_keys(client, name)
+                keys.extend(listed)
+                problems.extend([problem] if problem else [])
+        claims = read_claims(self.config.kv_prefix, keys)
+        claims.problems.extend(problems)
+        return read_catalog(entries, Health.from_checks(checks), revision, self.config.tag, claims)
 
     def watch(self, notify: Notify, stop: threading.Event, since: int) -> None:
-        events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        """Three blocking queries (services, checks, claims), each answer compared with the
+        one before it to name the services that changed (see ``changes.py``). A watch from
+        the revision of this registry's last snapshot starts from what that snapshot read;
+        any other starts from the lists as they are now, and says at once if they moved
+        since ``since``."""
+        fetcher = self._new_client()  # the check lists (calls serialised by the state's lock)
+        try:
+            seen = self._seen if self._seen is not None and since == self._seen.revision else None
+            if seen is None:
+                seen, _, _ = self._read_lists(fetcher)
+                indexes = [seen.services_index, seen.checks_index]
+                indexes += [seen.claims_index] if seen.claims_index else []
+                if since > 0 and min(indexes) < since:
+                    log.info("consul: index went back from %d to %d", since, min(indexes))
+                    notify("consul index reset")
+                elif since > 0 and max(indexes) > since:
+                    notify("consul changed since the last read")
+        except BaseException:
+            fetcher.http.session.close()
+            raise
+        state = _WatchState(seen, fetcher)
+        events: queue.Queue[tuple[str, Any, frozenset[str] | None]] = queue.Queue()
         halt = threading.Event()
         claims = claims_prefix(self.config.kv_prefix)
-        pollers = [
-            ("services", lambda c, **kw: c.catalog.services(**kw)),
-            ("checks", lambda c, **kw: c.health.state("any", filter_expr=NO_CHECK_FILTER, **kw)),
-            ("claims", lambda c, **kw: c.kv.get(claims, recurse=True, **kw)),
+        pollers: list[tuple[str, Callable[..., Any], int, _Handler]] = [
+            (
+                "services",
+                lambda c, **kw: c.catalog.services(**kw),
+                seen.services_index,
+                partial(self._on_services, state),
+            ),
+            (
+                "checks",
+                lambda c, **kw: c.health.state("any", filter_expr=NO_CHECK_FILTER, **kw),
+                seen.checks_index,
+                partial(self._on_checks, state),
+            ),
         ]
-        for name, query in pollers:
+        if seen.claims_index:
+            pollers.append(
+                (
+                    "claims",
+                    lambda c, **kw: c.kv.get(claims, recurse=True, **kw),
+                    seen.claims_index,
+                    partial(self._on_claims, state),
+                )
+            )
+        for name, query, start, handle in pollers:
             threading.Thread(
                 target=self._poll,
-                args=(name, query, since, events, halt),
+                args=(name, query, start, handle, events, halt),
                 name=f"discoverd-consul-watch-{name}",
                 daemon=True,
             ).start()
         try:
             while not (stop.is_set() or self._closed.is_set()):
                 try:
-                    kind, value = events.get(timeout=0.1)
+                    kind, value, services = events.get(timeout=0.1)
                 except queue.Empty:
                     continue
                 if kind == "error":
                     raise value
-                notify(value)
+                if services is None:
+                    notify(value)
+                else:
+                    notify(value, services=services)
         finally:
             # The workers leave after their current query (at most ``wait``); their answers
             # are thrown away. watch() itself returns now.
             halt.set()
+            state.close()
+
+    def _on_services(self, state: _WatchState, old: int, new: int, answer: Any) -> set[str] | None:
+        tags = service_tags(answer)
+        with state.lock:
+            names = changed_names(state.seen.services, tags)
+            state.seen.services = tags
+        moved = self._advance_checks(state, None if new < old else new)
+        explained = state.explained(old, new)
+        if new < old or moved is None:
+            return None
+        # An instance added, removed or changed in an existing service moves the service list's
+        # index but not the list: it is named by its check, which changed at the same index.
+        # A change no check explains (a service without checks, one changed in place) cannot
+        # be named: everything is read again.
+        if not names and not explained:
+            return None
+        return names | moved
+
+    def _on_checks(self, state: _WatchState, old: int, new: int, answer: Any) -> set[str] | None:
+        return self._advance_checks(state, None if new < old else new)
+
+    def _on_claims(self, state: _WatchState, old: int, new: int, answer: Any) -> set[str] | None:
+        entries = [e for e in (KVEntry.parse(i) for i in answer or []) if e is not None]
+        table = claim_table(entries)
+        with state.lock:
+            keys = changed_names(state.seen.claims, table)
+            state.seen.claims = table
+        if new < old:
+            return None
+        return claimed_services(claims_prefix(self.config.kv_prefix), keys)
+
+    def _advance_checks(self, state: _WatchState, at_least: int | None) -> set[str] | None:
+        """Read the check list unless one at ``at_least`` or later was read already (``None``:
+        read it anyway), and name the services whose checks moved since the last one."""
+        with state.lock:
+            if at_least is not None and state.seen.checks_index >= at_least:
+                return set()
+            index, answer = self._call("read checks", lambda: state.fetcher.health.state("any"))
+            new, table = _index(index), check_table(answer)
+            went_back = new < state.seen.checks_index
+            changes = check_changes(state.seen.checks, table, new)
+            state.seen.checks, state.seen.checks_index = table, new
+            # Kept only while a move of the service list may still ask about them.
+            floor = state.seen.services_index
+            state.recorded = {i for i in state.recorded | changes.indexes if i > floor}
+            return None if went_back else changes.services
 
     def _poll(
         self,
         name: str,
         query: Callable[..., Any],
-        since: int,
-        events: queue.Queue[tuple[str, Any]],
+        start: int,
+        handle: _Handler,
+        events: queue.Queue[tuple[str, Any, frozenset[str] | None]],
         halt: threading.Event,
     ) -> None:
         client = self._new_client()
         wait = f"{self.config.wait:g}s"
-        index = since if since > 0 else 0
+        index = start
         try:
             while not (halt.is_set() or self._closed.is_set()):
-                if index > 0:
-                    answer = self._call(
-                        f"watch {name}", partial(query, client, index=index, wait=wait)
-                    )
-                else:
-                    answer = self._call(f"watch {name}", lambda: query(client))
+                answer = self._call(f"watch {name}", partial(query, client, index=index, wait=wait))
                 if halt.is_set():
                     return
                 new = _index(answer[0])
-                if index <= 0:
-                    index = new  # watching from now
-                elif new < index:
+                if new == index:
+                    continue
+                if new < index:
                     # Consul's index went back (a new or restarted -dev agent): start over.
                     log.info("consul: %s index went back from %d to %d", name, index, new)
-                    events.put(("change", f"consul {name} index reset"))
-                    index = new
-                elif new > index:
-                    events.put(("change", f"consul {name} changed"))
-                    index = new
+                names = handle(index, new, answer[1])
+                if new < index:
+                    events.put(("change", f"consul {name} index reset", None))
+                elif names is None:
+                    events.put(("change", f"consul {name} changed", None))
+                elif names:
+                    events.put(("change", f"consul {name} changed", frozenset(names)))
+                index = new
         except PermissionDenied as exc:
             if name == "claims":  # the token may not read them: the snapshot says so
                 log.debug("consul: not watching the claims: %s", exc)
             elif not halt.is_set():
-                events.put(("error", exc))
+                events.put(("error", exc, None))
         except PluginError as exc:
             if not halt.is_set():
-                events.put(("error", exc))
+                events.put(("error", exc, None))
         finally:
             with contextlib.suppress(Exception):
                 client.http.session.close()
