@@ -37,10 +37,8 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -54,7 +52,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.fleet import Worker
-from bench.stack import Figure, Report, Target, main_guard, parser, runs_of
+from bench.stack import Figure, Report, Target, main_guard, parser, runs_of, work_folder
 from tests.support.consul import ConsulCluster
 from tests.support.etcd import EtcdCluster
 from tests.support.services import ServiceUnavailable
@@ -577,9 +575,7 @@ def main() -> int:
         "before_s": args.before, "after_s": args.after, "consul_runs": args.consul_runs,
     }  # fmt: skip
     report = Report("failover", params)
-    work = Path(tempfile.mkdtemp(prefix="discoverd-failover-"))
-    print(f"work folder: {work}", flush=True)
-    try:
+    with work_folder("discoverd-failover-", args.keep) as work:
         for kind in kinds:
             count = runs if kind == "etcd" or args.consul_runs is None else args.consul_runs
             results = []
@@ -594,11 +590,6 @@ def main() -> int:
                 results.append(result)
             report_kind(report, kind, results, args.hosts)
         report.note(f"load average at the end: {os.getloadavg()[0]:.2f}")
-    finally:
-        if args.keep:
-            print(f"kept {work}", flush=True)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
     report.write(args.json)
     return 0
 

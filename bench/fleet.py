@@ -47,12 +47,10 @@ import os
 import queue
 import random
 import resource
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -75,6 +73,7 @@ from bench.stack import (
     percentile,
     rss_kib,
     runs_of,
+    work_folder,
 )
 from discoverd import HostInfo, PluginContext, build_config
 from discoverd.core.manager import get_plugin_manager
@@ -1052,18 +1051,11 @@ def main() -> int:
         "consul_version": _first_line(["consul", "version"]),
     }  # fmt: skip
     report = Report("fleet", params)
-    work = Path(tempfile.mkdtemp(prefix="discoverd-fleet-"))
-    print(f"work folder: {work}", flush=True)
-    try:
+    with work_folder("discoverd-fleet-", args.keep) as work:
         counter = RequestCounter()
         counter.install()
         for kind in kinds:
             run_registry(kind, args, work, report, sizes, counter)
-    finally:
-        if args.keep:
-            print(f"kept {work}", flush=True)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
     report.write(args.json)
     return 0
 

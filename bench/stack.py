@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -241,6 +241,20 @@ def parser(doc: str | None, *, runs: int, quick_runs: int) -> argparse.ArgumentP
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs) at the end")
     p.set_defaults(default_runs=runs, quick_runs=quick_runs)
     return p
+
+
+@contextlib.contextmanager
+def work_folder(prefix: str, keep: bool) -> Iterator[Path]:
+    """A new folder for a benchmark's files and logs, removed at the end unless ``keep``."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    print(f"work folder: {work}", flush=True)
+    try:
+        yield work
+    finally:
+        if keep:
+            print(f"kept {work}", flush=True)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def runs_of(args: argparse.Namespace) -> int:
