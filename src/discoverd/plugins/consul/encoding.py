@@ -178,6 +178,20 @@ class Entry:
     meta: Any = field(default_factory=dict)
 
 
+#: Where a service's fields are, as the node and health endpoints give a service, and as the
+#: catalog's service endpoint does (id, name, tags, address, port, meta).
+_AGENT_KEYS = ("ID", "Service", "Tags", "Address", "Port", "Meta")
+_CATALOG_KEYS = tuple(f"Service{k}" for k in ("ID", "Name", "Tags", "Address", "Port", "Meta"))
+
+
+def _entry(
+    node: Mapping[str, Any], service: Mapping[str, Any], keys: tuple[str, ...] = _AGENT_KEYS
+) -> Entry:
+    """An entry from a node's ``Node`` and ``Address`` and a service's fields at ``keys`` (in
+    the order of ``Entry``'s fields: id, name, tags, address, port, meta)."""
+    return Entry(str(node.get("Node", "")), node.get("Address"), *(service.get(k) for k in keys))
+
+
 def entries_from_node(answer: Any) -> list[Entry]:
     """Entries from ``GET /v1/catalog/node/<node>``."""
     if not isinstance(answer, Mapping):
@@ -186,21 +200,7 @@ def entries_from_node(answer: Any) -> list[Entry]:
     services = answer.get("Services") or {}
     if not isinstance(node, Mapping) or not isinstance(services, Mapping):
         return []
-    name = str(node.get("Node", ""))
-    return [
-        Entry(
-            node=name,
-            node_address=node.get("Address"),
-            id=s.get("ID"),
-            name=s.get("Service"),
-            tags=s.get("Tags"),
-            address=s.get("Address"),
-            port=s.get("Port"),
-            meta=s.get("Meta"),
-        )
-        for s in services.values()
-        if isinstance(s, Mapping)
-    ]
+    return [_entry(node, s) for s in services.values() if isinstance(s, Mapping)]
 
 
 def entries_from_health(answer: Any) -> tuple[list[Entry], list[Any]]:
@@ -214,18 +214,7 @@ def entries_from_health(answer: Any) -> tuple[list[Entry], list[Any]]:
         node, service = item.get("Node"), item.get("Service")
         if not isinstance(node, Mapping) or not isinstance(service, Mapping):
             continue
-        entries.append(
-            Entry(
-                node=str(node.get("Node", "")),
-                node_address=node.get("Address"),
-                id=service.get("ID"),
-                name=service.get("Service"),
-                tags=service.get("Tags"),
-                address=service.get("Address"),
-                port=service.get("Port"),
-                meta=service.get("Meta"),
-            )
-        )
+        entries.append(_entry(node, service))
         found = item.get("Checks")
         checks.extend(found if isinstance(found, list) else [])
     return entries, checks
@@ -235,20 +224,7 @@ def entries_from_service(answer: Any) -> list[Entry]:
     """Entries from ``GET /v1/catalog/service/<name>``."""
     if not isinstance(answer, list):
         return []
-    return [
-        Entry(
-            node=str(s.get("Node", "")),
-            node_address=s.get("Address"),
-            id=s.get("ServiceID"),
-            name=s.get("ServiceName"),
-            tags=s.get("ServiceTags"),
-            address=s.get("ServiceAddress"),
-            port=s.get("ServicePort"),
-            meta=s.get("ServiceMeta"),
-        )
-        for s in answer
-        if isinstance(s, Mapping)
-    ]
+    return [_entry(s, s, _CATALOG_KEYS) for s in answer if isinstance(s, Mapping)]
 
 
 @dataclass
