@@ -376,6 +376,12 @@ class KVEntry:
             session=str(item.get("Session") or ""),
         )
 
+    @classmethod
+    def parse_all(cls, listed: Any) -> list[KVEntry]:
+        """The entries of a KV listing (``None`` for none), those that are not skipped."""
+        items = listed if isinstance(listed, list) else []
+        return [e for e in (cls.parse(i) for i in items) if e is not None]
+
     @property
     def text(self) -> str:
         return (self.value or b"").decode("utf-8", errors="replace").strip()

@@ -141,11 +141,16 @@ class _Seen:
     claims: dict[str, tuple[int, str]]
 
     @property
+    def indexes(self) -> list[int]:
+        """The index of each list that was read (the claims' only when they could be)."""
+        indexes = [self.services_index, self.checks_index]
+        return [*indexes, self.claims_index] if self.claims_index else indexes
+
+    @property
     def revision(self) -> int:
         """The lowest index: a watch resumed from it cannot miss a change that landed between
         the reads (at worst it wakes once for nothing)."""
-        indexes = [self.services_index, self.checks_index]
-        return min([*indexes, self.claims_index] if self.claims_index else indexes)
+        return min(self.indexes)
 
 
 class _WatchState:
@@ -659,8 +664,7 @@ class ConsulRegistry(Registry):
             index, listed = self._call("read claims", lambda: client.kv.get(prefix, recurse=True))
         except PermissionDenied as exc:
             return 0, [], Problem(f"consul key {prefix}", f"{exc}; frontend-port claims not read")
-        entries = [e for e in (KVEntry.parse(i) for i in listed or []) if e is not None]
-        return _index(index), entries, None
+        return _index(index), KVEntry.parse_all(listed), None
 
     def read_services(self, names: Collection[str]) -> Catalog | None:
         """The named services' instances and health (``/v1/health/service/<name>``) and their
@@ -702,12 +706,10 @@ class ConsulRegistry(Registry):
             seen = self._seen if self._seen is not None and since == self._seen.revision else None
             if seen is None:
                 seen, _, _ = self._read_lists(fetcher)
-                indexes = [seen.services_index, seen.checks_index]
-                indexes += [seen.claims_index] if seen.claims_index else []
-                if since > 0 and min(indexes) < since:
-                    log.info("consul: index went back from %d to %d", since, min(indexes))
+                if since > 0 and seen.revision < since:
+                    log.info("consul: index went back from %d to %d", since, seen.revision)
                     notify("consul index reset")
-                elif since > 0 and max(indexes) > since:
+                elif since > 0 and max(seen.indexes) > since:
                     notify("consul changed since the last read")
         except BaseException:
             fetcher.http.session.close()
@@ -785,8 +787,7 @@ class ConsulRegistry(Registry):
         return self._advance_checks(state, None if new < old else new)
 
     def _on_claims(self, state: _WatchState, old: int, new: int, answer: Any) -> set[str] | None:
-        entries = [e for e in (KVEntry.parse(i) for i in answer or []) if e is not None]
-        table = claim_table(entries)
+        table = claim_table(KVEntry.parse_all(answer))
         with state.lock:
             keys = changed_names(state.seen.claims, table)
             state.seen.claims = table
