@@ -74,7 +74,9 @@ def test_a_process_dressed_up_as_the_master_is_neither_adopted_nor_signalled(
             argv0, fake, as_nobody=who == "another user", pass_fds=[reading.fileno()]
         ) as child,
     ):
-        assert masters_of(proxy.config_file) == [child.pid]  # its title alone would pass
+        # Its title alone would pass. The real nginx retitles itself ("nginx: master process
+        # ...") only once it has read its configuration: the impostor may still run before that.
+        wait_for(lambda: masters_of(proxy.config_file) == [child.pid], 10, what="the title")
         assert not proxy.master.pid_file.trusted(child.pid)
         if who == "another user":
             wait_for(lambda: len(child_pids(child.pid)) == 1, 10, what="its worker")
