@@ -43,6 +43,7 @@ from bench.stack import (
     Report,
     Stack,
     Target,
+    UserRequests,
     add_backend_argument,
     add_mode_argument,
     graceful_command,
@@ -119,22 +120,27 @@ def churn_run(
     started = time.monotonic()
     changes = 0
     tick = started + args.interval
-    while tick < started + args.duration - 0.5 and wrk.poll() is None:
-        time.sleep(max(0.0, tick - time.monotonic()))
-        port = whoami_backend(frontend, args.mode)[1]
-        command = backend_command(args, port)
-        backends.extend(stack.run_containers(1, labels=labels, command=command, private_port=port))
-        oldest = backends.popleft()
-        overflows += listen_overflows(oldest)
-        oldest.stop(timeout=10)
-        oldest.remove(force=True)
-        changes += 1
-        tick += args.interval
-    out, _ = wrk.communicate(timeout=args.duration + 60)
+    with UserRequests(frontend, interval=args.user_interval / 1000) as user:
+        while tick < started + args.duration - 0.5 and wrk.poll() is None:
+            time.sleep(max(0.0, tick - time.monotonic()))
+            port = whoami_backend(frontend, args.mode)[1]
+            command = backend_command(args, port)
+            backends.extend(
+                stack.run_containers(1, labels=labels, command=command, private_port=port)
+            )
+            oldest = backends.popleft()
+            overflows += listen_overflows(oldest)
+            oldest.stop(timeout=10)
+            oldest.remove(force=True)
+            changes += 1
+            tick += args.interval
+        wrk.wait(timeout=args.duration + 60)
+    out, _ = wrk.communicate(timeout=60)
     text = out.decode(errors="replace")
     figures: dict[str, Any] = parse_wrk(text)
     if "requests" not in figures:
         raise RuntimeError(f"could not read wrk's summary:\n{text}")
+    figures["user"] = user.summary()
     figures["backend_changes"] = changes
     figures["applies"] = applies(agent, log_mark)
     figures["listen_overflows"] = overflows + sum(listen_overflows(c) for c in backends)
@@ -274,15 +280,35 @@ def variant_tag(args: Any) -> str:
 
 
 def add_latency(report: Report, name: str, runs: list[dict[str, Any]]) -> None:
-    """wrk's latency p50, p90 and p99: the median over the runs, each run in the note."""
+    """wrk's latency p50, p90 and p99 (corrected for coordinated omission), then those of a
+    user's requests beside it (:class:`UserRequests`): the median over the runs, each run in
+    the note."""
+    users = [r["user"] for r in runs if "p50_ms" in r.get("user", {})]
     for quantile in (50, 90, 99):
         values = [r[f"latency_p{quantile}_ms"] for r in runs if f"latency_p{quantile}_ms" in r]
-        if values:
-            shown = ", ".join(f"{v:.1f}" for v in values)
-            note = f"runs: {shown} ms" if len(values) > 1 else ""
-            report.add(
-                Figure(f"{name}: latency p{quantile}", "ms", statistics.median(values), note=note)
-            )
+        add_median(report, f"{name}: latency p{quantile} (wrk)", values)
+    if not users:
+        return
+    longest = max(u["max_ms"] for u in users)
+    summary = (
+        f"{sum(u['requests'] for u in users):.0f} requests on fresh connections beside wrk's, "
+        f"{sum(u['failed'] for u in users):.0f} failed, {sum(u['slow'] for u in users):.0f} "
+        f"took 0.5 s or more, the longest {longest:.0f} ms"
+    )
+    for quantile in (50, 90, 99):
+        note = summary if quantile == 99 else ""
+        values = [u[f"p{quantile}_ms"] for u in users]
+        add_median(report, f"{name}: a user's request p{quantile}", values, note)
+
+
+def add_median(report: Report, name: str, values: list[float], note: str = "") -> None:
+    """The median of ``values`` (one per run) in ms; the runs in the note when there are more."""
+    if not values:
+        return
+    if len(values) > 1:
+        runs = "runs: " + ", ".join(f"{v:.1f}" for v in values) + " ms"
+        note = f"{note}; {runs}" if note else runs
+    report.add(Figure(name, "ms", statistics.median(values), note=note))
 
 
 def bare_backend(stack: Stack, args: Any, report: Report, results: dict[str, Any]) -> None:
@@ -311,10 +337,14 @@ def bare_backend(stack: Stack, args: Any, report: Report, results: dict[str, Any
                     cmd += ["-H", "Connection: close"]
                 before = listen_overflows(container)
                 wrk = stack.popen([*cmd, url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-                out, _ = wrk.communicate(timeout=args.bare_duration + 60)
+                host, port = url.split("/")[2].rsplit(":", 1)
+                with UserRequests(int(port), host, interval=args.user_interval / 1000) as user:
+                    wrk.wait(timeout=args.bare_duration + 60)
+                out, _ = wrk.communicate(timeout=60)
                 figures = parse_wrk(out.decode(errors="replace"))
                 if "requests" not in figures:
                     raise RuntimeError(f"could not read wrk's summary:\n{out.decode()}")
+                figures["user"] = user.summary()
                 figures["listen_overflows"] = listen_overflows(container) - before
                 runs.append(figures)
             results[f"bare/{where}/{variant}"] = runs
@@ -356,6 +386,13 @@ def main() -> int:
         default=None,
         help="seconds per wrk run straight at one backend, no proxy, at its container address "
         "and at its published port (15; 5 with --quick; 0: skip)",
+    )
+    p.add_argument(
+        "--user-interval",
+        type=float,
+        default=10.0,
+        help="milliseconds between two requests of the user timed beside wrk (10): each on a "
+        "fresh connection, sent when due whatever the ones before it",
     )
     add_backend_argument(p)
     add_mode_argument(p)
