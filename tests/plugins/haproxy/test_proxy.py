@@ -38,6 +38,7 @@ from discoverd.plugins.haproxy.sockets import (
 )
 from discoverd.proxykit import pid_alive
 from tests.plugins.haproxy.conftest import NameServer, haproxy_context, http_service
+from tests.plugins.traffic import apply_servable
 from tests.support.services import free_port, http_get, wait_for
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -185,6 +186,7 @@ def test_plugin_is_registered_with_its_options() -> None:
         "template_dir",
         "user",
         "group",
+        "balance",
         "check_interval",
         "retries",
         "timeout_connect",
@@ -195,6 +197,12 @@ def test_plugin_is_registered_with_its_options() -> None:
         "reload_interval",
     ]
     defaults = {o.name: o.default for o in plugin.options}
+    assert defaults["balance"] == "leastconn"
+    assert {o.name: o.choices for o in plugin.options}["balance"] == (
+        "leastconn",
+        "roundrobin",
+        "random",
+    )
     assert defaults["drain_timeout"] == 10.0
     assert defaults["reload_interval"] == 0.5
     assert defaults["stats_port"] == 1936
@@ -224,6 +232,7 @@ def test_plugin_is_registered_with_its_options() -> None:
         ({"reload_interval": 7200}, "reload_interval"),
         ({"user": "nobody\n    user root"}, "user"),
         ({"group": "wheel;"}, "group"),
+        ({"balance": "source"}, "balance"),
     ],
 )
 def test_bad_options_are_refused_at_factory_time(options: dict[str, object], words: str) -> None:
@@ -282,6 +291,9 @@ def test_render_uses_the_options() -> None:
     for line in ("retries 5", "timeout connect 2s", "timeout client 1m", "timeout server 45s"):
         assert f"    {line}\n" in text
     assert "    maxconn 100\n" in text
+    assert "    balance leastconn\n" in text  # the default
+    rendered = offline_proxy(balance="roundrobin").render(sample_services())
+    assert "    balance roundrobin\n" in rendered
 
 
 def test_udp_services_are_a_comment_and_warned_once(caplog: pytest.LogCaptureFixture) -> None:
@@ -453,6 +465,31 @@ def test_apply_starts_haproxy_and_balances_round_robin(
     page = http_get(f"http://127.0.0.1:{proxy.config.stats_port}/")
     assert "Statistics Report" in page
     assert "web" in page
+
+
+@pytest.mark.parametrize("balance", ["leastconn", "roundrobin"])
+def test_leastconn_passes_a_server_busy_with_a_request(
+    balance: str, make_haproxy: MakeHAProxy, backends: Backends
+) -> None:
+    """With the default, new requests go to the server without one in progress (a server slow
+    to answer, or to accept, gets fewer); with roundrobin each server gets its turn."""
+    proxy = make_haproxy(balance=balance)
+    a, b = backends("a"), backends("b")
+    port = free_port()
+    services = [http_service("web", port, a, b)]
+    assert apply_servable(proxy, services) == ({}, "started")
+    wait_for(lambda: http_get(f"http://127.0.0.1:{port}/").startswith("I am"), 10, what="web")
+    slow = threading.Thread(target=http_get, args=(f"http://127.0.0.1:{port}/sleep/20",))
+    slow.start()
+    wait_for(lambda: a.slow.is_set() or b.slow.is_set(), 10, what="the slow request")
+    busy, free = (a, b) if a.slow.is_set() else (b, a)
+    seen = set(answers(port, 6))
+    if balance == "leastconn":
+        assert seen == {f"I am {free.name}"}
+    else:
+        assert seen == {"I am a", "I am b"}
+    busy.stop()  # ends the slow request
+    slow.join(10)
 
 
 def test_a_tcp_service_and_an_empty_one(make_haproxy: MakeHAProxy, backends: Backends) -> None:

@@ -151,7 +151,7 @@ def test_split_separates_server_lines_from_the_structure() -> None:
 
     # Anything else takes a reload.
     assert (
-        runtime_changes(split, split_config(text.replace("balance roundrobin", "balance first", 1)))
+        runtime_changes(split, split_config(text.replace("balance leastconn", "balance first", 1)))
         is None
     )
     assert (
@@ -412,7 +412,7 @@ def test_validate_skips_haproxy_c_only_for_server_changes(
 
     # The same server change with a bad structural line: haproxy -c runs and refuses it.
     with pytest.raises(ProxyConfigError, match="balance"):
-        proxy.validate(good.replace("balance roundrobin", "balance frobnicate"))
+        proxy.validate(good.replace("balance leastconn", "balance frobnicate"))
     # A server option never checked before: haproxy -c runs and refuses it.
     bad_option = good.replace("fall 2 rise 1", "fall 2 rise 1 frobnicate", 1)
     with pytest.raises(ProxyConfigError, match="frobnicate"):

@@ -10,6 +10,7 @@ import os
 import pwd
 import re
 from dataclasses import dataclass
+from typing import Literal
 
 from discoverd import PluginError, option, validators
 
@@ -76,6 +77,12 @@ class HAProxyConfig:
         "Unix group of HAProxy's workers when discoverd runs as root; empty: the user's own "
         "group (nogroup for nobody on Debian). Ignored when not root.",
         check=_name_or_empty,
+    )
+    balance: Literal["leastconn", "roundrobin", "random"] = option(
+        "leastconn",
+        "How a backend picks a server: leastconn, the one with the fewest connections (a "
+        "server slow to accept gets fewer new ones instead of a full listen queue); "
+        "roundrobin, each in turn; random, the less loaded of two drawn at random.",
     )
     check_interval: str = option(
         "1s", "Interval between two health checks of a server.", check=_time
