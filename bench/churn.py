@@ -134,8 +134,7 @@ def churn_run(
             oldest.remove(force=True)
             changes += 1
             tick += args.interval
-        wrk.wait(timeout=args.duration + 60)
-    out, _ = wrk.communicate(timeout=60)
+        out, _ = wrk.communicate(timeout=args.duration + 60)
     text = out.decode(errors="replace")
     figures: dict[str, Any] = parse_wrk(text)
     if "requests" not in figures:
@@ -339,8 +338,7 @@ def bare_backend(stack: Stack, args: Any, report: Report, results: dict[str, Any
                 wrk = stack.popen([*cmd, url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
                 host, port = url.split("/")[2].rsplit(":", 1)
                 with UserRequests(int(port), host, interval=args.user_interval / 1000) as user:
-                    wrk.wait(timeout=args.bare_duration + 60)
-                out, _ = wrk.communicate(timeout=60)
+                    out, _ = wrk.communicate(timeout=args.bare_duration + 60)
                 figures = parse_wrk(out.decode(errors="replace"))
                 if "requests" not in figures:
                     raise RuntimeError(f"could not read wrk's summary:\n{out.decode()}")
