@@ -24,7 +24,7 @@ from discoverd import (
 )
 from discoverd.core.discover import DiscoverRole
 from discoverd.core.register import RegisterRole
-from discoverd.core.scheduling import Waker
+from discoverd.core.scheduling import Backoff, Waker
 
 
 def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -126,6 +126,21 @@ class FakeProxy(Proxy):
     def apply(self, config: str, services: Sequence[Service]) -> str:
         self.applied.append(config)
         return "reloaded"
+
+
+def test_backoff_doubles_to_its_maximum_with_jitter_below_each_step() -> None:
+    none = Backoff(1.0, random=lambda: 0.0)
+    assert [round(none.next(), 3) for _ in range(6)] == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+    none.reset()
+    assert none.next() == pytest.approx(0.1)
+    most = Backoff(1.0, random=lambda: 0.999)
+    assert [round(most.next(), 3) for _ in range(5)] == [0.05, 0.1, 0.2, 0.4, 0.5]
+    # Agents that failed together come back spread over the step, never later than it.
+    firsts = [Backoff(10.0).next() for _ in range(200)]
+    assert all(0.05 <= d <= 0.1 for d in firsts)
+    assert max(firsts) - min(firsts) > 0.03
+    fourths = [[b.next() for _ in range(4)][-1] for b in (Backoff(10.0) for _ in range(200))]
+    assert all(0.4 <= d <= 0.8 for d in fourths) and max(fourths) - min(fourths) > 0.2
 
 
 def test_waker_coalesces_a_burst() -> None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import random as _random
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 
 class Waker:
@@ -90,17 +91,28 @@ class Waker:
 
 
 class Backoff:
-    """Exponential backoff: 0.1 s, 0.2 s, ... up to ``maximum``; ``reset`` after a success."""
+    """Exponential backoff with jitter: a delay drawn between half of and the whole of 0.1 s,
+    0.2 s, 0.4 s, ... up to ``maximum``; ``reset`` after a success.
 
-    def __init__(self, maximum: float, initial: float = 0.1) -> None:
+    The jitter spreads the retries of many agents that failed together (a registry that was
+    overloaded or away answers every host at once, and the same schedule would bring them back
+    at the same moments); no retry comes later than it would without it."""
+
+    def __init__(
+        self,
+        maximum: float,
+        initial: float = 0.1,
+        random: Callable[[], float] = _random.random,
+    ) -> None:
         self.initial = initial
         self.maximum = maximum
         self._next = initial
+        self._random = random
 
     def next(self) -> float:
-        delay = self._next
+        ceiling = self._next
         self._next = min(self._next * 2, self.maximum)
-        return delay
+        return ceiling * (1 - self._random() / 2)
 
     def reset(self) -> None:
         self._next = self.initial
