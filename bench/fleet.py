@@ -34,9 +34,13 @@ fleet grows through each size of ``--hosts``; at each size:
 
 Then the slopes over the sizes (least squares): registry RSS, registry requests per second and
 agent CPU per 100 hosts, and the p99 per 100 hosts. docs/scaling.md extrapolates from them.
-Consul: each host registers with, and reads from, one of the three server agents (host i ->
-server i mod 3); real Consul has a client agent on every host, which this leaves out (see
-docs/scaling.md). Needs etcd and consul (``scripts/install-deps.sh``); no Docker, no root.
+Consul: as in a real deployment, each host registers with, and reads from, a client agent,
+which forwards to the servers: one client agent for every ``--consul-hosts-per-agent`` hosts
+(5: ten services per agent, fewer than a real host's fifty containers; a real fleet has one per
+host, and 60 MiB each is more than this machine holds for 200). With 0, host i talks to server i
+mod 3 instead, whose one local state then holds a third of the fleet's services and checks (the
+shape of the first runs in docs/scaling.md). Needs etcd and consul (``scripts/install-deps.sh``);
+no Docker, no root.
 """
 
 from __future__ import annotations
@@ -209,6 +213,18 @@ class Cluster:
     def addresses(self) -> list[str]:
         raise NotImplementedError
 
+    def prepare(self, hosts: int, timeout: float) -> None:
+        """Have what ``hosts`` simulated hosts need beside the servers (Consul's client agents)."""
+
+    def address_of(self, host: int) -> str | None:
+        """The address host ``host`` talks to, if it has one of its own (else the servers')."""
+        return None
+
+    def host_pids(self) -> list[int]:
+        """Processes that run on the hosts in a real fleet (Consul's client agents): their CPU
+        counts as the agents', not the registry's."""
+        return []
+
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs if p.poll() is None]
 
@@ -331,30 +347,42 @@ class ConsulCluster(Cluster):
     free block of four ports from the one asked for, below 32768), server RPC on ``port + 1``,
     serf LAN/WAN on ``port + 2``/``+ 3``; DNS and gRPC off; ``raft_multiplier = 1``;
     Prometheus metrics kept; a high per-client connection limit (every simulated host dials
-    from 127.0.0.1, where real hosts have addresses of their own)."""
+    from 127.0.0.1, where real hosts have addresses of their own).
+
+    With ``hosts_per_agent`` (``--consul-hosts-per-agent``), client agents as a real fleet
+    has them, one for every ``hosts_per_agent`` simulated hosts, on 127.2.X.Y with the
+    servers' HTTP and serf LAN ports: those hosts register with, and read from, their client
+    agent, which forwards to the servers. Without (0), every host talks to one of the servers,
+    whose one local state then holds the services and checks of a third of the fleet."""
 
     kind = "consul"
 
-    def __init__(self, work: Path, port: int, size: int = 3) -> None:
+    def __init__(self, work: Path, port: int, size: int = 3, hosts_per_agent: int = 0) -> None:
         self.work = work
         self.procs = []
+        self.clients: list[subprocess.Popen[bytes]] = []
+        self.client_ips: list[str] = []
+        self.hosts_per_agent = hosts_per_agent
         self.ips = [f"127.0.0.{40 + i}" for i in range(size)]
         self.port = free_block(self.ips, port, 4, udp=True)
 
     def addresses(self) -> list[str]:
         return [f"{ip}:{self.port}" for ip in self.ips]
 
-    def start(self, timeout: float = 90) -> None:
-        consul = require_binary("consul")
+    def _hcl(self) -> str:
         # Consul wants the file limit above the connection limit; 8192 connections from one
         # address covers some 6,000 simulated hosts.
         conns = min(8192, resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 100)
-        hcl = (
+        return (
             "performance { raft_multiplier = 1 } "
             f"limits {{ http_max_conns_per_client = {conns} }} "
             'telemetry { prometheus_retention_time = "24h" disable_hostname = true } '
             "disable_update_check = true"
         )
+
+    def start(self, timeout: float = 90) -> None:
+        consul = require_binary("consul")
+        hcl = self._hcl()
         joins = [f"-retry-join={ip}:{self.port + 2}" for ip in self.ips]
         for i, ip in enumerate(self.ips):
             data = self.work / f"s{i}"
@@ -380,20 +408,76 @@ class ConsulCluster(Cluster):
 
         wait_until(formed, timeout, "a Consul cluster with a leader")
 
-    def metrics(self) -> list[dict[str, float]]:
+    def prepare(self, hosts: int, timeout: float) -> None:
+        if not self.hosts_per_agent:
+            return
+        wanted = -(-hosts // self.hosts_per_agent)
+        consul = require_binary("consul")
+        joins = [f"-retry-join={ip}:{self.port + 2}" for ip in self.ips]
+        while len(self.clients) < wanted:
+            n = len(self.clients)
+            ip = f"127.2.{n // 250}.{n % 250 + 1}"
+            for port, udp in ((self.port, False), (self.port + 2, False), (self.port + 2, True)):
+                if not bindable(ip, port, udp):
+                    raise RuntimeError(f"{ip}:{port} is taken: no room for client agent {n}")
+            data = self.work / f"c{n}"
+            data.mkdir(parents=True, exist_ok=True)
+            cmd = [
+                consul, "agent", f"-node=fleet-c{n}", f"-bind={ip}", f"-client={ip}",
+                f"-data-dir={data}", f"-http-port={self.port}",
+                f"-serf-lan-port={self.port + 2}", "-dns-port=-1", "-grpc-port=-1",
+                "-retry-interval=1s", f"-hcl={self._hcl()}", "-log-level=warn", *joins,
+            ]  # fmt: skip
+            self.clients.append(launch(cmd, self.work / f"c{n}.log"))
+            self.client_ips.append(ip)
+
+        def joined() -> bool:
+            nodes = json.loads(get(f"http://{self.addresses()[0]}/v1/catalog/nodes", 1.0))
+            return len(nodes) >= len(self.ips) + wanted
+
+        wait_until(joined, timeout, f"{wanted} Consul client agents in the catalog")
+
+    def address_of(self, host: int) -> str | None:
+        if not self.hosts_per_agent:
+            return None
+        return f"{self.client_ips[host // self.hosts_per_agent]}:{self.port}"
+
+    def host_pids(self) -> list[int]:
+        return [p.pid for p in self.clients if p.poll() is None]
+
+    def extra(self) -> str:
+        if not self.clients:
+            return ""
+        rss = sum(rss_kib(pid)[0] for pid in self.host_pids()) / 1024
+        return f"{len(self.clients)} client agents, RSS {rss:.0f} MiB in all"
+
+    def stop(self) -> None:
+        for proc in self.clients:
+            stop_process(proc)
+        super().stop()
+
+    def metrics(self, clients: bool = False) -> list[dict[str, float]]:
+        """The servers' metrics (or the client agents')."""
         url = "http://{}/v1/agent/metrics?format=prometheus"
-        return [prometheus(get(url.format(a)).decode()) for a in self.addresses()]
+        where = [f"{ip}:{self.port}" for ip in self.client_ips] if clients else self.addresses()
+        return [prometheus(get(url.format(a)).decode()) for a in where]
 
     def requests(self) -> dict[str, float]:
         """Consul 1.8 times every HTTP request as ``consul_http_<METHOD>_<path>`` (ids written
         as ``_``); its summary's ``_count`` is the number of requests. A blocking query counts
-        once, when it answers."""
+        once, when it answers. With client agents the hosts' requests reach the servers as the
+        agents' RPCs (``consul_client_rpc``, a blocking query counted when it is sent), and the
+        check passes stay on the agents: both are counted, apart."""
         totals: dict[str, float] = defaultdict(float)
         for values in self.metrics():
             for key, value in values.items():
                 name = key.split("{", 1)[0]
                 if name.startswith("consul_http_") and name.endswith("_count"):
                     totals[_consul_kind(name.removesuffix("_count"))] += value
+        if self.client_ips:
+            totals["RPC from the client agents"] = sum(
+                values.get("consul_client_rpc", 0.0) for values in self.metrics(clients=True)
+            )
         # The benchmark's own reads of the servers are not the fleet's.
         return {k: v for k, v in totals.items() if k not in _OWN_CONSUL_READS}
 
@@ -545,6 +629,7 @@ class Fleet:
     def grow(self, total: int, timeout: float) -> None:
         """Start hosts until there are ``total``, filling each process before the next."""
         pending: list[tuple[Worker, queue.Queue[dict[str, Any]]]] = []
+        self.cluster.prepare(total, timeout)
         while self.size < total:
             worker = self.workers[-1] if self.workers else None
             if worker is None or len(worker.hosts) >= self.per_process:
@@ -556,7 +641,11 @@ class Fleet:
                     )
             count = min(self.per_process - len(worker.hosts), total - self.size)
             first = self.size
-            pending.append((worker, worker.send({"op": "add", "first": first, "count": count})))
+            command: dict[str, Any] = {"op": "add", "first": first, "count": count}
+            own = {h: self.cluster.address_of(h) for h in range(first, first + count)}
+            if any(own.values()):
+                command["addresses"] = {str(h): a for h, a in own.items() if a}
+            pending.append((worker, worker.send(command)))
             for host in range(first, first + count):
                 worker.hosts.append(host)
                 self.owner[host] = worker
@@ -590,7 +679,10 @@ class Fleet:
     # -- measuring
 
     def pids(self) -> list[int]:
-        return [w.proc.pid for w in self.workers if w.proc.poll() is None]
+        """The agent processes, and the processes a real host runs beside its agent."""
+        return [w.proc.pid for w in self.workers if w.proc.poll() is None] + [
+            *self.cluster.host_pids()
+        ]
 
     def cpu(self) -> float:
         return sum(cpu_seconds(pid) for pid in self.pids())
@@ -969,7 +1061,9 @@ def run_registry(
     if kind == "etcd":
         cluster = EtcdCluster(folder, args.etcd_port)
     else:
-        cluster = ConsulCluster(folder, args.consul_port)
+        cluster = ConsulCluster(
+            folder, args.consul_port, hosts_per_agent=args.consul_hosts_per_agent
+        )
     rng = random.Random(args.seed)
     steps: list[Step] = []
     fleet: Fleet | None = None
@@ -1027,6 +1121,12 @@ def main() -> int:
     p.add_argument("--consul-port", type=int, default=23710, help="Consul's first port (23710)")
     p.add_argument("--seed", type=int, default=10, help="seed of the random origin hosts")
     p.add_argument(
+        "--consul-hosts-per-agent",
+        type=int,
+        default=5,
+        help="a Consul client agent for every N hosts (5); 0: every host uses a server",
+    )
+    p.add_argument(
         "--set",
         action="append",
         default=[],
@@ -1048,6 +1148,7 @@ def main() -> int:
         "hosts": sizes, "registries": kinds, "hosts_per_process": args.hosts_per_process,
         "containers_per_host": args.containers, "services": args.services,
         "idle_s": args.idle, "runs": runs_of(args), "sets": args.sets,
+        "consul_hosts_per_agent": args.consul_hosts_per_agent,
         "consul_version": _first_line(["consul", "version"]),
     }  # fmt: skip
     report = Report("fleet", params)

@@ -236,6 +236,7 @@ def main() -> int:
     ``"ev": "reply"`` and the same ``"id"``::
 
         {"op": "add", "first": 0, "count": 25}     start hosts first .. first+count-1
+        (optionally "addresses": {"7": "127.2.0.2:23710"}: a host's own Consul agent)
         {"op": "status"}                            ready, hosts, per-host instance counts
         {"op": "expect", "marker": M, "present": true}
         {"op": "start", "host": 7, "marker": M}     a container whose id starts with M starts
@@ -315,7 +316,7 @@ def main() -> int:
     def host_ip(index: int) -> str:
         return f"127.1.{index // 250}.{index % 250 + 1}"
 
-    def build(index: int) -> Agent:
+    def build(index: int, own: str | None = None) -> Agent:
         host_id = f"h{index:05d}"
         observer = Observer(index, board, time.monotonic)
         manager = get_plugin_manager([*extra, ("fleet-observer", observer)])
@@ -325,8 +326,9 @@ def main() -> int:
             shift = index % len(addresses)
             where = f"etcd.endpoints={','.join(addresses[shift:] + addresses[:shift])}"
         else:
-            # Consul: a host registers with, and reads from, one agent: here one of the servers.
-            where = f"consul.address={addresses[index % len(addresses)]}"
+            # Consul: a host registers with, and reads from, one agent: its client agent if
+            # the benchmark runs them, else one of the servers.
+            where = f"consul.address={own or addresses[index % len(addresses)]}"
         flags = {
             "source": NAME,
             "registry": args.registry,
@@ -362,9 +364,9 @@ def main() -> int:
         sources[index] = source
         return agent
 
-    def add(first: int, count: int) -> None:
+    def add(first: int, count: int, own: dict[str, str]) -> None:
         for index in range(first, first + count):
-            agent = build(index)
+            agent = build(index, own.get(str(index)))
             agent.start()
             agents[index] = agent
 
@@ -398,7 +400,7 @@ def main() -> int:
             op = command.get("op")
             reply: dict[str, object] = {"ev": "reply", "id": command.get("id")}
             if op == "add":
-                add(int(command["first"]), int(command["count"]))
+                add(int(command["first"]), int(command["count"]), command.get("addresses", {}))
                 reply["hosts"] = len(agents)
             elif op == "status":
                 reply.update(
