@@ -167,7 +167,9 @@ class Registry(ABC):
         services that changed since the last full read (see ``Notify``), so that a change in a
         registry of 10,000 instances costs a few keys, not a full read. Return ``None`` (the
         default) when the registry cannot read a subset: the core then calls ``snapshot``.
-        Raise ``Unavailable`` on error. Must keep no state between calls."""
+        Raise ``Unavailable`` on error. Keep no state between calls, except what the
+        registry's own watch delivered: an answer may come from it (etcd's does) provided it
+        holds every change that watch has notified."""
         return None
 
     @abstractmethod

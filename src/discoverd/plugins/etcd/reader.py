@@ -1,9 +1,18 @@
 """The discover side of the etcd registry: consistent reads of the catalog, and the watch.
 
-Nothing read is kept between calls: ``snapshot`` reads the prefixes (instances, metadata, claims
-by service), ``read_services`` the directories of the services it is given, each at one
-revision, and ``watch`` names the services its events touched so the core knows what to read
-again. The only state here is the set of open watch streams, so that ``close`` can abort them.
+``snapshot`` reads the prefixes (instances, metadata, claims by service) at one revision, and
+``watch`` names the services its events touched so the core knows what to read again.
+
+**The mirror.** A watch event carries the key, its value and its revision: what a read of the
+changed service would fetch again. So the last snapshot becomes a mirror of the three prefixes
+when a watch starts from its revision, every event the watch delivers is applied to it, and
+``read_services`` answers from it without a request, as long as the mirror is known to hold
+every event since (a watch running, started within what the mirror holds). It reads the
+directories from etcd instead (one linearizable transaction, as before the mirror) when there
+is no such watch, and when an instance key and its metadata key disagree in a service asked
+for: the two are written in one transaction, but their events come in two messages (one per
+watched range), and the core may ask between them. An entry written without metadata (the
+seed's writers) is read from etcd every time, as before.
 """
 
 from __future__ import annotations
@@ -57,6 +66,59 @@ READ_ATTEMPTS = 3
 
 
 @dataclass
+class _Mirror:
+    """The three watched prefixes as the watch has delivered them: for each range (instances,
+    metadata, claims), ``service -> key -> (value, create revision)``, and the first revision
+    not applied yet on that range."""
+
+    kinds: tuple[dict[str, dict[bytes, tuple[bytes, int]]], ...]
+    next: list[int]
+
+    @classmethod
+    def build(
+        cls, scheme: KeyScheme, revision: int, ranges: list[list[tuple[bytes, bytes, int]]]
+    ) -> _Mirror:
+        kinds: list[dict[str, dict[bytes, tuple[bytes, int]]]] = []
+        for found in ranges:
+            kind: dict[str, dict[bytes, tuple[bytes, int]]] = {}
+            for key, value, created in found:
+                service = scheme.service_of(key)
+                if service is not None:
+                    kind.setdefault(service, {})[key] = (value, created)
+            kinds.append(kind)
+        return cls(tuple(kinds), [revision + 1] * len(kinds))
+
+    def apply(self, scheme: KeyScheme, index: int, events: list[Any]) -> None:
+        """Apply the events of one watch message on range ``index`` (those the mirror already
+        holds, a stream resumed from an earlier revision sends again, are skipped)."""
+        kind, first = self.kinds[index], self.next[index]
+        last = first - 1
+        for event in events:
+            kv = event.get("kv") or {}
+            revision = int(kv.get("mod_revision", 0) or 0)
+            if revision < first:
+                continue
+            last = max(last, revision)
+            key = unb64(kv.get("key", ""))
+            service = scheme.service_of(key)
+            if service is None:
+                continue  # the watch names no service for it: the core reads everything
+            if event.get("type") == "DELETE":
+                entries = kind.get(service)
+                if entries is not None:
+                    entries.pop(key, None)
+                    if not entries:
+                        del kind[service]
+            else:
+                created = int(kv.get("create_revision", 0) or 0)
+                kind.setdefault(service, {})[key] = (unb64(kv.get("value", "")), created)
+        self.next[index] = last + 1
+
+    def revision(self) -> int:
+        return max(self.next) - 1
+
+
+@dataclass
 class _Target:
     """One watched key range and the first revision not yet seen on it (0: from now)."""
 
@@ -90,6 +152,14 @@ class CatalogReader:
         self._lock = threading.Lock()
         self._streams: set[WatchStream] = set()
         self._closed = False
+        #: The mirror (see the module), the last snapshot waiting for a watch from its
+        #: revision to become one, and the ranges of the running watch (under ``_lock``).
+        self._mirror: _Mirror | None = None
+        self._pending: tuple[int, list[list[tuple[bytes, bytes, int]]]] | None = None
+        self._targets: dict[int, _Target] | None = None
+        #: ``read_services`` answered from the mirror, and from etcd (for tests and metrics).
+        self.mirror_reads = 0
+        self.etcd_reads = 0
 
     # ------------------------------------------------------------------------------------
     # Reads
@@ -116,7 +186,31 @@ class CatalogReader:
             holders = _holders(found[2])
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise PluginError(f"etcd: unexpected answer to the snapshot read ({exc!r})") from None
+        self._keep(revision, backend, meta, holders)
         return read_catalog(self.scheme, backend, meta, revision, holders)
+
+    def _keep(
+        self,
+        revision: int,
+        backend: list[tuple[bytes, bytes]],
+        meta: list[tuple[bytes, bytes]],
+        holders: list[Holder],
+    ) -> None:
+        """Keep a snapshot for the mirror: until a watch from its revision starts, or at once
+        when the running watch has no mirror and has delivered nothing after the snapshot."""
+        ranges = [
+            [(k, v, 0) for k, v in backend],
+            [(k, v, 0) for k, v in meta],
+            [(h.key, h.value, h.create_revision) for h in holders],
+        ]
+        with self._lock:
+            targets = self._targets
+            if targets is None:
+                self._pending = (revision, ranges)
+            elif self._mirror is None and all(
+                0 < t.next_revision <= revision + 1 for t in targets.values()
+            ):
+                self._mirror = _Mirror.build(self.scheme, revision, ranges)
 
     def _read_together(
         self, what: str, one: list[tuple[bytes, bytes]], other: list[tuple[bytes, bytes]]
@@ -147,6 +241,11 @@ class CatalogReader:
         each) ask for. ``claims`` are those of ``names``."""
         # A name that is not one path segment names no service directory: nothing to read.
         services = sorted({name for name in names if name and "/" not in name})
+        mirrored = self._from_mirror(services)
+        if mirrored is not None:
+            self.mirror_reads += 1
+            return mirrored
+        self.etcd_reads += 1
         for attempt in range(1, READ_ATTEMPTS + 1):
             try:
                 return self._read_services(services)
@@ -155,6 +254,32 @@ class CatalogReader:
                     raise
                 log.debug("etcd: revision compacted between two reads; reading again")
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _from_mirror(self, services: list[str]) -> Catalog | None:
+        """``services`` from the mirror, or ``None`` when it cannot answer (see the module)."""
+        backend: list[tuple[bytes, bytes]] = []
+        meta: list[tuple[bytes, bytes]] = []
+        holders: list[Holder] = []
+        with self._lock:
+            mirror = self._mirror
+            if mirror is None or self._targets is None:
+                return None
+            plain_kind, meta_kind, holder_kind = mirror.kinds
+            for service in services:
+                plain = plain_kind.get(service, {})
+                described = meta_kind.get(service, {})
+                if _instance_names(self.scheme.prefix, service, plain) != _instance_names(
+                    self.scheme.meta_prefix, service, described
+                ):
+                    return None
+                backend.extend((k, v) for k, (v, _) in plain.items())
+                meta.extend((k, v) for k, (v, _) in described.items())
+                holders.extend(
+                    Holder(k, v, c) for k, (v, c) in holder_kind.get(service, {}).items()
+                )
+            revision = mirror.revision()
+        holders.sort(key=lambda holder: holder.key)
+        return read_catalog(self.scheme, sorted(backend), sorted(meta), revision, holders)
 
     def _read_services(self, services: list[str]) -> Catalog:
         backend: list[tuple[bytes, bytes]] = []
@@ -208,6 +333,20 @@ class CatalogReader:
             n: _Target(n, start, end, first)
             for n, (start, end) in enumerate(self.scheme.ranges(), start=1)
         }
+        with self._lock:
+            pending, self._pending = self._pending, None
+            if pending is not None and first == pending[0] + 1:
+                self._mirror = _Mirror.build(self.scheme, *pending)
+            elif self._mirror is None or not 0 < first <= min(self._mirror.next):
+                self._mirror = None  # it may lack what happened before the watch's start
+            self._targets = targets
+        try:
+            self._watch(targets, notify, stop)
+        finally:
+            with self._lock:
+                self._targets = None
+
+    def _watch(self, targets: dict[int, _Target], notify: Notify, stop: threading.Event) -> None:
         reauthenticated = False
         quick_breaks = 0
         while not stop.is_set() and not self._closed:
@@ -289,6 +428,7 @@ class CatalogReader:
                     # Changes between the start revision and the compaction are lost: the
                     # core must read everything again.
                     log.info("etcd: watch start revision compacted (now %d); re-listing", compacted)
+                    self._drop_mirror()
                     notify("etcd watch compacted")
                     return False
                 if reason:
@@ -308,6 +448,7 @@ class CatalogReader:
                     # The store's revision went back (a new or restored cluster): what we had is
                     # meaningless here. Re-list, and watch from now.
                     log.warning("etcd: revision went back to %d; re-listing", revision)
+                    self._drop_mirror()
                     notify("etcd revision reset")
                     for each in targets.values():
                         each.next_revision = revision + 1
@@ -316,17 +457,28 @@ class CatalogReader:
             events = result.get("events") or []
             if events:
                 last = max(int(e.get("kv", {}).get("mod_revision", 0) or 0) for e in events)
-                target.next_revision = max(target.next_revision, last + 1)
+                with self._lock:
+                    target.next_revision = max(target.next_revision, last + 1)
+                    if self._mirror is not None:
+                        self._mirror.apply(self.scheme, target.watch_id - 1, events)
                 services = self._services_of(events)
                 if services is None:
                     notify("etcd watch")
                 else:
                     notify("etcd watch", services=services)
             elif revision:  # a progress notification: everything up to it was delivered
-                target.next_revision = max(target.next_revision, revision + 1)
+                with self._lock:
+                    target.next_revision = max(target.next_revision, revision + 1)
+                    if self._mirror is not None:
+                        index = target.watch_id - 1
+                        self._mirror.next[index] = max(self._mirror.next[index], revision + 1)
         if stream.aborted or stop.is_set():
             return False
         raise StreamBroken("the stream ended")
+
+    def _drop_mirror(self) -> None:
+        with self._lock:
+            self._mirror = None
 
     def _lagging(self, stream: WatchStream, seen: int) -> bool:
         """Whether the member of ``stream``, whose store is behind revision ``seen`` that we
@@ -422,6 +574,13 @@ class CatalogReader:
                 return None
             services.add(service)
         return frozenset(services)
+
+
+def _instance_names(prefix: str, service: str, entries: Mapping[bytes, Any]) -> set[bytes]:
+    """The instance ids among the keys ``<prefix>/<service>/<id>`` of ``entries`` (the
+    service-level ``port`` key of the seed's layout is not an instance)."""
+    head = f"{prefix}/{service}/".encode()
+    return {key[len(head) :] for key in entries if key.startswith(head)} - {b"port"}
 
 
 def _responses(reply: Mapping[str, Any]) -> list[Any]:
