@@ -65,6 +65,10 @@ SERVICES_PER_READ = 42
 READ_ATTEMPTS = 3
 
 
+#: A snapshot as read: its revision, the instance and metadata keys, the claims.
+_Snapshot = tuple[int, list[tuple[bytes, bytes]], list[tuple[bytes, bytes]], list[Holder]]
+
+
 @dataclass
 class _Mirror:
     """The three watched prefixes as the watch has delivered them: for each range (instances,
@@ -75,9 +79,13 @@ class _Mirror:
     next: list[int]
 
     @classmethod
-    def build(
-        cls, scheme: KeyScheme, revision: int, ranges: list[list[tuple[bytes, bytes, int]]]
-    ) -> _Mirror:
+    def build(cls, scheme: KeyScheme, snapshot: _Snapshot) -> _Mirror:
+        revision, backend, meta, holders = snapshot
+        ranges = [
+            ((k, v, 0) for k, v in backend),
+            ((k, v, 0) for k, v in meta),
+            ((h.key, h.value, h.create_revision) for h in holders),
+        ]
         kinds: list[dict[str, dict[bytes, tuple[bytes, int]]]] = []
         for found in ranges:
             kind: dict[str, dict[bytes, tuple[bytes, int]]] = {}
@@ -155,7 +163,7 @@ class CatalogReader:
         #: The mirror (see the module), the last snapshot waiting for a watch from its
         #: revision to become one, and the ranges of the running watch (under ``_lock``).
         self._mirror: _Mirror | None = None
-        self._pending: tuple[int, list[list[tuple[bytes, bytes, int]]]] | None = None
+        self._pending: _Snapshot | None = None
         self._targets: dict[int, _Target] | None = None
         #: ``read_services`` answered from the mirror, and from etcd (for tests and metrics).
         self.mirror_reads = 0
@@ -196,21 +204,17 @@ class CatalogReader:
         meta: list[tuple[bytes, bytes]],
         holders: list[Holder],
     ) -> None:
-        """Keep a snapshot for the mirror: until a watch from its revision starts, or at once
-        when the running watch has no mirror and has delivered nothing after the snapshot."""
-        ranges = [
-            [(k, v, 0) for k, v in backend],
-            [(k, v, 0) for k, v in meta],
-            [(h.key, h.value, h.create_revision) for h in holders],
-        ]
+        """Keep a snapshot for the mirror: until a watch from its revision starts (which
+        builds the mirror on its own thread), or at once when the running watch has no mirror
+        and has delivered nothing after the snapshot."""
         with self._lock:
             targets = self._targets
             if targets is None:
-                self._pending = (revision, ranges)
+                self._pending = (revision, backend, meta, holders)
             elif self._mirror is None and all(
                 0 < t.next_revision <= revision + 1 for t in targets.values()
             ):
-                self._mirror = _Mirror.build(self.scheme, revision, ranges)
+                self._mirror = _Mirror.build(self.scheme, (revision, backend, meta, holders))
 
     def _read_together(
         self, what: str, one: list[tuple[bytes, bytes]], other: list[tuple[bytes, bytes]]
@@ -336,7 +340,7 @@ class CatalogReader:
         with self._lock:
             pending, self._pending = self._pending, None
             if pending is not None and first == pending[0] + 1:
-                self._mirror = _Mirror.build(self.scheme, *pending)
+                self._mirror = _Mirror.build(self.scheme, pending)
             elif self._mirror is None or not 0 < first <= min(self._mirror.next):
                 self._mirror = None  # it may lack what happened before the watch's start
             self._targets = targets
