@@ -69,34 +69,40 @@ READ_ATTEMPTS = 3
 _Snapshot = tuple[int, list[tuple[bytes, bytes]], list[tuple[bytes, bytes]], list[Holder]]
 
 
-@dataclass
 class _Mirror:
     """The three watched prefixes as the watch has delivered them: for each range (instances,
     metadata, claims), ``service -> key -> (value, create revision)``, and the first revision
-    not applied yet on that range."""
+    not applied yet on that range. Built from a snapshot at its first use (an event or a
+    read), not when the watch starts: a cold start of 10,000 instances does not pay for it."""
 
-    kinds: tuple[dict[str, dict[bytes, tuple[bytes, int]]], ...]
-    next: list[int]
+    def __init__(self, scheme: KeyScheme, snapshot: _Snapshot) -> None:
+        self.scheme = scheme
+        self._source: _Snapshot | None = snapshot
+        self._kinds: tuple[dict[str, dict[bytes, tuple[bytes, int]]], ...] = ()
+        self.next = [snapshot[0] + 1] * 3
 
-    @classmethod
-    def build(cls, scheme: KeyScheme, snapshot: _Snapshot) -> _Mirror:
-        revision, backend, meta, holders = snapshot
-        ranges = [
-            ((k, v, 0) for k, v in backend),
-            ((k, v, 0) for k, v in meta),
-            ((h.key, h.value, h.create_revision) for h in holders),
-        ]
-        kinds: list[dict[str, dict[bytes, tuple[bytes, int]]]] = []
-        for found in ranges:
-            kind: dict[str, dict[bytes, tuple[bytes, int]]] = {}
-            for key, value, created in found:
-                service = scheme.service_of(key)
-                if service is not None:
-                    kind.setdefault(service, {})[key] = (value, created)
-            kinds.append(kind)
-        return cls(tuple(kinds), [revision + 1] * len(kinds))
+    @property
+    def kinds(self) -> tuple[dict[str, dict[bytes, tuple[bytes, int]]], ...]:
+        if self._source is not None:
+            _, backend, meta, holders = self._source
+            self._source = None
+            ranges = [
+                ((k, v, 0) for k, v in backend),
+                ((k, v, 0) for k, v in meta),
+                ((h.key, h.value, h.create_revision) for h in holders),
+            ]
+            kinds: list[dict[str, dict[bytes, tuple[bytes, int]]]] = []
+            for found in ranges:
+                kind: dict[str, dict[bytes, tuple[bytes, int]]] = {}
+                for key, value, created in found:
+                    service = self.scheme.service_of(key)
+                    if service is not None:
+                        kind.setdefault(service, {})[key] = (value, created)
+                kinds.append(kind)
+            self._kinds = tuple(kinds)
+        return self._kinds
 
-    def apply(self, scheme: KeyScheme, index: int, events: list[Any]) -> None:
+    def apply(self, index: int, events: list[Any]) -> None:
         """Apply the events of one watch message on range ``index`` (those the mirror already
         holds, a stream resumed from an earlier revision sends again, are skipped)."""
         kind, first = self.kinds[index], self.next[index]
@@ -108,7 +114,7 @@ class _Mirror:
                 continue
             last = max(last, revision)
             key = unb64(kv.get("key", ""))
-            service = scheme.service_of(key)
+            service = self.scheme.service_of(key)
             if service is None:
                 continue  # the watch names no service for it: the core reads everything
             if event.get("type") == "DELETE":
@@ -204,9 +210,8 @@ class CatalogReader:
         meta: list[tuple[bytes, bytes]],
         holders: list[Holder],
     ) -> None:
-        """Keep a snapshot for the mirror: until a watch from its revision starts (which
-        builds the mirror on its own thread), or at once when the running watch has no mirror
-        and has delivered nothing after the snapshot."""
+        """Keep a snapshot for the mirror: until a watch from its revision starts, or at once
+        when the running watch has no mirror and has delivered nothing after the snapshot."""
         with self._lock:
             targets = self._targets
             if targets is None:
@@ -214,7 +219,7 @@ class CatalogReader:
             elif self._mirror is None and all(
                 0 < t.next_revision <= revision + 1 for t in targets.values()
             ):
-                self._mirror = _Mirror.build(self.scheme, (revision, backend, meta, holders))
+                self._mirror = _Mirror(self.scheme, (revision, backend, meta, holders))
 
     def _read_together(
         self, what: str, one: list[tuple[bytes, bytes]], other: list[tuple[bytes, bytes]]
@@ -340,7 +345,7 @@ class CatalogReader:
         with self._lock:
             pending, self._pending = self._pending, None
             if pending is not None and first == pending[0] + 1:
-                self._mirror = _Mirror.build(self.scheme, pending)
+                self._mirror = _Mirror(self.scheme, pending)
             elif self._mirror is None or not 0 < first <= min(self._mirror.next):
                 self._mirror = None  # it may lack what happened before the watch's start
             self._targets = targets
@@ -464,7 +469,7 @@ class CatalogReader:
                 with self._lock:
                     target.next_revision = max(target.next_revision, last + 1)
                     if self._mirror is not None:
-                        self._mirror.apply(self.scheme, target.watch_id - 1, events)
+                        self._mirror.apply(target.watch_id - 1, events)
                 services = self._services_of(events)
                 if services is None:
                     notify("etcd watch")
