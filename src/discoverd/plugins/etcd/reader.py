@@ -245,9 +245,10 @@ class CatalogReader:
         return mine, theirs
 
     def read_services(self, names: Collection[str]) -> Catalog:
-        """The directories of ``names`` under both prefixes and their claims, read at one
-        revision: the first read's, which the following reads (``SERVICES_PER_READ`` services
-        each) ask for. ``claims`` are those of ``names``."""
+        """The directories of ``names`` under both prefixes and their claims: from the
+        mirror when it can answer (see the module), else read from etcd at one revision, the
+        first read's, which the following reads (``SERVICES_PER_READ`` services each) ask
+        for. ``claims`` are those of ``names``."""
         # A name that is not one path segment names no service directory: nothing to read.
         services = sorted({name for name in names if name and "/" not in name})
         mirrored = self._from_mirror(services)
