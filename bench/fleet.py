@@ -688,7 +688,9 @@ class Fleet:
         return sum(cpu_seconds(pid) for pid in self.pids())
 
     def rss_mib(self) -> float:
-        return sum(rss_kib(pid)[0] for pid in self.pids()) / 1024
+        """The agent processes' RSS (client agents' is in the cluster's note)."""
+        live = [w.proc.pid for w in self.workers if w.proc.poll() is None]
+        return sum(rss_kib(pid)[0] for pid in live) / 1024
 
     def counters(self) -> tuple[Counter[str], Counter[str]]:
         """The agents' HTTP requests so far, and the bytes of their answers, by kind."""
