@@ -659,12 +659,100 @@ def test_read_services_answers_from_the_watch_without_reading_etcd(
     assert reader.reader.etcd_reads == 0
 
     # An entry without metadata (the seed's docker-register): the mirror cannot tell it from
-    # a registration whose metadata is still on its way, so etcd is read, as before.
+    # a registration whose metadata is still on its way; after a short wait for that, etcd is
+    # read, as before. The same entry is not waited for again.
     count = len(runner.reasons)
     raw_client(etcd).put("/backends/whoami/seedy", "10.0.0.9:80")
     runner.wait_for_notifications(count + 1)
     assert "seedy" in {i.id for i in reader.read_services(["whoami"]).instances}
     assert reader.reader.etcd_reads == 1
+    assert (reader.reader.companion_waits, reader.reader.companion_timeouts) == (1, 1)
+    assert "seedy" in {i.id for i in reader.read_services(["whoami"]).instances}
+    assert reader.reader.etcd_reads == 2
+    assert (reader.reader.companion_waits, reader.reader.companion_timeouts) == (1, 1)
+
+
+class HoldingRunner(WatchRunner):
+    """A watch that, once armed, holds its thread in the next notification until released:
+    the mirror then has that message and not the ones after it."""
+
+    def __init__(self, registry: EtcdRegistry, since: int) -> None:
+        self.armed = threading.Event()
+        self.held = threading.Event()
+        self.release = threading.Event()
+        super().__init__(registry, since)
+
+    def notify(self, reason: str, services: Collection[str] | None = None) -> None:
+        super().notify(reason, services)
+        if self.armed.is_set():
+            self.armed.clear()
+            self.held.set()
+            self.release.wait(10)
+
+    def arm(self) -> None:
+        self.held.clear()
+        self.release.clear()
+        self.armed.set()
+
+
+def test_a_read_between_a_registrations_two_messages_waits_for_the_second(
+    registries: Callable[..., EtcdRegistry],
+) -> None:
+    writer, reader = registries(host_id="host1"), registries()
+    # The host serves the service already: the changes below are an instance key and its
+    # metadata key each (no claim), in one transaction and two watch messages.
+    first = instance(host_id="host1")
+    writer.register(first)
+    runner = HoldingRunner(reader, reader.snapshot().revision)
+    try:
+        wait_for(lambda: reader.reader._targets is not None, 5, what="the watch")
+        reader.reader.companion_wait = 10.0
+        runner.arm()
+        second = instance(iid="host1:ba9876543210:8000:tcp", port=32769, host_id="host1",
+                          meta=(("mode", "http"),))  # fmt: skip
+        writer.register(second)  # the watch stops after the first of its two messages
+        runner.held.wait(10)
+        found: list[Any] = []
+        read = threading.Thread(target=lambda: found.append(reader.read_services(["whoami"])))
+        read.start()
+        wait_for(lambda: reader.reader.companion_waits == 1, 5, what="the read to wait")
+        assert reader.reader.etcd_reads == 0 and read.is_alive()
+        runner.release.set()  # the second message comes: the read answers from the mirror
+        read.join(10)
+        modes = {i.id: dict(i.meta).get("mode") for i in found[0].instances}
+        assert modes == {first.id: None, second.id: "http"}
+        assert (reader.reader.mirror_reads, reader.reader.etcd_reads) == (1, 0)
+        assert reader.reader.companion_timeouts == 0
+        runner.wait_for_notifications(2)  # none held from now
+
+        # Control: without the wait, the same read between the two messages goes to etcd.
+        reader.reader.companion_wait = 0.0
+        runner.arm()
+        third = instance(iid="host1:cccccccccccc:8000:tcp", port=32770, host_id="host1")
+        writer.register(third)
+        runner.held.wait(10)
+        answer = reader.read_services(["whoami"])
+        runner.release.set()
+        assert {i.id for i in answer.instances} == {first.id, second.id, third.id}
+        assert (reader.reader.mirror_reads, reader.reader.etcd_reads) == (1, 1)
+        assert reader.reader.companion_timeouts == 1
+        runner.wait_for_notifications(4)
+
+        # A removal's two messages: the same wait.
+        reader.reader.companion_wait = 10.0
+        runner.arm()
+        writer.deregister(second)
+        runner.held.wait(10)
+        read = threading.Thread(target=lambda: found.append(reader.read_services(["whoami"])))
+        read.start()
+        wait_for(lambda: reader.reader.companion_waits == 3, 5, what="the read to wait")
+        runner.release.set()
+        read.join(10)
+        assert {i.id for i in found[-1].instances} == {first.id, third.id}
+        assert (reader.reader.mirror_reads, reader.reader.etcd_reads) == (2, 1)
+    finally:
+        runner.release.set()
+        runner.finish()
 
 
 def test_read_services_reads_etcd_without_a_watch_from_the_last_snapshot(
