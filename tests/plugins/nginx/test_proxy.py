@@ -184,6 +184,12 @@ def test_plugin_is_registered_through_its_entry_point_with_its_options() -> None
     ):
         assert key in names
     defaults = {o.name: o.default for o in plugin.options}
+    assert defaults["balance"] == "leastconn"
+    assert {o.name: o.choices for o in plugin.options}["balance"] == (
+        "leastconn",
+        "roundrobin",
+        "random",
+    )
     assert defaults["status_port"] == 1937
     assert defaults["bind"] == ""
     assert defaults["reload_interval"] == 1.0
@@ -213,6 +219,7 @@ def test_plugin_is_registered_through_its_entry_point_with_its_options() -> None
         ({"binary": ""}, "binary"),
         ({"template_dir": "/nonexistent/templates"}, "template_dir"),
         ({"colour": "blue"}, "colour"),
+        ({"balance": "ip_hash"}, "balance"),
     ],
 )
 def test_bad_options_are_refused_naming_the_key(options: dict[str, object], key: str) -> None:
@@ -461,6 +468,40 @@ def test_apply_starts_nginx_and_serves_http_tcp_and_an_empty_service(
     for name in ("nginx.pid", "error.log", "tmp/proxy", "tmp/client_body", "status"):
         assert (proxy.dir / name).exists(), name
     assert proxy.dir.stat().st_mode & 0o777 == 0o711
+
+
+@pytest.mark.parametrize("balance", ["leastconn", "roundrobin", "random"])
+def test_balance_leastconn_passes_a_server_busy_with_a_request(
+    balance: str, make_nginx: MakeNginx, backends: Backends, echoes: Echoes
+) -> None:
+    """With the default, new requests go to the server without one in progress; with
+    roundrobin each server gets its turn; random is accepted by nginx (one worker: each
+    worker counts its own connections)."""
+    proxy = make_nginx(balance=balance, worker_processes="1")
+    a, b = backends("a"), backends("b")
+    e = echoes("e")
+    web, raw = free_port(), free_port()
+    services = [http_service("web", web, a, b), http_service("raw", raw, e, mode="tcp")]
+    assert apply(proxy, services) == "started"
+    config = proxy.config_file.read_text()
+    expected = {"leastconn": "least_conn;", "roundrobin": "", "random": "random two least_conn;"}
+    lines = [line.strip() for line in config.splitlines()]
+    if expected[balance]:
+        assert lines.count(expected[balance]) == 2  # in the http and the stream upstream
+    assert config.count("least_conn;") == (0 if balance == "roundrobin" else 2)
+    assert echo_once(raw, b"ping") == b"e:ping"
+    if balance == "random":
+        return
+    slow = threading.Thread(target=http_get, args=(f"http://127.0.0.1:{web}/slow?2", 30))
+    slow.start()
+    wait_for(lambda: a.slow_started.is_set() or b.slow_started.is_set(), 10, what="the slow one")
+    free = b if a.slow_started.is_set() else a
+    seen = {http_get(f"http://127.0.0.1:{web}/") for _ in range(6)}
+    if balance == "leastconn":
+        assert seen == {f"I am {free.name}\n"}
+    else:
+        assert seen == {"I am a\n", "I am b\n"}
+    slow.join(10)
 
 
 def test_the_status_page_answers_on_loopback(make_nginx: MakeNginx, backends: Backends) -> None:

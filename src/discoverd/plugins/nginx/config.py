@@ -8,6 +8,7 @@ import os
 import re
 import resource
 from dataclasses import dataclass
+from typing import Literal
 
 from discoverd import option, validators
 
@@ -82,6 +83,12 @@ class NginxConfig:
         "Unix user (and group: 'user group') nginx's workers run as when discoverd runs as "
         "root; empty: nginx's own default (nobody). Ignored when not root.",
         check=_user_and_group,
+    )
+    balance: Literal["leastconn", "roundrobin", "random"] = option(
+        "leastconn",
+        "How an upstream picks a server: leastconn, the one with the fewest active connections "
+        "(a server slow to accept gets fewer new ones); roundrobin, each in turn; random, the "
+        "less loaded of two drawn at random. Each worker counts its own connections.",
     )
     max_fails: int = option(
         1, "Failed attempts before a server is skipped (0: never skipped).", min=0, max=1000
