@@ -184,10 +184,10 @@ def test_plugin_is_registered_through_its_entry_point_with_its_options() -> None
     ):
         assert key in names
     defaults = {o.name: o.default for o in plugin.options}
-    assert defaults["balance"] == "leastconn"
+    assert defaults["balance"] == "roundrobin"
     assert {o.name: o.choices for o in plugin.options}["balance"] == (
-        "leastconn",
         "roundrobin",
+        "leastconn",
         "random",
     )
     assert defaults["status_port"] == 1937
@@ -474,9 +474,9 @@ def test_apply_starts_nginx_and_serves_http_tcp_and_an_empty_service(
 def test_balance_leastconn_passes_a_server_busy_with_a_request(
     balance: str, make_nginx: MakeNginx, backends: Backends, echoes: Echoes
 ) -> None:
-    """With the default, new requests go to the server without one in progress; with
-    roundrobin each server gets its turn; random is accepted by nginx (one worker: each
-    worker counts its own connections)."""
+    """With leastconn, new requests go to the server without one in progress; with
+    roundrobin (the default) each server gets its turn; random is accepted by nginx (one
+    worker: each worker counts its own connections)."""
     proxy = make_nginx(balance=balance, worker_processes="1")
     a, b = backends("a"), backends("b")
     e = echoes("e")

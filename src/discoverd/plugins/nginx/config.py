@@ -84,11 +84,12 @@ class NginxConfig:
         "root; empty: nginx's own default (nobody). Ignored when not root.",
         check=_user_and_group,
     )
-    balance: Literal["leastconn", "roundrobin", "random"] = option(
-        "leastconn",
-        "How an upstream picks a server: leastconn, the one with the fewest active connections "
-        "(a server slow to accept gets fewer new ones); roundrobin, each in turn; random, the "
-        "less loaded of two drawn at random. Each worker counts its own connections.",
+    balance: Literal["roundrobin", "leastconn", "random"] = option(
+        "roundrobin",
+        "How an upstream picks a server: roundrobin, each in turn; leastconn, the one with the "
+        "fewest active connections (fewer held requests, but a dying server draws more: see "
+        "docs/nginx.md); random, the less loaded of two drawn at random. Each worker counts "
+        "its own connections.",
     )
     max_fails: int = option(
         1, "Failed attempts before a server is skipped (0: never skipped).", min=0, max=1000
