@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from discoverd import PluginError, ProxyConfigError, Service, ServiceInstance
-from discoverd.core.discover import DiscoverRole
+from discoverd.core.discover import DiscoverRole, ServedTexts, read_served, write_served
 from discoverd.core.holding import Holds
 from tests.core.test_agent import FakeProxy, FakeRegistry, eventually
 
@@ -262,3 +262,25 @@ def test_the_last_served_set_is_kept_even_when_changes_come_quickly(tmp_path: Pa
         eventually(lambda: served.exists() and "30003" in served.read_text(), timeout=6)
     finally:
         role.stop()  # not shutdown(): as if killed, nothing written on the way out
+
+
+def test_the_served_file_reuses_the_text_of_unchanged_services(tmp_path: Path) -> None:
+    """A write with the last write's texts encodes only the services that changed, and the
+    file reads back the same as a write from scratch."""
+    path, fresh = tmp_path / "served.json", tmp_path / "fresh.json"
+    web = Service("web", 8000, instances=(inst("web", 1), inst("web", 2)))
+    api = Service("api", 8001, instances=(inst("api", 3, 8001),))
+    empty = Service("nobody", 8002)
+    texts: ServedTexts = {}
+    write_served(path, [api, empty, web], texts)
+    assert set(texts) == {"api", "nobody", "web"} and texts["nobody"][1] == ""
+    api_text = texts["api"][1]
+    moved = Service("web", 8000, instances=(inst("web", 1), inst("web", 4)))
+    write_served(path, [api, empty, moved], texts)
+    assert texts["api"][1] is api_text  # not encoded again
+    assert "30004" in texts["web"][1] and "30002" not in texts["web"][1]
+    write_served(fresh, [api, empty, moved])
+    assert path.read_text() == fresh.read_text()
+    assert read_served(path) == {"api": (inst("api", 3, 8001),), "web": moved.instances}
+    write_served(path, [empty], texts)  # services gone are forgotten
+    assert set(texts) == {"nobody"} and read_served(path) == {}

@@ -102,6 +102,7 @@ class DiscoverRole(Role):
         self._served: dict[str, tuple[ServiceInstance, ...]] = read_served(served_file)
         self._served_written = -SERVED_WRITE_EVERY
         self._served_dirty = False
+        self._served_texts: ServedTexts = {}
         self._invalid: dict[str, tuple[Service, str]] = {}  # refused by validation, until changed
         #: Who this host is, for the address policy (loopback only from this host's own
         #: instances, unless every agent runs on one machine).
@@ -416,7 +417,7 @@ class DiscoverRole(Role):
             if wait <= 0:
                 self._served_written = now
                 self._served_dirty = False
-                write_served(self.served_file, services)
+                write_served(self.served_file, services, self._served_texts)
             else:  # at most one write per period, but the last state always gets written
                 self.waker.retry_in(wait, "keep the served set")
 
@@ -430,7 +431,7 @@ class DiscoverRole(Role):
             if self.local is not None:
                 self.local.close()
             if self.served_file is not None and self.services is not None:
-                write_served(self.served_file, self.services)
+                write_served(self.served_file, self.services, self._served_texts)
             self.proxy.close()
 
 
@@ -441,7 +442,43 @@ class DiscoverRole(Role):
 # held like any others instead of being removed by the first pass.
 
 
-def write_served(path: Path, services: Sequence[Service]) -> None:
+#: The served file's text of each service, kept between writes: ``name -> (instances, text)``.
+ServedTexts = dict[str, tuple[tuple[ServiceInstance, ...], str]]
+
+
+def write_served(path: Path, services: Sequence[Service], texts: ServedTexts | None = None) -> None:
+    """Write the instances of ``services`` to ``path`` (a JSON list). With ``texts``, a
+    service whose instances are those of the last write reuses that write's text (one
+    change among 10,000 instances encodes one service, not all of them); ``texts`` is
+    updated to this write."""
+    pieces: list[str] = []
+    kept: ServedTexts = {}
+    for service in services:
+        instances = service.instances
+        known = texts.get(service.name) if texts is not None else None
+        if known is not None and (known[0] is instances or known[0] == instances):
+            text = known[1]
+        else:
+            text = _served_text(instances)
+        kept[service.name] = (instances, text)
+        if text:
+            pieces.append(text)
+    if texts is not None:
+        texts.clear()
+        texts.update(kept)
+    text = "[" + ",".join(pieces) + "]"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, name = tempfile.mkstemp(prefix=".served.", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(name, path)
+    except OSError as exc:
+        log.warning("discover: cannot keep the served set in %s: %s", path, exc)
+
+
+def _served_text(instances: Sequence[ServiceInstance]) -> str:
+    """The items of ``instances`` in the served file, without the list's brackets."""
     document = [
         {
             "service": i.service,
@@ -454,19 +491,10 @@ def write_served(path: Path, services: Sequence[Service]) -> None:
             "meta": i.meta_dict,
             "host_id": i.host_id,
         }
-        for s in services
-        for i in s.instances
+        for i in instances
     ]
     # json.dumps, not json.dump: only the one-shot encoder is the C one (10x faster).
-    text = json.dumps(document, separators=(",", ":"))
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, name = tempfile.mkstemp(prefix=".served.", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(name, path)
-    except OSError as exc:
-        log.warning("discover: cannot keep the served set in %s: %s", path, exc)
+    return json.dumps(document, separators=(",", ":"))[1:-1]
 
 
 def read_served(path: Path | None) -> dict[str, tuple[ServiceInstance, ...]]:
