@@ -171,7 +171,7 @@ class HAProxy(ManagedProxy[ProcStatus]):
         self._candidate: tuple[str, ConfigSplit] | None = None
         self._on_disk: tuple[bytes, ConfigSplit] | None = None
         self._udp_warned: set[str] = set()
-        self._bound: tuple[bytes, frozenset[int]] | None = None  # memo: bound_ports by content
+        self._bound: tuple[str, frozenset[int]] | None = None  # memo: bound_ports by structure
         self._swept = False  # leftover servers of an adopted HAProxy looked for
         #: Reloads this object did (fallbacks included), and changes applied at run time.
         self.reloads = 0
@@ -419,13 +419,16 @@ class HAProxy(ManagedProxy[ProcStatus]):
         return split
 
     def _running_ports(self) -> frozenset[int]:
-        """The ports of the configuration confirmed running (HAProxy binds them)."""
+        """The ports of the configuration confirmed running (HAProxy binds them), from the
+        structure of its split (the ``bind`` lines; a change of servers leaves it alone, so
+        the scan of a 10,000-server file is not repeated after every change)."""
         data = self.confirmed_config()
         if data is None:
             return frozenset()
+        structure = self._split_file(data).structure
         cached = self._bound
-        if cached is None or cached[0] != data:
-            cached = self._bound = (data, bound_ports(data))
+        if cached is None or cached[0] != structure:
+            cached = self._bound = (structure, bound_ports(structure.encode("utf-8")))
         return cached[1]
 
     def _needs_reload(self, config: str) -> bool:
