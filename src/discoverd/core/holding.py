@@ -115,14 +115,17 @@ class Holds:
                     self._released.add(key)
                     log.info("holding: %s %s not registered again in %gs; removed",
                              service, iid, self.hold)  # fmt: skip
-            was_served = {(name, i.id) for name, instances in served.items() for i in instances}
-            self._released = {
-                key for key in self._released
-                if key in was_served and key[1] not in present.get(key[0], ())
-            }  # fmt: skip
+            if self._released:
+                was_served = {(name, i.id) for name, each in served.items() for i in each}
+                self._released = {
+                    key for key in self._released
+                    if key in was_served and key[1] not in present.get(key[0], ())
+                }  # fmt: skip
             for service, instances in served.items():
-                had = {i.id: i for i in instances}
                 still = present.get(service, set())
+                if all(i.id in still for i in instances):
+                    continue  # the common case, every pass: nothing of it lost
+                had = {i.id: i for i in instances}
                 lost = [iid for iid in had if iid not in still]
                 fresh = [
                     iid
