@@ -512,7 +512,7 @@ class Worker:
             sys.executable, "-m", "bench.fleet_host",
             "--registry", fleet.cluster.kind,
             "--addresses", ",".join(fleet.cluster.addresses()),
-            "--work", str(fleet.work / "hosts"),
+            "--work", str(fleet.hosts_dir),
             "--containers", str(fleet.containers),
             "--services", str(fleet.services),
             "--log-level", fleet.log_level,
@@ -616,6 +616,8 @@ class Fleet:
         self.containers = int(args.containers)
         self.services = int(args.services)
         self.per_process = int(args.hosts_per_process)
+        #: The hosts' state directories: in the work folder, or below ``--hosts-dir``.
+        self.hosts_dir = Path(args.hosts_root) / cluster.kind if args.hosts_root else work / "hosts"
         self.log_level = str(args.log_level)
         self.sets = list(args.sets)
         self.workers: list[Worker] = []
@@ -1129,6 +1131,12 @@ def main() -> int:
         help="a Consul client agent for every N hosts (5); 0: every host uses a server",
     )
     p.add_argument(
+        "--hosts-dir",
+        default="",
+        help="folder for the hosts' state directories (default: the work folder); a tmpfs "
+        "such as /dev/shm takes out the queue of every host's durable writes on this one disk",
+    )
+    p.add_argument(
         "--set",
         action="append",
         default=[],
@@ -1153,8 +1161,15 @@ def main() -> int:
         "consul_hosts_per_agent": args.consul_hosts_per_agent,
         "consul_version": _first_line(["consul", "version"]),
     }  # fmt: skip
+    params["hosts_dir"] = "tmpfs" if args.hosts_dir else "work folder"
     report = Report("fleet", params)
-    with work_folder("discoverd-fleet-", args.keep) as work:
+    with contextlib.ExitStack() as stack:
+        work = stack.enter_context(work_folder("discoverd-fleet-", args.keep))
+        args.hosts_root = ""
+        if args.hosts_dir:
+            hosts = stack.enter_context(work_folder("discoverd-fleet-hosts-", args.keep,
+                                                    parent=args.hosts_dir))  # fmt: skip
+            args.hosts_root = str(hosts)
         counter = RequestCounter()
         counter.install()
         for kind in kinds:

@@ -244,9 +244,10 @@ def parser(doc: str | None, *, runs: int, quick_runs: int) -> argparse.ArgumentP
 
 
 @contextlib.contextmanager
-def work_folder(prefix: str, keep: bool) -> Iterator[Path]:
-    """A new folder for a benchmark's files and logs, removed at the end unless ``keep``."""
-    work = Path(tempfile.mkdtemp(prefix=prefix))
+def work_folder(prefix: str, keep: bool, parent: str | None = None) -> Iterator[Path]:
+    """A new folder for a benchmark's files and logs (in ``parent``, else the temporary
+    folder), removed at the end unless ``keep``."""
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     print(f"work folder: {work}", flush=True)
     try:
         yield work
