@@ -1161,7 +1161,7 @@ def main() -> int:
         "consul_hosts_per_agent": args.consul_hosts_per_agent,
         "consul_version": _first_line(["consul", "version"]),
     }  # fmt: skip
-    params["hosts_dir"] = "tmpfs" if args.hosts_dir else "work folder"
+    params["hosts_dir"] = args.hosts_dir or "the work folder"
     report = Report("fleet", params)
     with contextlib.ExitStack() as stack:
         work = stack.enter_context(work_folder("discoverd-fleet-", args.keep))
