@@ -46,7 +46,7 @@ from discoverd.plugins.etcd.gateway import (
     retry_elsewhere,
     unb64,
 )
-from discoverd.plugins.etcd.keys import Holder, KeyScheme, read_catalog
+from discoverd.plugins.etcd.keys import PORT_KEY, Holder, KeyScheme, read_catalog
 
 log = logging.getLogger("discoverd.etcd")
 
@@ -72,8 +72,23 @@ READ_ATTEMPTS = 3
 COMPANION_WAIT = 0.02
 
 
+_PORT_KEY = PORT_KEY.encode()
+
 #: A snapshot as read: its revision, the instance and metadata keys, the claims.
 _Snapshot = tuple[int, list[tuple[bytes, bytes]], list[tuple[bytes, bytes]], list[Holder]]
+
+
+@dataclass(frozen=True)
+class _Event:
+    """One watch event with its key decoded once, for the mirror and for the notification;
+    ``service`` is ``None`` for a key in no service directory (or one that cannot be read)."""
+
+    deleted: bool
+    revision: int
+    created: int
+    key: bytes
+    value: str  # base64, decoded when the mirror applies it
+    service: str | None
 
 
 class _Mirror:
@@ -111,30 +126,27 @@ class _Mirror:
             self._kinds = tuple(kinds)
         return self._kinds
 
-    def apply(self, index: int, events: list[Any]) -> None:
+    def apply(self, index: int, events: list[_Event]) -> None:
         """Apply the events of one watch message on range ``index`` (those the mirror already
         holds, a stream resumed from an earlier revision sends again, are skipped)."""
         kind, first = self.kinds[index], self.next[index]
         last = first - 1
         for event in events:
-            kv = event.get("kv") or {}
-            revision = int(kv.get("mod_revision", 0) or 0)
-            if revision < first:
+            if event.revision < first:
                 continue
-            last = max(last, revision)
-            key = unb64(kv.get("key", ""))
-            service = self.scheme.service_of(key)
+            last = max(last, event.revision)
+            service, key = event.service, event.key
             if service is None:
                 continue  # the watch names no service for it: the core reads everything
-            if event.get("type") == "DELETE":
+            if event.deleted:
                 entries = kind.get(service)
                 if entries is not None:
                     entries.pop(key, None)
                     if not entries:
                         del kind[service]
             else:
-                written = revision if index < 2 else int(kv.get("create_revision", 0) or 0)
-                kind.setdefault(service, {})[key] = (unb64(kv.get("value", "")), written)
+                written = event.revision if index < 2 else event.created
+                kind.setdefault(service, {})[key] = (unb64(event.value), written)
         self.next[index] = last + 1
 
     def revision(self) -> int:
@@ -527,15 +539,15 @@ class CatalogReader:
                         each.next_revision = revision + 1
                     return True
                 continue
-            events = result.get("events") or []
+            events = self._decode(result.get("events") or [])
             if events:
-                last = max(int(e.get("kv", {}).get("mod_revision", 0) or 0) for e in events)
+                last = max(event.revision for event in events)
                 with self._lock:
                     target.next_revision = max(target.next_revision, last + 1)
                     if self._mirror is not None:
                         self._mirror.apply(target.watch_id - 1, events)
                         self._changed.notify_all()
-                services = self._services_of(events)
+                services = _services_of(events)
                 if services is None:
                     notify("etcd watch")
                 else:
@@ -634,22 +646,41 @@ class CatalogReader:
         for stream in streams:
             stream.abort()
 
-    def _services_of(self, events: list[Any]) -> frozenset[str] | None:
-        """The services ``events`` touched; ``None`` when one of them belongs to no service
-        directory (the core then reads everything)."""
-        services: set[str] = set()
+    def _decode(self, events: list[Any]) -> list[_Event]:
+        """The events of one watch message, each key decoded and its service found once."""
+        decoded: list[_Event] = []
         for event in events:
             kv = event.get("kv") if isinstance(event, Mapping) else None
             if not isinstance(kv, Mapping):
-                return None
+                decoded.append(_Event(False, 0, 0, b"", "", None))
+                continue
             try:
-                service = self.scheme.service_of(unb64(kv.get("key", "")))
+                key = unb64(kv.get("key", ""))
+                service = self.scheme.service_of(key)
             except (ValueError, TypeError):
-                return None
-            if service is None:
-                return None
-            services.add(service)
-        return frozenset(services)
+                key, service = b"", None
+            decoded.append(
+                _Event(
+                    deleted=event.get("type") == "DELETE",
+                    revision=int(kv.get("mod_revision", 0) or 0),
+                    created=int(kv.get("create_revision", 0) or 0),
+                    key=key,
+                    value=kv.get("value", ""),
+                    service=service,
+                )
+            )
+        return decoded
+
+
+def _services_of(events: list[_Event]) -> frozenset[str] | None:
+    """The services ``events`` touched; ``None`` when one of them belongs to no service
+    directory (the core then reads everything)."""
+    services: set[str] = set()
+    for event in events:
+        if event.service is None:
+            return None
+        services.add(event.service)
+    return frozenset(services)
 
 
 def _instances(
@@ -661,7 +692,7 @@ def _instances(
     return {
         key[len(head) :]: revision
         for key, (_, revision) in entries.items()
-        if key.startswith(head) and key[len(head) :] != b"port"
+        if key.startswith(head) and key[len(head) :] != _PORT_KEY
     }
 
 
