@@ -1154,6 +1154,8 @@ def main() -> int:
             p.error(f"--registry: unknown registry {kind!r}")
     if any(s < 2 for s in sizes):
         p.error("--hosts: every size must be at least 2")
+    if args.hosts_dir and not os.path.isdir(args.hosts_dir):
+        p.error(f"--hosts-dir: {args.hosts_dir!r} is not a folder")
     params = {
         "hosts": sizes, "registries": kinds, "hosts_per_process": args.hosts_per_process,
         "containers_per_host": args.containers, "services": args.services,
