@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from discoverd.proxykit import HeldPort, held_ports
+from discoverd.proxykit import HeldPort, OwnPage, held_ports
 from discoverd.proxykit.ports import _diag, _proc_net
 from tests.support.services import free_port, wait_for
 
@@ -219,3 +219,57 @@ def test_a_privileged_port_is_reported_only_without_the_privilege() -> None:
         assert as_nobody("127.0.0.1", [80], str(capable)) == {}
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+# -- OwnPage: a stats page left out while its port is held --------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_page_on_a_free_port_is_wanted_and_nothing_is_said(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    page = OwnPage("proxy", "stats port", "127.0.0.1", free_port())
+    assert page.wanted()
+    assert page.reason is None
+    assert not caplog.records
+    assert not OwnPage("proxy", "stats port", "127.0.0.1", 0).wanted()  # disabled
+
+
+def test_a_page_whose_port_is_held_is_left_out_until_the_port_is_free(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = Clock()
+    with listening() as (_, port):
+        page = OwnPage("proxy", "stats port", "127.0.0.1", port, recheck=1.0, clock=clock)
+        with caplog.at_level("WARNING", logger="discoverd.proxykit.ports"):
+            assert not page.wanted()
+            assert not page.wanted()
+        assert page.reason == f"stats port {port} is held by another process " + (
+            f"({Path(f'/proc/{os.getpid()}/comm').read_text().strip()}, pid {os.getpid()})"
+        )
+        said = [r.getMessage() for r in caplog.records]
+        assert said == [
+            f"proxy: {page.reason}: the page is left out of the configuration until the port "
+            "is free (every service is still served)"
+        ]
+        # The running proxy's own processes do not hold it for it.
+        assert OwnPage("proxy", "stats port", "127.0.0.1", port).wanted(owners={os.getpid()})
+        # The proxy running with the page binds the port itself: no probe, wanted.
+        assert OwnPage("proxy", "stats port", "127.0.0.1", port).wanted(running_binds=True)
+    caplog.clear()
+    # Free now, but the renders of one pass agree: not probed again within ``recheck``.
+    assert not page.wanted()
+    clock.now += 1.0
+    with caplog.at_level("WARNING", logger="discoverd.proxykit.ports"):
+        assert page.wanted()
+    assert page.reason is None
+    assert [r.getMessage() for r in caplog.records] == [
+        f"proxy: stats port {port} is free: the page is back from the next configuration"
+    ]

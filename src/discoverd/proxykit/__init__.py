@@ -14,7 +14,8 @@ The built-in HAProxy and nginx plugins and the example ``json-file`` plugin are 
   :func:`process_title`, :func:`real_uid`, :func:`executable_of`, :func:`child_pids`,
   :func:`writes_to`;
 - ports: :func:`held_ports` (which frontend ports another process holds, and which process:
-  what ``Proxy.unservable`` reports), :class:`HeldPort`;
+  what ``Proxy.unservable`` reports), :class:`HeldPort`; :class:`OwnPage` (a stats page left
+  out of the configuration while another process holds its port);
 - logs: :class:`LogFile` (read by offset, trimmed), :func:`last_lines`, :func:`summarise`;
 - templates: :func:`template_environment`, :func:`plugin_environment`, :func:`load_template`
   (user templates first, ``default:`` for the shipped ones).
@@ -38,7 +39,7 @@ from discoverd.proxykit.managed import (
     ProxyRefused,
     ReloadAttempt,
 )
-from discoverd.proxykit.ports import HeldPort, held_ports
+from discoverd.proxykit.ports import HeldPort, OwnPage, held_ports
 from discoverd.proxykit.process import (
     SBIN_DIRS,
     directory_lock,
@@ -68,6 +69,7 @@ __all__ = [
     "HeldPort",
     "LogFile",
     "ManagedProxy",
+    "OwnPage",
     "PidFile",
     "ProxyRefused",
     "ReloadAttempt",

@@ -21,15 +21,19 @@ from __future__ import annotations
 import contextlib
 import errno
 import ipaddress
+import logging
 import os
 import socket
 import struct
 import sys
-from collections.abc import Collection, Iterable
+import time
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["HeldPort", "held_ports"]
+__all__ = ["HeldPort", "OwnPage", "held_ports"]
+
+log = logging.getLogger(__name__)
 
 _PROTOCOLS = {"tcp": (socket.SOCK_STREAM, socket.IPPROTO_TCP), "udp": (socket.SOCK_DGRAM, 17)}
 # sock_diag (linux/sock_diag.h, linux/inet_diag.h)
@@ -66,6 +70,84 @@ class HeldPort:
         if self.uid is not None:  # a listening socket of a process discoverd may not look into
             return f"{where} is held by another process (uid {self.uid})"
         return f"{where} is in use by a socket no process listens on (e.g. a connection closing)"
+
+
+class OwnPage:
+    """A page the proxy serves for itself on a port of its own (HAProxy's stats page, nginx's
+    status page), which no service needs: another process holding that port must not keep the
+    services from being served. A proxy refuses to start, or to reload, when one of its
+    listeners cannot bind, so the configuration leaves the page out while its port is held.
+
+    :meth:`wanted` says whether the next configuration has the page: yes when it is enabled
+    (``port`` > 0) and the running proxy already holds the port (``running_binds``), or when
+    the port is free (:func:`held_ports`, on ``address``, ``owners`` being the running proxy's
+    processes). A held port is said once at warning level (``reason`` keeps it) and probed
+    again at most every ``recheck`` seconds, so the renders of one pass agree; once it is free
+    the page is back from the next configuration (the next change, or the core's periodic
+    pass), and that is said too. ``label`` names the port in messages (``"stats port"``).
+    """
+
+    def __init__(
+        self,
+        proxy: str,
+        label: str,
+        address: str,
+        port: int,
+        *,
+        recheck: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.proxy = proxy
+        self.label = label
+        self.address = address
+        self.port = port
+        self.recheck = recheck
+        self._clock = clock
+        #: Why the page is left out now (the held port, described), or ``None``.
+        self.reason: str | None = None
+        self._probe_after = 0.0
+
+    def wanted(
+        self,
+        *,
+        running_binds: bool = False,
+        owners: Collection[int] = (),
+        executable: str | None = None,
+    ) -> bool:
+        """Whether the next configuration has the page (see the class). ``executable``: the
+        proxy's binary, as for :func:`held_ports` (a privileged port it may bind)."""
+        if not self.port:
+            return False
+        if running_binds:
+            self._settle(None)
+            return True
+        now = self._clock()
+        if self.reason is not None and now < self._probe_after:
+            return False
+        held = held_ports(self.address, (self.port,), "tcp", owners=owners, executable=executable)
+        found = held.get(self.port)
+        self._settle(found.describe(self.label) if found is not None else None)
+        self._probe_after = now + self.recheck
+        return self.reason is None
+
+    def _settle(self, reason: str | None) -> None:
+        if reason == self.reason:
+            return
+        if reason is not None:
+            log.warning(
+                "%s: %s: the page is left out of the configuration until the port is free "
+                "(every service is still served)",
+                self.proxy,
+                reason,
+            )
+        else:
+            log.warning(
+                "%s: %s %d is free: the page is back from the next configuration",
+                self.proxy,
+                self.label,
+                self.port,
+            )
+        self.reason = reason
 
 
 @dataclass(frozen=True)

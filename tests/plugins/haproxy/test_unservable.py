@@ -157,3 +157,28 @@ def test_a_fresh_host_starts_haproxy_with_the_services_it_can_serve(
             wait_for(lambda: role.excluded == {}, 10, what="the pass to end")
         finally:
             role.shutdown()
+
+
+def test_a_held_stats_port_leaves_the_stats_page_out_never_the_services(
+    make_haproxy: MakeHAProxy, backends: Backends
+) -> None:
+    """Another process on the stats port: HAProxy would not start at all with the page, so the
+    page is left out and every service served; once the port is free, the page comes back."""
+    a = backends("a")
+    with squatter() as stats:
+        proxy = make_haproxy(stats_port=stats)
+        proxy.stats_page.recheck = 0.0  # probe at every render (1 s by default)
+        alpha = http_service("alpha", free_port(), a)
+        assert apply_servable(proxy, [alpha]) == ({}, "started")  # a fresh host
+        assert http_get(f"http://127.0.0.1:{alpha.frontend_port}/") == "I am a\n"
+        assert "listen Stats" not in proxy.config_file.read_text()
+        assert proxy.stats_page.reason == held_reason(stats).replace("frontend", "stats")
+        assert apply_servable(proxy, [alpha]) == ({}, "unchanged")
+    with RequestLoop([alpha.frontend_port]) as loop:
+        loop.wait_requests(50)
+        assert apply_servable(proxy, [alpha]) == ({}, "reloaded")
+        assert "Statistics Report" in http_get(f"http://127.0.0.1:{stats}/")
+        assert apply_servable(proxy, [alpha]) == ({}, "unchanged")  # HAProxy holds it now
+        loop.wait_requests(100)
+    assert loop.failures() == 0, loop.report()
+    assert proxy.stats_page.reason is None

@@ -161,3 +161,28 @@ def test_listened_ports_reads_every_listen_directive() -> None:
         b"# listen 9;\n    server 10.0.0.1:80 max_fails=1;\n"
     )
     assert listened_ports(text) == {(8000, "tcp"), (8001, "tcp"), (53, "udp")}
+
+
+def test_a_held_status_port_leaves_the_status_page_out_never_the_services(
+    make_nginx: MakeNginx, backends: Backends
+) -> None:
+    """Another process on the status port: nginx would not start at all with the page, so the
+    page is left out and every service served; once the port is free, the page comes back."""
+    a = backends("a")
+    with squatter() as status:
+        proxy = make_nginx(status_port=status)
+        proxy.status_page.recheck = 0.0  # probe at every render (1 s by default)
+        alpha = http_service("alpha", free_port(), a)
+        assert apply_servable(proxy, [alpha]) == ({}, "started")  # a fresh host
+        assert http_get(f"http://127.0.0.1:{alpha.frontend_port}/") == "I am a\n"
+        assert f"listen 127.0.0.1:{status};" not in proxy.config_file.read_text()
+        assert proxy.status_page.reason == held_reason(status).replace("frontend", "status")
+        assert apply_servable(proxy, [alpha]) == ({}, "unchanged")
+    with RequestLoop([alpha.frontend_port]) as loop:
+        loop.wait_requests(50)
+        assert apply_servable(proxy, [alpha]) == ({}, "reloaded")
+        wait_for(lambda: "alpha" in http_get(f"http://127.0.0.1:{status}/"), 5)
+        assert apply_servable(proxy, [alpha]) == ({}, "unchanged")  # nginx holds it now
+        loop.wait_requests(100)
+    assert loop.failures() == 0, loop.report()
+    assert proxy.status_page.reason is None

@@ -69,6 +69,7 @@ from discoverd.plugins.haproxy.sockets import (
 from discoverd.proxykit import (
     LogFile,
     ManagedProxy,
+    OwnPage,
     check_state_dir,
     child_pids,
     held_ports,
@@ -158,6 +159,8 @@ class HAProxy(ManagedProxy[ProcStatus]):
         self.renderer = rendering.Renderer(
             env, rendering.load_template(env), with_workers(config, self.workers), directory
         )
+        #: The stats page, left out while another process holds its port.
+        self.stats_page = OwnPage("haproxy", "stats port", config.stats_bind, config.stats_port)
         #: The drain period each instance asks for (metadata ``drain``).
         self.drain_periods = DrainPeriods(config.drain_timeout)
         # One apply or drain step at a time within this process (the file lock is for others).
@@ -192,7 +195,24 @@ class HAProxy(ManagedProxy[ProcStatus]):
                 port,
             )
         self._udp_warned = udp  # a service that leaves and comes back is reported again
-        return self.renderer.render(services)
+        return self.renderer.render(services, stats=self._stats_wanted())
+
+    def _stats_wanted(self) -> bool:
+        """Whether the configuration has the stats page: not while another process holds its
+        port (HAProxy would not start, or not reload, and no service would be served for a
+        page no service needs); see :class:`~discoverd.proxykit.OwnPage`."""
+        port = self.config.stats_port
+        if not port:
+            return False
+        try:
+            master = self.master.running_pid()
+            binary: str | None = self.master.executable()
+        except PluginError:  # no haproxy binary: nothing runs, start() says why
+            master, binary = None, None
+        if master is not None and port in self._running_ports():
+            return self.stats_page.wanted(running_binds=True)
+        owners = {master, *child_pids(master)} if master is not None else set()
+        return self.stats_page.wanted(owners=owners, executable=binary)
 
     def validate(self, config: str) -> None:
         running = self.running_split()

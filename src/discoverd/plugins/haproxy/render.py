@@ -180,7 +180,9 @@ def _ordered(config: HAProxyConfig, services: Sequence[Service]) -> list[Service
     return ordered
 
 
-def _context(config: HAProxyConfig, state_dir: Path, views: list[ServiceView]) -> dict[str, Any]:
+def _context(
+    config: HAProxyConfig, state_dir: Path, views: list[ServiceView], stats: bool = True
+) -> dict[str, Any]:
     return {
         "settings": config,
         "paths": {
@@ -188,7 +190,9 @@ def _context(config: HAProxyConfig, state_dir: Path, views: list[ServiceView]) -
             "server_state": str(state_dir / "server-state"),
         },
         "stats": (
-            {"bind": host_port(config.stats_bind, config.stats_port)} if config.stats_port else None
+            {"bind": host_port(config.stats_bind, config.stats_port)}
+            if config.stats_port and stats
+            else None
         ),
         "services": views,
     }
@@ -203,11 +207,14 @@ def render_config(
     config: HAProxyConfig,
     state_dir: Path,
     services: Sequence[Service],
+    *,
+    stats: bool = True,
 ) -> str:
-    """Render ``services``; raise ``PluginError`` if two services claim one port."""
+    """Render ``services``; raise ``PluginError`` if two services claim one port. ``stats``
+    False leaves the stats page out (its port is held by another process)."""
     views = [service_view(s, config.bind) for s in _ordered(config, services)]
     try:
-        text = template.render(_context(config, state_dir, views))
+        text = template.render(_context(config, state_dir, views, stats))
     except jinja2.TemplateError as exc:
         raise PluginError(f"HAProxy template {template.name}: {exc}") from None
     return _finished(text)
@@ -389,11 +396,16 @@ class Renderer:
         self._by_members: dict[tuple[object, ...], _Entry] = {}  # see _identity
         self._last: _Rendered | None = None
         self._free_pieces: dict[tuple[str, str], Piece] = {}  # text between sections
+        self._stats = True  # whether the cached sections were rendered with the stats page
         #: Sections rendered (cache misses) since this renderer was made (for tests).
         self.sections_rendered = 0
 
-    def render(self, services: Sequence[Service]) -> str:
+    def render(self, services: Sequence[Service], *, stats: bool = True) -> str:
+        """``stats`` False leaves the stats page out (its port is held by another process)."""
         ordered = _ordered(self.config, services)
+        if stats != self._stats:  # a section may print ``stats``: forget them all (rare)
+            self._used, self._by_id, self._by_members, self._last = [], {}, {}, None
+            self._stats = stats
         if not self.cached:
             views = [service_view(s, self.config.bind) for s in ordered]
             text = self._render(views, {})
@@ -466,7 +478,7 @@ class Renderer:
         chunks: list[tuple[str, _Entry | None]] | None = None,
     ) -> str:
         template = self.template
-        context = template.new_context(_context(self.config, self.state_dir, views))
+        context = template.new_context(_context(self.config, self.state_dir, views, self._stats))
         if chunks is not None:
             for name in SECTION_BLOCKS:
                 context.blocks.setdefault(name, []).insert(0, self._section_block(name, by_view))

@@ -45,6 +45,7 @@ from discoverd.plugins.nginx.processes import workers
 from discoverd.proxykit import (
     LogFile,
     ManagedProxy,
+    OwnPage,
     check_state_dir,
     child_pids,
     ensure_directory,
@@ -115,14 +116,38 @@ class NginxProxy(ManagedProxy[int]):
         self.start_output = self.master.start_output
         self._template = rendering.load_template(rendering.environment(config.template_dir))
         self._stub_status = stub_status
+        #: The status page, left out while another process holds its port.
+        self.status_page = OwnPage("nginx", "status port", config.status_bind, config.status_port)
         self._listened: tuple[bytes, frozenset[tuple[int, str]]] | None = None  # memo
 
     # -- Proxy interface ---------------------------------------------------------------------
 
     def render(self, services: Sequence[Service]) -> str:
         return rendering.render_config(
-            self._template, self.config, self.workers, services, self.has_stub_status()
+            self._template,
+            self.config,
+            self.workers,
+            services,
+            self.has_stub_status(),
+            status=self._status_wanted(),
         )
+
+    def _status_wanted(self) -> bool:
+        """Whether the configuration has the status page: not while another process holds
+        its port (nginx would not start, or not reload, and no service would be served for a
+        page no service needs); see :class:`~discoverd.proxykit.OwnPage`."""
+        port = self.config.status_port
+        if not port:
+            return False
+        try:
+            master = self.master.running(adopt=False)
+            binary: str | None = self.master.executable()
+        except PluginError:  # no nginx binary: nothing runs, start() says why
+            master, binary = None, None
+        if master is not None and (port, "tcp") in self._running_ports():
+            return self.status_page.wanted(running_binds=True)
+        owners = {master, *child_pids(master)} if master is not None else set()
+        return self.status_page.wanted(owners=owners, executable=binary)
 
     def validate(self, config: str) -> None:
         binary = self.master.executable()

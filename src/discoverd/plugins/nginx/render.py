@@ -204,8 +204,11 @@ def render_config(
     workers: WorkerSettings,
     services: Sequence[Service],
     stub_status: bool,
+    *,
+    status: bool = True,
 ) -> str:
-    """Render ``services``; raise ``PluginError`` on a conflict or a template error."""
+    """Render ``services``; raise ``PluginError`` on a conflict or a template error. ``status``
+    False leaves the status page out (its port is held by another process)."""
     sorted_services = ordered(services)
     check_ports(sorted_services, config.status_port)
     views = [service_view(s, config.bind) for s in sorted_services]
@@ -221,7 +224,7 @@ def render_config(
         },
         "status": (
             {"listen": host_port(config.status_bind, config.status_port), "stub": stub_status}
-            if config.status_port
+            if config.status_port and status
             else None
         ),
         "services": views,
