@@ -58,7 +58,11 @@ class HAProxyConfig:
         "127.0.0.1", "Address of the HAProxy stats page.", check=validators.ip_or_empty
     )
     stats_port: int = option(
-        1936, "Port of the HAProxy stats page; 0 disables it.", min=0, max=65535
+        1936,
+        "Port of the HAProxy stats page; 0 disables it. Left out while another process holds "
+        "the port (the services are served all the same).",
+        min=0,
+        max=65535,
     )
     template_dir: str = option(
         "",

@@ -71,7 +71,13 @@ class NginxConfig:
     status_bind: str = option(
         "127.0.0.1", "Address of the status page.", check=validators.ip_or_empty
     )
-    status_port: int = option(1937, "Port of the status page; 0 disables it.", min=0, max=65535)
+    status_port: int = option(
+        1937,
+        "Port of the status page; 0 disables it. Left out while another process holds the "
+        "port (the services are served all the same).",
+        min=0,
+        max=65535,
+    )
     template_dir: str = option(
         "",
         "Folder of user templates: a nginx.conf.j2 there replaces the shipped one, or extends it "
