@@ -190,6 +190,71 @@ def test_render_is_deterministic_and_complete(
     assert compact.count("\n") == 1 and json.loads(compact) == expected
 
 
+@pytest.mark.parametrize("indent", [0, 1, 2, 4, 8])
+def test_render_reencodes_only_the_services_that_changed_and_gives_the_same_bytes(
+    jsonfile_manager: PluginManager, tmp_path: Path, indent: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The core hands over an unchanged service as the same object: only the others are
+    encoded again, and the text is one ``json.dumps`` of the whole document every time."""
+    proxy = make_proxy(jsonfile_manager, tmp_path, indent=indent)
+    module = sys.modules[type(proxy).__module__]
+    encoded: list[str] = []
+    real = module.service_dict
+
+    def counted(service: Service) -> dict[str, Any]:
+        encoded.append(service.name)
+        return dict(real(service))
+
+    monkeypatch.setattr(module, "service_dict", counted)
+
+    def dumped(services: list[Service]) -> str:
+        document = json.loads(proxy.render(services))  # the plugin's own view of the fields
+        if indent:
+            return json.dumps(document, indent=indent, sort_keys=True) + "\n"
+        return json.dumps(document, sort_keys=True, separators=(",", ":")) + "\n"
+
+    assert proxy.render([]) == dumped([])
+    whoami = Service("whoami", 8000, mode="http", instances=(WHOAMI_B, WHOAMI_A))
+    redis = Service("redis", 6379, instances=(REDIS,), meta=(("owner", "ops"), ("q", 'a"\\b')))
+    text = proxy.render([whoami, redis])
+    assert text == dumped([whoami, redis])
+    assert sorted(encoded) == ["redis", "whoami"]
+    encoded.clear()
+    more = Service("whoami", 8000, mode="http", instances=(WHOAMI_A,))
+    changed = proxy.render([redis, more])  # redis: the same object, not encoded again
+    assert encoded == ["whoami"]
+    assert changed == dumped([redis, more]) != text
+    proxy.validate(changed)
+    encoded.clear()
+    equal = Service("redis", 6379, instances=(REDIS,), meta=(("owner", "ops"), ("q", 'a"\\b')))
+    assert proxy.render([equal, more]) == changed  # a new object: encoded, the same bytes
+    assert encoded == ["redis"]
+    assert proxy.render([]) == dumped([])
+
+
+def test_validate_of_its_own_render_refuses_what_a_full_check_refuses(
+    jsonfile_manager: PluginManager, tmp_path: Path
+) -> None:
+    """``validate`` handed the proxy's own last render checks only its entries: what a full
+    check of the same text refuses, it refuses with the same words."""
+    proxy = make_proxy(jsonfile_manager, tmp_path)
+    other = inst("whoami", "host-c-1-8000-tcp", "10.170.71.229", 49156, 8000)
+    for services in (
+        [Service("whoami", 8000, instances=(WHOAMI_A,)), Service("whoami", 8001)],
+        [Service("whoami", 8000, instances=(WHOAMI_A,)), Service("web", 8000, instances=(other,))],
+    ):
+        text = proxy.render(services)
+        with pytest.raises(ProxyConfigError) as own:
+            proxy.validate(text)
+        with pytest.raises(ProxyConfigError) as full:
+            proxy.validate(text.replace("\n", "\n "))  # another text: parsed as a whole
+        assert str(own.value) == str(full.value)
+        assert "twice" in str(own.value)
+    good = proxy.render([Service("whoami", 8000, instances=(WHOAMI_A,))])
+    proxy.validate(good)
+    proxy.validate(good)  # its entry is checked once, and stays valid
+
+
 @pytest.mark.parametrize(
     ("mutate", "fragment"),
     [
