@@ -54,6 +54,12 @@ def test_ensure_directory_creates_and_fixes_the_mode(tmp_path: Path) -> None:
     os.chmod(folder, 0o755)
     ensure_directory(folder, 0o700)
     assert folder.stat().st_mode & 0o777 == 0o700
+    ensure_directory(folder, 0o700)  # there already: nothing changes
+    assert folder.stat().st_mode & 0o777 == 0o700
+    taken = tmp_path / "file"
+    taken.write_text("")
+    with pytest.raises(FileExistsError):
+        ensure_directory(taken, 0o700)  # a file is not a folder
 
 
 def test_check_state_dir_refuses_characters_the_proxy_cannot_hold() -> None:

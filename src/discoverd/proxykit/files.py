@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -57,9 +58,16 @@ def read_text(path: Path) -> str:
 
 
 def ensure_directory(path: Path, mode: int) -> None:
-    """Create ``path`` (and its parents) if missing, and give it exactly ``mode``."""
-    path.mkdir(mode=mode, parents=True, exist_ok=True)
-    if path.stat().st_mode & 0o777 != mode:
+    """Create ``path`` (and its parents) if missing, and give it exactly ``mode``. Cheap when
+    it is there already (one ``stat``: proxies call it before every apply)."""
+    try:
+        found = path.stat()
+    except FileNotFoundError:
+        found = None
+    if found is None or not stat.S_ISDIR(found.st_mode):
+        path.mkdir(mode=mode, parents=True, exist_ok=True)  # a file there: FileExistsError
+        found = path.stat()
+    if found.st_mode & 0o777 != mode:
         path.chmod(mode)
 
 

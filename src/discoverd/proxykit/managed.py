@@ -172,7 +172,7 @@ class ManagedProxy(Proxy, Generic[R]):
         or the file's own folder). Called before each validate and apply."""
         if self.private_dir is not None:
             ensure_directory(self.private_dir, self.dir_mode)
-        else:
+        elif not self.config_file.parent.is_dir():  # a stat: called before every apply
             self.config_file.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
 
     # -- the skeleton -------------------------------------------------------------------------
