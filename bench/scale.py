@@ -39,6 +39,7 @@ from bench.stack import (
     Stack,
     Target,
     etcd_put_many,
+    free_port,
     haproxy_cli,
     haproxy_pids,
     idle_cpu_percent,
@@ -126,7 +127,11 @@ def measure(stack: Stack, args: argparse.Namespace, runs: int, report: Report) -
     etcd_put_many(stack.etcd, items)
     print(f"wrote {len(items)} keys to etcd in {time.monotonic() - begin:.1f} s", flush=True)
 
-    sets = [f"haproxy.check_interval={args.check_interval}"]
+    # The stats page's port must not be one of the services' (the service would be refused).
+    stats = free_port()
+    while port_base <= stats < port_base + services:
+        stats = free_port()
+    sets = [f"haproxy.check_interval={args.check_interval}", f"haproxy.stats_port={stats}"]
     agent = stack.agent("discover", sets=sets, log_level="debug" if args.breakdown else None)
     state = Path(agent.cmd[agent.cmd.index("--state-dir") + 1])
     pattern = rf"discover: haproxy \S+ \({services} services, {services * instances} instances\)"
