@@ -260,7 +260,7 @@ def test_a_page_whose_port_is_held_is_left_out_until_the_port_is_free(
             "is free (every service is still served)"
         ]
         # The running proxy's own processes do not hold it for it.
-        assert OwnPage("proxy", "stats port", "127.0.0.1", port).wanted(owners={os.getpid()})
+        assert OwnPage("proxy", "stats port", "127.0.0.1", port).wanted(master=os.getpid())
         # The proxy running with the page binds the port itself: no probe, wanted.
         assert OwnPage("proxy", "stats port", "127.0.0.1", port).wanted(running_binds=True)
     caplog.clear()

@@ -31,6 +31,8 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from discoverd.proxykit.supervise import child_pids
+
 __all__ = ["HeldPort", "OwnPage", "held_ports"]
 
 log = logging.getLogger(__name__)
@@ -80,10 +82,10 @@ class OwnPage:
 
     :meth:`wanted` says whether the next configuration has the page: yes when it is enabled
     (``port`` > 0) and the running proxy already holds the port (``running_binds``), or when
-    the port is free (:func:`held_ports`, on ``address``, ``owners`` being the running proxy's
-    processes). A held port is said once at warning level (``reason`` keeps it) and probed
-    again at most every ``recheck`` seconds, so the renders of one pass agree; once it is free
-    the page is back from the next configuration (the next change, or the core's periodic
+    the port is free (:func:`held_ports`, on ``address``; the running proxy's master and its
+    children do not count). A held port is said once at warning level (``reason`` keeps it)
+    and probed again at most every ``recheck`` seconds, so the renders of one pass agree; once
+    it is free the page is back from the next configuration (the next change, or the core's periodic
     pass), and that is said too. ``label`` names the port in messages (``"stats port"``).
     """
 
@@ -110,12 +112,14 @@ class OwnPage:
     def wanted(
         self,
         *,
+        master: int | None = None,
         running_binds: bool = False,
-        owners: Collection[int] = (),
         executable: str | None = None,
     ) -> bool:
-        """Whether the next configuration has the page (see the class). ``executable``: the
-        proxy's binary, as for :func:`held_ports` (a privileged port it may bind)."""
+        """Whether the next configuration has the page (see the class). ``master``: the
+        running proxy's master process, if one runs (it and its children never count as
+        another process); ``executable``: the proxy's binary, as for :func:`held_ports` (a
+        privileged port it may bind)."""
         if not self.port:
             return False
         if running_binds:
@@ -124,6 +128,7 @@ class OwnPage:
         now = self._clock()
         if self.reason is not None and now < self._probe_after:
             return False
+        owners = {master, *child_pids(master)} if master is not None else set()
         held = held_ports(self.address, (self.port,), "tcp", owners=owners, executable=executable)
         found = held.get(self.port)
         self._settle(found.describe(self.label) if found is not None else None)

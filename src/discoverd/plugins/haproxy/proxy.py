@@ -209,10 +209,8 @@ class HAProxy(ManagedProxy[ProcStatus]):
             binary: str | None = self.master.executable()
         except PluginError:  # no haproxy binary: nothing runs, start() says why
             master, binary = None, None
-        if master is not None and port in self._running_ports():
-            return self.stats_page.wanted(running_binds=True)
-        owners = {master, *child_pids(master)} if master is not None else set()
-        return self.stats_page.wanted(owners=owners, executable=binary)
+        running = master is not None and port in self._running_ports()
+        return self.stats_page.wanted(master=master, running_binds=running, executable=binary)
 
     def validate(self, config: str) -> None:
         running = self.running_split()

@@ -144,10 +144,8 @@ class NginxProxy(ManagedProxy[int]):
             binary: str | None = self.master.executable()
         except PluginError:  # no nginx binary: nothing runs, start() says why
             master, binary = None, None
-        if master is not None and (port, "tcp") in self._running_ports():
-            return self.status_page.wanted(running_binds=True)
-        owners = {master, *child_pids(master)} if master is not None else set()
-        return self.status_page.wanted(owners=owners, executable=binary)
+        running = master is not None and (port, "tcp") in self._running_ports()
+        return self.status_page.wanted(master=master, running_binds=running, executable=binary)
 
     def validate(self, config: str) -> None:
         binary = self.master.executable()
