@@ -85,8 +85,9 @@ class OwnPage:
     the port is free (:func:`held_ports`, on ``address``; the running proxy's master and its
     children do not count). A held port is said once at warning level (``reason`` keeps it)
     and probed again at most every ``recheck`` seconds, so the renders of one pass agree; once
-    it is free the page is back from the next configuration (the next change, or the core's periodic
-    pass), and that is said too. ``label`` names the port in messages (``"stats port"``).
+    it is free the page is back from the next configuration (the next change, or the core's
+    periodic pass), and that is said too. ``label`` names the port in messages (``"stats
+    port"``).
     """
 
     def __init__(

@@ -204,11 +204,7 @@ class HAProxy(ManagedProxy[ProcStatus]):
         port = self.config.stats_port
         if not port:
             return False
-        try:
-            master = self.master.running_pid()
-            binary: str | None = self.master.executable()
-        except PluginError:  # no haproxy binary: nothing runs, start() says why
-            master, binary = None, None
+        master, binary = self._master_and_binary()
         running = master is not None and port in self._running_ports()
         return self.stats_page.wanted(master=master, running_binds=running, executable=binary)
 
@@ -315,11 +311,7 @@ class HAProxy(ManagedProxy[ProcStatus]):
                 wanted.setdefault(service.frontend_port, []).append(service.name)
         if not wanted:
             return {}
-        try:
-            master = self.master.running_pid()
-            binary: str | None = self.master.executable()
-        except PluginError:  # no haproxy binary: nothing runs, start() says why
-            master, binary = None, None
+        master, binary = self._master_and_binary()
         ports = set(wanted) - (self._running_ports() if master is not None else frozenset())
         if not ports:
             return {}
@@ -330,6 +322,14 @@ class HAProxy(ManagedProxy[ProcStatus]):
             for port, found in held.items()
             for name in wanted[port]
         }
+
+    def _master_and_binary(self) -> tuple[int | None, str | None]:
+        """The running master's pid (``None``: none runs) and the haproxy binary (``None``:
+        there is none, so nothing runs; ``start()`` says why), for the port probes."""
+        try:
+            return self.master.running_pid(), self.master.executable()
+        except PluginError:
+            return None, None
 
     def close(self) -> None:
         """Leave HAProxy running with its last good configuration (see ``stop_process``).

@@ -139,11 +139,7 @@ class NginxProxy(ManagedProxy[int]):
         port = self.config.status_port
         if not port:
             return False
-        try:
-            master = self.master.running(adopt=False)
-            binary: str | None = self.master.executable()
-        except PluginError:  # no nginx binary: nothing runs, start() says why
-            master, binary = None, None
+        master, binary = self._master_and_binary()
         running = master is not None and (port, "tcp") in self._running_ports()
         return self.status_page.wanted(master=master, running_binds=running, executable=binary)
 
@@ -212,11 +208,7 @@ class NginxProxy(ManagedProxy[int]):
             wanted.setdefault((service.frontend_port, service.protocol), []).append(service.name)
         if not wanted:
             return {}
-        try:
-            master = self.master.running(adopt=False)
-            binary: str | None = self.master.executable()
-        except PluginError:  # no nginx binary: nothing runs, start() says why
-            master, binary = None, None
+        master, binary = self._master_and_binary()
         pending = set(wanted) - (self._running_ports() if master is not None else frozenset())
         if not pending:
             return {}
@@ -235,6 +227,14 @@ class NginxProxy(ManagedProxy[int]):
                 for name in wanted[(port, protocol)]:
                     found[name] = holder.describe("frontend port")
         return found
+
+    def _master_and_binary(self) -> tuple[int | None, str | None]:
+        """The running master's pid (``None``: none runs) and the nginx binary (``None``:
+        there is none, so nothing runs; ``start()`` says why), for the port probes."""
+        try:
+            return self.master.running(adopt=False), self.master.executable()
+        except PluginError:
+            return None, None
 
     def close(self) -> None:
         """Leave nginx running with its last good configuration (see ``stop_process``)."""
