@@ -131,8 +131,10 @@ def measure(stack: Stack, args: argparse.Namespace, runs: int, report: Report) -
     stats = free_port()
     while port_base <= stats < port_base + services:
         stats = free_port()
-    sets = [f"haproxy.check_interval={args.check_interval}", f"haproxy.stats_port={stats}"]
-    agent = stack.agent("discover", sets=sets, log_level="debug" if args.breakdown else None)
+    sets = [f"haproxy.check_interval={args.check_interval}"]
+    agent = stack.agent(
+        "discover", sets=sets, log_level="debug" if args.breakdown else None, stats_port=stats
+    )
     state = Path(agent.cmd[agent.cmd.index("--state-dir") + 1])
     pattern = rf"discover: haproxy \S+ \({services} services, {services * instances} instances\)"
     applied, _ = agent.wait_line(pattern, timeout=300)

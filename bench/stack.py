@@ -492,11 +492,12 @@ class Stack:
         sets: Sequence[str] = (),
         name: str = "agent",
         log_level: str | None = None,
+        stats_port: int | None = None,
     ) -> Agent:
         """Start ``python -m discoverd [role]`` with its own state folder.
 
-        The proxy's frontends bind 127.0.0.1, its stats page a free port (``proxy.stats_port``
-        options are set only for HAProxy; pass others in ``sets``)."""
+        The proxy's frontends bind 127.0.0.1, its stats page ``stats_port`` or a free port
+        (``proxy.stats_port`` options are set only for HAProxy; pass others in ``sets``)."""
         state = self.root / f"{name}-state"
         self.state_dirs.append(state)
         cmd = [
@@ -513,7 +514,8 @@ class Stack:
             proxy,
         ]
         if proxy == "haproxy":
-            cmd += ["--set", "haproxy.bind=127.0.0.1", "--set", f"haproxy.stats_port={free_port()}"]
+            stats = free_port() if stats_port is None else stats_port
+            cmd += ["--set", "haproxy.bind=127.0.0.1", "--set", f"haproxy.stats_port={stats}"]
         for item in sets:
             cmd += ["--set", item]
         if role is not None:
