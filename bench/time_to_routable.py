@@ -35,12 +35,14 @@ from bench.stack import (
     Report,
     Stack,
     Target,
+    add_mode_argument,
     ask,
     main_guard,
     parser,
     runs_of,
     wait_answer,
-    whoami_labels,
+    wait_detected,
+    whoami_backend,
 )
 from tests.support.services import free_port
 
@@ -85,16 +87,18 @@ def measure(
     grow: bool = False,
 ) -> Figure:
     frontend = free_port()
-    labels = whoami_labels(frontend, mode)
+    labels, private = whoami_backend(frontend, mode)
     agent = stack.agent(log_level="debug" if show_timeline else None)
-    base = stack.run_containers(1, labels=labels)[0]
+    base = stack.run_containers(1, labels=labels, private_port=private)[0]
     wait_answer(frontend, base.id[:12], 90)
+    if mode == "auto":
+        wait_detected(agent, [base])
     print(f"first container routable {time.monotonic() - agent.started:.1f} s after start")
     samples: list[float] = []
     for n in range(runs):
         mark = len(agent.lines)
         began = time.monotonic()
-        container = stack.run_containers(1, labels=labels)[0]
+        container = stack.run_containers(1, labels=labels, private_port=private)[0]
         start = time.monotonic()
         routable = wait_answer(frontend, container.id[:12], 30)
         samples.append((routable - start) * 1000)
@@ -123,7 +127,7 @@ def measure(
 
 def main() -> int:
     p = parser(__doc__, runs=10, quick_runs=5)
-    p.add_argument("--mode", default="http", choices=("http", "tcp"), help="service mode")
+    add_mode_argument(p, default="auto")
     p.add_argument(
         "--timeline",
         action="store_true",

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from discoverd import ProxyConfigError, Service, ServiceInstance
+from discoverd.plugins.haproxy import sockets
 from discoverd.plugins.haproxy.config_split import (
     checked_without_haproxy,
     runtime_changes,
@@ -21,11 +22,14 @@ from discoverd.plugins.haproxy.config_split import (
 from discoverd.plugins.haproxy.drain import drain_seconds
 from discoverd.plugins.haproxy.proxy import HAProxy
 from discoverd.plugins.haproxy.sockets import (
+    CommandError,
+    admin_many,
     cli,
     master_reload_count,
     server_ids,
     server_names,
     sessions,
+    split_answers,
 )
 from tests.plugins.haproxy.conftest import NameServer
 from tests.support.services import free_port, http_get, wait_for
@@ -210,6 +214,20 @@ def test_runtime_answers_are_parsed() -> None:
     assert sessions("") == {}
 
 
+def test_the_answers_to_a_line_of_commands_are_split() -> None:
+    """As HAProxy 2.6 answers ``add server ...; enable health ...; set server ... state ready``
+    (each answer ends with an empty line), and a line whose first two commands failed."""
+    assert split_answers("New server registered.\n\n\n\n") == ["New server registered.", "", ""]
+    assert split_answers("Already exists a server.\n\nNo such server.\n\n\n") == [
+        "Already exists a server.",
+        "No such server.",
+        "",
+    ]
+    assert split_answers("\n") == [""]
+    assert split_answers("") == []
+    assert split_answers("cut") == ["cut"]
+
+
 def test_a_bad_drain_value_is_warned_once(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
     from tests.plugins.haproxy.test_proxy import offline_proxy
 
@@ -333,6 +351,53 @@ def test_the_file_on_disk_is_what_runs_after_runtime_changes(
     assert again.apply(text, []) == "started"
     assert live() == file_servers(proxy)
     assert names_seen(port, 9) == {"I am b", "I am c", "I am e"}
+
+
+def test_commands_sent_together_are_each_checked(
+    make_haproxy: MakeHAProxy, backends: Backends, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """:func:`admin_many` against the running HAProxy: many commands over few connections
+    (lines cut at ``BATCH_BYTES``, made small here), every answer checked; a refused command is
+    named, even in the middle of a line; a command that would be two is not sent."""
+    proxy = make_haproxy(drain_timeout=0)
+    a, b = backends("a"), backends("b")
+    port = free_port()
+    push(proxy, [web(port, a)])
+    monkeypatch.setattr(sockets, "BATCH_BYTES", 300)
+    sent: list[str] = []
+    real_cli = sockets.cli
+
+    def counting_cli(path: Path, command: str, timeout: float = 2.0) -> str:
+        sent.append(command)
+        return real_cli(path, command, timeout)
+
+    monkeypatch.setattr(sockets, "cli", counting_cli)
+    commands: list[tuple[str, str]] = []
+    for i in range(12):
+        commands.append((f"add server web/extra{i} 127.0.0.1:{b.port}", "New server registered"))
+        commands.append((f"set server web/extra{i} state ready", ""))
+    answers = admin_many(proxy.admin_socket, commands)
+    assert len(answers) == 24 and answers[0] == "New server registered."
+    assert 1 < len(sent) < 24 and all(len(line) <= 300 for line in sent)
+    running = running_servers(proxy)
+    assert all(("web", f"extra{i}") in running for i in range(12))
+    assert names_seen(port, 40) == i_am(a, b)
+
+    sent.clear()
+    with pytest.raises(CommandError, match="web/nosuch"):
+        admin_many(
+            proxy.admin_socket,
+            [
+                ("set server web/extra0 state drain", ""),
+                ("set server web/nosuch state drain", ""),
+                ("set server web/extra1 state drain", ""),
+            ],
+        )
+    assert len(sent) == 1
+    assert running_servers(proxy)[("web", "extra1")][2] == "8"  # drain: sent on the same line
+    with pytest.raises(CommandError, match="not one runtime command"):
+        admin_many(proxy.admin_socket, [("set server web/extra2 state drain; help", "")])
+    assert len(sent) == 1
 
 
 def test_many_changes_converge(make_haproxy: MakeHAProxy, backends: Backends) -> None:

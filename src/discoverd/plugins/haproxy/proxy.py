@@ -61,6 +61,7 @@ from discoverd.plugins.haproxy.sockets import (
     CommandError,
     ProcStatus,
     admin,
+    admin_many,
     cli,
     filter_server_state,
     server_names,
@@ -458,10 +459,13 @@ class HAProxy(ManagedProxy[ProcStatus]):
 
     def _apply_runtime(self, changes: Changes, current: ConfigSplit) -> bool:
         """Apply ``changes`` with runtime commands; False (and a log line) if HAProxy refused
-        one, the caller then reloads. Added servers first: a backend never runs empty."""
+        one, the caller then reloads. Added servers first: a backend never runs empty. The
+        commands go out together (:func:`admin_many`: one connection for a change of a few
+        servers, not three per new server)."""
         if not changes:
             return True
         started = time.monotonic()
+        commands: list[tuple[str, str]] = []
         try:
             self._sweep(current)
             for server in changes.added:
@@ -471,50 +475,50 @@ class HAProxy(ManagedProxy[ProcStatus]):
                     raise CommandError(f"{path} is draining with other options")
                 if back is None:
                     command = f"add server {path} {server.endpoint} {server.args}"
-                    self._admin(command.rstrip(), expect="New server registered")
+                    commands.append((command.rstrip(), "New server registered"))
                     if server.checked:
-                        self._admin(f"enable health {path}")
+                        commands.append((f"enable health {path}", ""))
                     if server.agent_checked:
-                        self._admin(f"enable agent {path}")
+                        commands.append((f"enable agent {path}", ""))
                 elif (back.address, back.port) != (server.address, server.port):
-                    self._set_addr(path, server.address, server.port)
-                self._admin(f"set server {path} state ready")
+                    commands.append(_set_addr(path, server.address, server.port))
+                commands.append((f"set server {path} state ready", ""))
             for server in changes.moved:
-                self._set_addr(f"{server.section}/{server.name}", server.address, server.port)
-            now = time.monotonic()
-            for server in changes.removed:
                 path = f"{server.section}/{server.name}"
-                period = self._periods.get((server.section, server.name), self.config.drain_timeout)
-                self._admin(f"set server {path} state drain")
-                self._drainer.add(
-                    Drain(
-                        server.section,
-                        server.name,
-                        server.address,
-                        server.port,
-                        server.args,
-                        deadline=now + period,
-                    )
-                )
+                commands.append(_set_addr(path, server.address, server.port))
+            for server in changes.removed:
+                commands.append((f"set server {server.section}/{server.name} state drain", ""))
+            admin_many(self.admin_socket, commands, timeout=self.answer_timeout)
         except CommandError as exc:
             self.fallbacks += 1
             self.forget()  # some commands may have gone through: reload
             log.warning("haproxy: runtime change refused (%s); reloading instead", exc)
             return False
+        now = time.monotonic()
+        for server in changes.removed:
+            period = self._periods.get((server.section, server.name), self.config.drain_timeout)
+            self._drainer.add(
+                Drain(
+                    server.section,
+                    server.name,
+                    server.address,
+                    server.port,
+                    server.args,
+                    deadline=now + period,
+                )
+            )
         log.debug(
-            "haproxy: runtime change (+%d -%d ~%d servers) in %.1f ms",
+            "haproxy: runtime change (+%d -%d ~%d servers, %d commands) in %.1f ms",
             len(changes.added),
             len(changes.removed),
             len(changes.moved),
+            len(commands),
             (time.monotonic() - started) * 1000,
         )
         return True
 
     def _admin(self, command: str, expect: str = "") -> str:
         return admin(self.admin_socket, command, expect=expect, timeout=self.answer_timeout)
-
-    def _set_addr(self, path: str, address: str, port: int) -> None:
-        self._admin(f"set server {path} addr {address} port {port}", expect="change")
 
     def _sweep(self, current: ConfigSplit) -> None:
         """Once per adopted HAProxy: drain servers it runs that its file does not name (left
@@ -557,3 +561,8 @@ class HAProxy(ManagedProxy[ProcStatus]):
         else:
             with contextlib.suppress(FileNotFoundError):
                 self.server_state.unlink()
+
+
+def _set_addr(path: str, address: str, port: int) -> tuple[str, str]:
+    """The runtime command that moves a server, and what HAProxy's answer to it says."""
+    return f"set server {path} addr {address} port {port}", "change"

@@ -22,7 +22,7 @@ import contextlib
 import ipaddress
 import re
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,6 +164,67 @@ def admin(path: Path, command: str, *, expect: str = "", timeout: float = 2.0) -
     if (expect and expect not in answer) or (not expect and answer):
         raise CommandError(f"{command!r}: HAProxy answered {answer[:200]!r}")
     return answer
+
+
+#: The longest line :func:`admin_many` sends on one connection (HAProxy reads a CLI line into
+#: one buffer, 16 KiB by default: far below it).
+BATCH_BYTES = 4096
+
+
+def split_answers(text: str) -> list[str]:
+    """The answers to a line of ``;``-separated commands: HAProxy ends each command's answer
+    with an empty line (an empty answer is the empty line alone). Only for commands whose
+    answers hold no empty line (every command :func:`admin_many` is used for)."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the text ends with a newline
+    answers: list[str] = []
+    current: list[str] = []
+    for line in lines:
+        if line:
+            current.append(line)
+        else:
+            answers.append("\n".join(current))
+            current = []
+    if current:
+        answers.append("\n".join(current))  # no final empty line: a cut answer
+    return answers
+
+
+def admin_many(
+    path: Path, commands: Sequence[tuple[str, str]], *, timeout: float = 2.0
+) -> list[str]:
+    """Run ``(command, expect)`` pairs on the admin socket as :func:`admin` would, one line of
+    ``;``-separated commands per connection (up to :data:`BATCH_BYTES` a line) instead of a
+    connection per command: the three commands of a new server cost one round trip. Raise
+    ``CommandError`` naming the first command that failed; HAProxy has run the others of its
+    line too (callers reload on any failure, as after :func:`admin`)."""
+    for command, _ in commands:
+        if ";" in command or "\n" in command:
+            raise CommandError(f"{command!r}: not one runtime command")
+    answers: list[str] = []
+    first = 0
+    while first < len(commands):
+        size = len(commands[first][0])
+        last = first + 1
+        while last < len(commands) and size + 2 + len(commands[last][0]) <= BATCH_BYTES:
+            size += 2 + len(commands[last][0])
+            last += 1
+        batch = commands[first:last]
+        line = "; ".join(command for command, _ in batch)
+        try:
+            got = split_answers(cli(path, line, timeout))
+        except OSError as exc:
+            raise CommandError(f"{batch[0][0]!r}: {exc}") from None
+        if len(got) != len(batch):
+            raise CommandError(f"{line[:200]!r}: HAProxy answered {'; '.join(got)[:200]!r}")
+        for (command, expect), answer in zip(batch, got, strict=True):
+            answer = answer.strip()
+            if (expect and expect not in answer) or (not expect and answer):
+                raise CommandError(f"{command!r}: HAProxy answered {answer[:200]!r}")
+        answers += got
+        first = last
+    return answers
 
 
 def server_ids(dump: str) -> dict[str, tuple[int, int]]:
