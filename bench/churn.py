@@ -184,7 +184,7 @@ def run_proxy(
     ``published`` (``local_direct = false``: through the published port and docker-proxy)."""
     frontend = free_port()
     labels, port = whoami_backend(frontend, args.mode)
-    sets = list(args.nginx_set) if proxy == "nginx" else []
+    sets = list(args.nginx_set) if proxy == "nginx" else list(args.haproxy_set)
     sets.append(f"local_direct={'true' if path == 'direct' else 'false'}")
     agent = stack.agent(proxy=proxy, sets=sets, name=f"agent-{proxy}-{path}")
     name = f"{proxy} {path}{variant_tag(args)}"
@@ -401,6 +401,13 @@ def main() -> int:
         metavar="KEY=VALUE",
         help="--set options for the nginx run (default: nginx.bind=127.0.0.1)",
     )
+    p.add_argument(
+        "--haproxy-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="--set options for the HAProxy run (e.g. haproxy.timeout_connect=100ms)",
+    )
     args = p.parse_args()
     args.runs = runs_of(args)
     if args.duration is None:
@@ -422,6 +429,7 @@ def main() -> int:
             "bare_duration",
             "backend",
             "mode",
+            "haproxy_set",
         )
     }
     report = Report("churn", params)

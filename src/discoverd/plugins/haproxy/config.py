@@ -94,7 +94,13 @@ class HAProxyConfig:
     retries: int = option(
         3, "Connection retries to a server before giving up (or redispatch).", min=0, max=100
     )
-    timeout_connect: str = option("1s", "Timeout of a connection to a server.", check=_time)
+    timeout_connect: str = option(
+        "250ms",
+        "Timeout of a connection to a server; a connection not made by then is tried again on "
+        "another server (retries, redispatch). A handshake takes one round trip: raise it for "
+        "servers more than about 200 ms away.",
+        check=_time,
+    )
     timeout_client: str = option("30s", "Inactivity timeout on the client side.", check=_time)
     timeout_server: str = option("30s", "Inactivity timeout on the server side.", check=_time)
     maxconn: int = option(
