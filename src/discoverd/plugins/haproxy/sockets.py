@@ -158,9 +158,16 @@ def admin(path: Path, command: str, *, expect: str = "", timeout: float = 2.0) -
     sentence: ``expect`` is a part of that sentence (empty: the answer must be empty).
     """
     try:
-        answer = cli(path, command, timeout).strip()
+        answer = cli(path, command, timeout)
     except OSError as exc:
         raise CommandError(f"{command!r}: {exc}") from None
+    return _checked(command, answer, expect)
+
+
+def _checked(command: str, answer: str, expect: str) -> str:
+    """``answer`` stripped if it says ``command`` succeeded (see :func:`admin`), else raise
+    ``CommandError`` naming the command and quoting the answer."""
+    answer = answer.strip()
     if (expect and expect not in answer) or (not expect and answer):
         raise CommandError(f"{command!r}: HAProxy answered {answer[:200]!r}")
     return answer
@@ -218,11 +225,10 @@ def admin_many(
             raise CommandError(f"{batch[0][0]!r}: {exc}") from None
         if len(got) != len(batch):
             raise CommandError(f"{line[:200]!r}: HAProxy answered {'; '.join(got)[:200]!r}")
-        for (command, expect), answer in zip(batch, got, strict=True):
-            answer = answer.strip()
-            if (expect and expect not in answer) or (not expect and answer):
-                raise CommandError(f"{command!r}: HAProxy answered {answer[:200]!r}")
-        answers += got
+        answers += [
+            _checked(command, answer, expect)
+            for (command, expect), answer in zip(batch, got, strict=True)
+        ]
         first = last
     return answers
 
