@@ -8,7 +8,9 @@ listens, so HAProxy's health checks mark them down; frontend ports from `--port-
 Then measures, for `discoverd discover`:
 
 - cold start: from starting the process to its log line saying the proxy applied the whole
-  registry (`discover: haproxy started (1000 services, 10000 instances)`); target <= 2 s;
+  registry (`discover: haproxy started (1000 services, 10000 instances)`), `--cold-runs` times
+  (3), each a fresh discoverd and HAProxy against the same etcd; targets: at most 2 s (issues 3
+  and 4) and at most 1 s on every run (issue 10);
 - one instance change applied: from the etcd put moving one instance to a new address to that
   address showing in `show servers state` on HAProxy's admin socket; target <= 300 ms;
 - RSS of the discoverd process (VmRSS, and its peak VmHWM); target <= 100 MB;
@@ -18,12 +20,16 @@ With `--breakdown`, discoverd runs at debug level and the cold start is split in
 time went: from starting the process to its first pass (Python, imports, settings, plugins),
 then the stages of that pass as discoverd logs them (registry read and parse, build, servable,
 render, validate with `haproxy -c`, apply: writing the file and starting HAProxy), each with
-the CPU time the pass's thread spent in it.
+the CPU time the pass's thread spent in it. Every cold start also notes the CPU it took by
+process (discoverd, etcd answering its read, HAProxy's master and workers) and their sum
+over the machine's cores: the least time the cold start could take there.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import re
 import socket
 import sys
@@ -34,10 +40,12 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.stack import (
+    Agent,
     Figure,
     Report,
     Stack,
     Target,
+    cpu_seconds,
     etcd_put_many,
     free_port,
     haproxy_cli,
@@ -101,6 +109,31 @@ def breakdown(lines: list[tuple[float, str]], started: float, cold: float) -> st
     return "\n".join(rows)
 
 
+def agent_state(agent: Agent) -> Path:
+    return Path(agent.cmd[agent.cmd.index("--state-dir") + 1])
+
+
+def cold_start_cpu(agent_pid: int, etcd_pid: int | None, etcd_before: float, state: Path) -> str:
+    """The CPU the cold start took, by process, read as soon as the applied line arrived:
+    discoverd's whole life so far, etcd's since just before discoverd started (answering the
+    snapshot read; nothing else talks to it then), HAProxy's master and workers' whole lives
+    (the workers' first health checks included). Their sum over the machine's cores is the
+    least time the cold start could take here if every part ran in parallel."""
+    own = cpu_seconds(agent_pid)
+    etcd = cpu_seconds(etcd_pid) - etcd_before if etcd_pid is not None else 0.0
+    haproxy = 0.0
+    for pid in haproxy_pids(state):
+        with contextlib.suppress(OSError):
+            haproxy += cpu_seconds(pid)
+    total = own + etcd + haproxy
+    cores = os.cpu_count() or 1
+    return (
+        f"cold start CPU: discoverd {own * 1000:.0f} ms, etcd {etcd * 1000:.0f} ms, "
+        f"HAProxy {haproxy * 1000:.0f} ms; sum {total * 1000:.0f} ms, at least "
+        f"{total / cores * 1000:.0f} ms on {cores} cores"
+    )
+
+
 def ports_free(first: int, count: int) -> bool:
     for port in range(first, first + count):
         with socket.socket() as sock:
@@ -113,15 +146,19 @@ def ports_free(first: int, count: int) -> bool:
     return True
 
 
+def wait_ports_free(first: int, count: int) -> None:
+    deadline = time.monotonic() + 30  # the HAProxy of a run just before may still be exiting
+    while not ports_free(first, count):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"ports {first}-{first + count - 1} are not all free")
+        time.sleep(0.5)
+
+
 def measure(stack: Stack, args: argparse.Namespace, runs: int, report: Report) -> None:
     services: int = args.services
     instances: int = args.instances
     port_base: int = args.port_base
-    deadline = time.monotonic() + 30  # the HAProxy of a run just before may still be exiting
-    while not ports_free(port_base, services):
-        if time.monotonic() > deadline:
-            raise SystemExit(f"ports {port_base}-{port_base + services - 1} are not all free")
-        time.sleep(0.5)
+    wait_ports_free(port_base, services)
     items = registry_items(services, instances, port_base)
     begin = time.monotonic()
     etcd_put_many(stack.etcd, items)
@@ -132,16 +169,33 @@ def measure(stack: Stack, args: argparse.Namespace, runs: int, report: Report) -
     while port_base <= stats < port_base + services:
         stats = free_port()
     sets = [f"haproxy.check_interval={args.check_interval}"]
-    agent = stack.agent(
-        "discover", sets=sets, log_level="debug" if args.breakdown else None, stats_port=stats
-    )
-    state = Path(agent.cmd[agent.cmd.index("--state-dir") + 1])
     pattern = rf"discover: haproxy \S+ \({services} services, {services * instances} instances\)"
-    applied, _ = agent.wait_line(pattern, timeout=300)
-    cold = applied - agent.started
-    if args.breakdown:
-        agent.wait_line(r"discover: pass started:", timeout=60)  # logged once it is all done
-        print(breakdown(agent.lines, agent.started, cold), flush=True)
+    colds: list[float] = []
+    agent: Agent | None = None
+    for n in range(max(1, args.cold_runs)):
+        if agent is not None:  # the one before, and the HAProxy it left: each start is cold
+            stack.stop_agent(agent)
+            wait_ports_free(port_base, services)
+        etcd_pid = stack.etcd.pid
+        etcd_before = cpu_seconds(etcd_pid) if etcd_pid is not None else 0.0
+        agent = stack.agent(
+            "discover",
+            sets=sets,
+            log_level="debug" if args.breakdown else None,
+            stats_port=stats,
+            name=f"agent{n}",  # a state folder of its own: nothing kept from the run before
+        )
+        applied, _ = agent.wait_line(pattern, timeout=300)
+        cold = applied - agent.started
+        colds.append(cold)
+        cpu = cold_start_cpu(agent.pid, etcd_pid, etcd_before, agent_state(agent))
+        print(f"cold start {n + 1}: {cold:.2f} s", flush=True)
+        if args.breakdown:
+            agent.wait_line(r"discover: pass started:", timeout=60)  # logged once all is done
+            print(breakdown(agent.lines, agent.started, cold), flush=True)
+        report.note(f"cold start {n + 1}: {cpu}")
+    assert agent is not None
+    state = agent_state(agent)
     servers = sum(
         1
         for row in haproxy_cli(state, "show servers state").splitlines()
@@ -151,8 +205,9 @@ def measure(stack: Stack, args: argparse.Namespace, runs: int, report: Report) -
         Figure(
             "scale: cold start to applied config",
             "s",
-            value=cold,
-            targets=[Target("value", "<=", 2)],
+            samples=colds,
+            # 2 s: issues 3 and 4; 1 s on every run: issue 10.
+            targets=[Target("max", "<=", 2), Target("max", "<=", 1)],
             note=f"{services} services x {instances} instances; HAProxy reports {servers} servers",
         )
     )
@@ -228,6 +283,12 @@ def main() -> int:
     p.add_argument("--port-base", type=int, default=20000, help="first frontend port (20000)")
     p.add_argument("--idle", type=float, default=None, help="seconds of idle CPU (60; quick 15)")
     p.add_argument(
+        "--cold-runs",
+        type=int,
+        default=None,
+        help="cold starts, each a fresh discoverd and HAProxy against the same etcd (3; quick 1)",
+    )
+    p.add_argument(
         "--check-interval",
         default="10s",
         help="HAProxy health check interval (10s: 10,000 "
@@ -241,6 +302,8 @@ def main() -> int:
     args = p.parse_args()
     if args.idle is None:
         args.idle = 15.0 if args.quick else 60.0
+    if args.cold_runs is None:
+        args.cold_runs = 1 if args.quick else 3
     runs = runs_of(args)
     params = {
         "services": args.services,
