@@ -309,6 +309,7 @@ def main() -> int:
         "services": args.services,
         "instances": args.instances,
         "runs": runs,
+        "cold_runs": max(1, args.cold_runs),
         "idle_s": args.idle,
         "check_interval": args.check_interval,
     }
