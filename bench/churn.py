@@ -112,8 +112,8 @@ def churn_run(
     if variant == "close":
         cmd += ["-H", "Connection: close"]
     cmd.append(f"http://127.0.0.1:{frontend}/")
-    state = agent.cmd[agent.cmd.index("--state-dir") + 1]
-    reloads_before = haproxy_reloads(Path(state)) if proxy == "haproxy" else None
+    state = agent.state_dir
+    reloads_before = haproxy_reloads(state) if proxy == "haproxy" else None
     log_mark = len(agent.lines)
     overflows = -sum(listen_overflows(c) for c in backends)
     wrk = stack.popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -145,7 +145,7 @@ def churn_run(
     figures["listen_overflows"] = overflows + sum(listen_overflows(c) for c in backends)
     if reloads_before is not None:
         time.sleep(1)  # let the last change land before reading the counter
-        after = haproxy_reloads(Path(state))
+        after = haproxy_reloads(state)
         figures["reloads"] = None if after is None else after - reloads_before
     return figures
 

@@ -88,8 +88,7 @@ def main() -> int:
             cpu_samples.append(idle_cpu_percent(agent.pid, args.idle))
             rss_samples.append(rss_kib(agent.pid)[0] / 1024)
         hwm = rss_kib(agent.pid)[1] / 1024
-        state = Path(agent.cmd[agent.cmd.index("--state-dir") + 1])
-        tree = [agent.pid, *haproxy_pids(state)]
+        tree = [agent.pid, *haproxy_pids(agent.state_dir)]
         tree_rss = sum(rss_kib(pid)[0] for pid in tree) / 1024
         tree_pss = sum(pss_kib(pid) for pid in tree) / 1024
         own_pss = pss_kib(agent.pid) / 1024

@@ -109,10 +109,6 @@ def breakdown(lines: list[tuple[float, str]], started: float, cold: float) -> st
     return "\n".join(rows)
 
 
-def agent_state(agent: Agent) -> Path:
-    return Path(agent.cmd[agent.cmd.index("--state-dir") + 1])
-
-
 def cold_start_cpu(agent_pid: int, etcd_pid: int | None, etcd_before: float, state: Path) -> str:
     """The CPU the cold start took, by process, read as soon as the applied line arrived:
     discoverd's whole life so far, etcd's since just before discoverd started (answering the
@@ -188,14 +184,14 @@ def measure(stack: Stack, args: argparse.Namespace, runs: int, report: Report) -
         applied, _ = agent.wait_line(pattern, timeout=300)
         cold = applied - agent.started
         colds.append(cold)
-        cpu = cold_start_cpu(agent.pid, etcd_pid, etcd_before, agent_state(agent))
+        cpu = cold_start_cpu(agent.pid, etcd_pid, etcd_before, agent.state_dir)
         print(f"cold start {n + 1}: {cold:.2f} s", flush=True)
         if args.breakdown:
             agent.wait_line(r"discover: pass started:", timeout=60)  # logged once all is done
             print(breakdown(agent.lines, agent.started, cold), flush=True)
         report.note(f"cold start {n + 1}: {cpu}")
     assert agent is not None
-    state = agent_state(agent)
+    state = agent.state_dir
     servers = sum(
         1
         for row in haproxy_cli(state, "show servers state").splitlines()

@@ -366,6 +366,11 @@ class Agent:
     def pid(self) -> int:
         return self.proc.pid
 
+    @property
+    def state_dir(self) -> Path:
+        """The ``--state-dir`` this agent was started with (its proxy's files are there)."""
+        return Path(self.cmd[self.cmd.index("--state-dir") + 1])
+
     def _read(self) -> None:
         assert self.proc.stdout is not None
         with self.log_path.open("ab") as log:
