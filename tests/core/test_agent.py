@@ -400,6 +400,31 @@ def test_waker_acts_at_once_on_a_lone_event_and_batches_the_burst_after_it() -> 
     assert got == [None]
 
 
+def test_waker_a_timers_pass_does_not_hold_the_next_lone_event() -> None:
+    # A pass only a timer asked for (a resync, a write put off) says nothing about a burst: the
+    # lone change right after it is still acted on at once, not after the 60 s window.
+    waker = Waker(min_wait=60.0, max_wait=120.0, calm=5.0)
+    stop = threading.Event()
+    waker.retry_in(0.0, "keep the served set")
+    assert waker.wait(stop) == ["keep the served set"]
+    waker.notify("docker start")
+    got: list[list[str] | None] = []
+    waiter = threading.Thread(target=lambda: got.append(waker.wait(stop)), daemon=True)
+    waiter.start()
+    waiter.join(10)
+    assert got == [["docker start"]]
+    # A pass that acted on events still starts a calm period: what follows it is batched.
+    waker.notify("check passed")
+    waiter = threading.Thread(target=lambda: got.append(waker.wait(stop)), daemon=True)
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive() and got == [["docker start"]]
+    stop.set()
+    waker.wake_all()
+    waiter.join(5)
+    assert got == [["docker start"], None]
+
+
 def test_register_hands_many_new_instances_over_at_once() -> None:
     class Batching(FakeRegistry):
         def __init__(self) -> None:

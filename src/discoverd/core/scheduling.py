@@ -13,8 +13,10 @@ class Waker:
 
     A batch is ready after ``min_wait`` seconds without a new event, and at most ``max_wait``
     after its first event. The first event after a calm period (``calm`` seconds without events
-    or passes) is acted on at once: a lone change (a container starting) is not delayed, and the
-    events that follow it in a burst are batched into the next pass.
+    or passes that acted on events) is acted on at once: a lone change (a container starting)
+    is not delayed, and the events that follow it in a burst are batched into the next pass. A
+    pass that only a timer asked for (``retry_in``: a resync, a write put off) ends no calm
+    period: it says nothing about a burst, and the next lone change is not held for it.
     """
 
     def __init__(self, min_wait: float, max_wait: float, calm: float = 0.1) -> None:
@@ -25,7 +27,7 @@ class Waker:
         self._first: float | None = None
         self._last = 0.0
         self._leading = False
-        self._quiet_since = -float("inf")  # the last event or pass
+        self._quiet_since = -float("inf")  # the last event, or pass that acted on events
         self._due: float | None = None  # a retry scheduled for later
         self._due_reason = ""
         self._reasons: list[str] = []
@@ -83,10 +85,11 @@ class Waker:
 
     def _take(self) -> list[str]:
         reasons, self._reasons = self._reasons, []
+        if self._first is not None:  # a timer's pass alone leaves the calm period as it was
+            self._quiet_since = time.monotonic()
         self.batch_first, self._first = self._first, None
         self._due = None
         self._leading = False
-        self._quiet_since = time.monotonic()
         return reasons
 
 
