@@ -57,6 +57,7 @@ from bench.stack import (
     runs_of,
 )
 from discoverd import ServiceInstance
+from discoverd.core.model import CONTAINER_ADDRESS_KEY, DETECTED_MODE_KEY
 from discoverd.plugins.etcd.keys import KeyScheme, encode_metadata
 
 HOSTS = ("bench-host-1", "bench-host-2", "bench-host-3", "bench-host-4", "bench-host-5")
@@ -70,21 +71,43 @@ def address(index: int) -> str:
     return f"127.0.{2 + index // 250}.{1 + index % 250}"
 
 
-def registry_items(services: int, instances: int, port_base: int) -> list[tuple[str, str]]:
-    """Every key of the fake registry, in the etcd plugin's layout."""
+#: ``--metadata``: what each instance's metadata holds.
+METADATA = ("register", "bare")
+
+
+def container_address(number: int) -> str:
+    """A container address of its own for instance ``number`` (a Docker bridge's range)."""
+    return f"172.{18 + number // 62500}.{number // 250 % 250}.{2 + number % 250}:8000"
+
+
+def registry_items(
+    services: int, instances: int, port_base: int, metadata: str = "register"
+) -> list[tuple[str, str]]:
+    """Every key of the fake registry, in the etcd plugin's layout. With ``metadata``
+    ``register`` each instance carries what the register role writes for a container without
+    labels (its container address and the mode detected, http); ``bare``: nothing beyond the
+    frontend port and host (the figures before 2026-12-03's tenth pass)."""
     layout = KeyScheme()
     items: list[tuple[str, str]] = []
     for s in range(services):
         name = service_name(s)
         items.append((layout.port_key(name), str(port_base + s)))
         for i in range(instances):
-            host = HOSTS[(s * instances + i) % len(HOSTS)]
+            number = s * instances + i
+            host = HOSTS[number % len(HOSTS)]
+            meta: tuple[tuple[str, str], ...] = ()
+            if metadata == "register":
+                meta = (
+                    (CONTAINER_ADDRESS_KEY, container_address(number)),
+                    (DETECTED_MODE_KEY, "http"),
+                )
             instance = ServiceInstance(
                 service=name,
                 id=f"{host}-{name}-{i:02d}",
                 address=address(s),
                 port=9000 + i,
                 frontend_port=port_base + s,
+                meta=meta,
                 host_id=host,
             )
             items.append((layout.backend_key(name, instance.id), instance.endpoint))
@@ -155,7 +178,7 @@ def measure(stack: Stack, args: argparse.Namespace, runs: int, report: Report) -
     instances: int = args.instances
     port_base: int = args.port_base
     wait_ports_free(port_base, services)
-    items = registry_items(services, instances, port_base)
+    items = registry_items(services, instances, port_base, args.metadata)
     begin = time.monotonic()
     etcd_put_many(stack.etcd, items)
     print(f"wrote {len(items)} keys to etcd in {time.monotonic() - begin:.1f} s", flush=True)
@@ -285,6 +308,14 @@ def main() -> int:
         help="cold starts, each a fresh discoverd and HAProxy against the same etcd (3; quick 1)",
     )
     p.add_argument(
+        "--metadata",
+        choices=METADATA,
+        default="register",
+        help="each instance's metadata: register (what the register role writes for a "
+        "container without labels: its container address, the mode detected, http) or bare "
+        "(none: the figures before 2026-12-03's tenth pass)",
+    )
+    p.add_argument(
         "--check-interval",
         default="10s",
         help="HAProxy health check interval (10s: 10,000 "
@@ -308,6 +339,7 @@ def main() -> int:
         "cold_runs": max(1, args.cold_runs),
         "idle_s": args.idle,
         "check_interval": args.check_interval,
+        "metadata": args.metadata,
     }
     report = Report("scale", params)
     with Stack(with_docker=False, keep=args.keep, log_level=args.log_level) as stack:
