@@ -5,6 +5,9 @@
 Writes the registry straight into etcd in discoverd's key layout (the etcd plugin's `KeyScheme`
 and metadata encoding, instances spread over a few fake hosts; addresses 127.0.X.Y where nothing
 listens, so HAProxy's health checks mark them down; frontend ports from `--port-base`, 20000).
+Each instance's metadata is what the register role writes for a container without labels: a
+container address of its own and the mode detected, http (`--metadata bare`: none, the
+registry of the passes before 2026-12-03's tenth).
 Then measures, for `discoverd discover`:
 
 - cold start: from starting the process to its log line saying the proxy applied the whole
