@@ -59,8 +59,8 @@ from bench.stack import (
     rss_kib,
     runs_of,
 )
-from discoverd import ServiceInstance
-from discoverd.core.model import CONTAINER_ADDRESS_KEY, DETECTED_MODE_KEY
+from discoverd import ServiceInstance, with_container_address
+from discoverd.core.model import DETECTED_MODE_KEY
 from discoverd.plugins.etcd.keys import KeyScheme, encode_metadata
 
 HOSTS = ("bench-host-1", "bench-host-2", "bench-host-3", "bench-host-4", "bench-host-5")
@@ -78,9 +78,9 @@ def address(index: int) -> str:
 METADATA = ("register", "bare")
 
 
-def container_address(number: int) -> str:
-    """A container address of its own for instance ``number`` (a Docker bridge's range)."""
-    return f"172.{18 + number // 62500}.{number // 250 % 250}.{2 + number % 250}:8000"
+def container_ip(number: int) -> str:
+    """A container IP of its own for instance ``number`` (a Docker bridge's range)."""
+    return f"172.{18 + number // 62500}.{number // 250 % 250}.{2 + number % 250}"
 
 
 def registry_items(
@@ -98,21 +98,18 @@ def registry_items(
         for i in range(instances):
             number = s * instances + i
             host = HOSTS[number % len(HOSTS)]
-            meta: tuple[tuple[str, str], ...] = ()
-            if metadata == "register":
-                meta = (
-                    (CONTAINER_ADDRESS_KEY, container_address(number)),
-                    (DETECTED_MODE_KEY, "http"),
-                )
+            register = metadata == "register"
             instance = ServiceInstance(
                 service=name,
                 id=f"{host}-{name}-{i:02d}",
                 address=address(s),
                 port=9000 + i,
                 frontend_port=port_base + s,
-                meta=meta,
+                meta=((DETECTED_MODE_KEY, "http"),) if register else (),
                 host_id=host,
             )
+            if register:  # as the Docker source sets it: checked, in canonical form
+                instance = with_container_address(instance, container_ip(number), 8000)
             items.append((layout.backend_key(name, instance.id), instance.endpoint))
             items.append((layout.meta_key(name, instance.id), encode_metadata(instance)))
     return items

@@ -34,8 +34,8 @@ def test_a_template_logging_to_stdout_leaves_the_log_readable_after_a_trim(
     for _ in range(20):
         http_get(f"http://127.0.0.1:{port}/before-the-trim")
     log = proxy.master.log
-    # HAProxy logs a request once its answer is sent: the client may have it first. Every line
-    # of before the trim must be in before the trim, or the last one would land after it.
+    # HAProxy logs a request once its answer is sent, so the client may have the answer first:
+    # wait for all 20 lines, or the last one could be written after the trim.
     wait_for(
         lambda: log.since(0).count("/before-the-trim") == 20, 10, what="the 20 traffic log lines"
     )
