@@ -60,6 +60,28 @@ def test_invalid_values_are_refused_with_the_rule(field: str, value: object, fra
         make(**{field: value})
 
 
+@pytest.mark.parametrize("char", [*"\n\r\0{}\"'`;#\\", "\t", "\x7f", "\u2028", "\x1b"])
+def test_every_forbidden_character_in_a_metadata_value_is_refused(char: str) -> None:
+    # Valid values are not cached (a container's address is new each time): a value that
+    # follows a valid one, and the same value twice, are each checked in full.
+    make(meta=(("note", "fine"),))
+    for _ in range(2):
+        with pytest.raises(ValidationError, match="metadata value"):
+            make(meta=(("note", f"a{char}b"),))
+
+
+def test_metadata_values_at_the_limits() -> None:
+    assert make(meta=(("note", "v" * 256),)).meta_dict == {"note": "v" * 256}
+    assert make(meta=(("note", "é ü 名"),)).meta_dict == {"note": "é ü 名"}
+    assert make(meta=(("note", ""),)).meta_dict == {"note": ""}
+    with pytest.raises(ValidationError, match="characters long"):
+        make(meta=(("note", "v" * 257),))
+    with pytest.raises(ValidationError, match="metadata key"):
+        make(meta=(("-note", "v"),))
+    with pytest.raises(ValidationError, match="text"):
+        make(meta=(("note", 5),))
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [

@@ -48,6 +48,12 @@ _CHECK_PATH_RE = re.compile(r"/[A-Za-z0-9._~&+=:@%/?-]{0,200}")
 _LINE_BREAKS = frozenset("\n\r\0")
 
 
+def _breaks_line(text: str) -> bool:
+    """``text`` holds one of ``_LINE_BREAKS`` (three substring searches: cheaper than a set
+    of the text's characters, for every value printed)."""
+    return "\n" in text or "\r" in text or "\0" in text
+
+
 @dataclass(frozen=True)
 class InstanceView:
     """One server line: what a template sees of an instance."""
@@ -111,7 +117,7 @@ def _checked(value: Any) -> Any:
     if value is None:
         raise PluginError("a HAProxy template printed None; refusing to render it")
     text = value if isinstance(value, str) else str(value)
-    if _LINE_BREAKS & set(text):
+    if _breaks_line(text):
         raise PluginError(
             f"refusing to render a value containing a line break into haproxy.cfg: {text[:60]!r}"
         )
@@ -121,7 +127,7 @@ def _checked(value: Any) -> Any:
 def _quote(value: object) -> str:
     """Single-quote a value for HAProxy (no escapes and no ``$VAR`` expansion inside)."""
     text = str(value)
-    if "'" in text or _LINE_BREAKS & set(text):
+    if "'" in text or _breaks_line(text):
         raise PluginError(f"cannot quote {text[:60]!r} for haproxy.cfg")
     return f"'{text}'"
 
