@@ -1134,38 +1134,83 @@ def test_a_write_lost_with_the_leader_is_sent_again_within_the_election(
         registrar.close(deregister=True)
 
 
-def test_a_snapshot_read_in_two_parts_is_at_one_revision(
-    etcd: Etcd, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The snapshot reads the plain entries and the metadata in two transactions at once.
-    Here a registration lands between them (the metadata read first, the plain entries
-    after): the older part is read again at the newer revision, so the new instance comes
-    with its metadata, never as a bare entry."""
-    registry = EtcdRegistry(config(etcd.endpoint))
-    reader = registry.reader
-    real = reader._read
-    written = threading.Event()
-    late = instance(iid="second", port=40002, tags=("late",), host_id="host2")
+def _between_pages(
+    registry: EtcdRegistry, monkeypatch: pytest.MonkeyPatch, action: Callable[[], None]
+) -> list[int]:
+    """Read snapshots in pages of two keys; ``action`` runs once, right after the first page
+    of the first snapshot. Returns the revisions the pages were read at."""
+    from discoverd.plugins.etcd import reader as reader_module
 
-    def racing(what: str, ranges: list[tuple[bytes, bytes]], revision: int = 0) -> Any:
-        if what != "snapshot" or revision:
-            return real(what, ranges, revision)
-        if len(ranges) == 1:  # the plain entries: after the registration
-            assert written.wait(10)
-            return real(what, ranges, revision)
-        answer = real(what, ranges, revision)  # the metadata and claims: before it
-        registry.register(late)
-        written.set()
+    monkeypatch.setattr(reader_module, "SNAPSHOT_PAGE", 2)
+    gateway = registry.reader.gateway
+    real = gateway.txn
+    revisions: list[int] = []
+    done = threading.Event()
+    lock = threading.Lock()
+
+    def paged(what: str, compare: Any, success: Any, failure: Any) -> Any:
+        answer = real(what, compare, success, failure)
+        request = success[0].get("request_range", {}) if success else {}
+        if what == "snapshot page":
+            revisions.append(int(request["revision"]))
+            with lock:
+                if not done.is_set():
+                    action()
+                    done.set()
         return answer
 
+    monkeypatch.setattr(gateway, "txn", paged)
+    return revisions
+
+
+def test_a_snapshot_read_in_pages_is_at_one_revision(
+    etcd: Etcd, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large registry is read in pages, each at the revision of the snapshot's first read.
+    A registration that lands between two pages is not half seen (an instance without its
+    metadata, or the metadata of an instance missing): the snapshot is the registry as it was,
+    and the next one has the new instance whole."""
+    registry = EtcdRegistry(config(etcd.endpoint))
+    first = [instance(iid=f"i{n}", port=40000 + n, tags=(f"t{n}",)) for n in range(5)]
+    late = instance(iid="i2b", port=40009, tags=("late",), host_id="host2")
     try:
-        registry.register(instance())
-        monkeypatch.setattr(reader, "_read", racing)
+        registry.register_many(first)
+        revisions = _between_pages(registry, monkeypatch, lambda: registry.register(late))
         catalog = registry.snapshot()
-        monkeypatch.undo()
-        assert {i.id: i for i in catalog.instances}["second"] == late
+        assert len(revisions) > 4 and len(set(revisions)) == 1  # many pages, one revision
+        assert sorted(catalog.instances) == sorted(first)
         assert catalog.problems == ()
-        assert catalog.revision == registry.snapshot().revision
+        assert catalog.revision == revisions[0]
+        monkeypatch.undo()
+        after = registry.snapshot()
+        assert after.revision > catalog.revision
+        assert {i.id: i for i in after.instances}["i2b"] == late
+        assert after.problems == ()
+    finally:
+        registry.close(deregister=True)
+
+
+def test_a_snapshot_whose_revision_is_compacted_between_pages_is_read_again(
+    etcd: Etcd, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The revision a snapshot reads its pages at is compacted away after the first page:
+    the next page is refused, and the whole snapshot is read again, at the new revision."""
+    registry = EtcdRegistry(config(etcd.endpoint))
+    first = [instance(iid=f"i{n}", port=40000 + n) for n in range(4)]
+    late = instance(iid="i9", port=40009)
+
+    def register_and_compact() -> None:
+        registry.register(late)
+        revision = int(raw_client(etcd).post("/kv/range", {"key": b64("/")})["header"]["revision"])
+        etcdctl(etcd, "compaction", str(revision))
+
+    try:
+        registry.register_many(first)
+        revisions = _between_pages(registry, monkeypatch, register_and_compact)
+        catalog = registry.snapshot()
+        assert len(set(revisions)) == 2  # read again at the newer revision
+        assert sorted(catalog.instances) == sorted([*first, late])
+        assert catalog.problems == ()
     finally:
         registry.close(deregister=True)
 

@@ -206,23 +206,101 @@ def read_catalog(
     affects only that entry (or, for a bad service name or a service without any frontend port,
     only that service).
     """
-    grouped = _group_entries(scheme, backend_kvs, meta_kvs)
-    held = read_claims(scheme, holder_kvs)
-    instances: list[ServiceInstance] = []
-    problems = list(grouped.problems)
-    for service in sorted(grouped.services):
-        found, trouble = _read_service(
-            scheme, service, grouped.services[service], grouped.metadata, held.ports.get(service)
+    assembler = CatalogAssembler(scheme, holder_kvs)
+    assembler.add_backend(sorted(backend_kvs), None)
+    assembler.add_meta(meta_kvs, None)
+    return assembler.catalog(revision)
+
+
+class CatalogAssembler:
+    """:func:`read_catalog`, fed in pages: the instance keys and the metadata keys each in
+    key order (two streams, any page sizes), the claims first. A service is read as soon as
+    both streams have gone past its directory, so a large registry is parsed while the rest of
+    it is still on its way; :meth:`catalog` then gives what ``read_catalog`` gives for the same
+    keys, in the same order."""
+
+    def __init__(self, scheme: KeyScheme, holder_kvs: Iterable[Holder] = ()) -> None:
+        self.scheme = scheme
+        self._held = read_claims(scheme, holder_kvs)
+        self._head = scheme.prefix + "/"
+        self._meta_head = scheme.meta_prefix + "/"
+        #: Instance keys of the services not read yet, by service, in the order they came.
+        self._pending: dict[str, dict[str, tuple[str, bytes]]] = {}
+        self._metadata: dict[tuple[str, str], tuple[str, bytes]] = {}
+        self._key_problems: list[Problem] = []
+        self._read: dict[str, tuple[list[ServiceInstance], list[Problem]]] = {}
+        self._entries: dict[str, dict[str, tuple[str, bytes]]] = {}  # of the services read
+        #: The last key each stream delivered; ``None`` once it has delivered everything.
+        self._backend_at: bytes | None = b""
+        self._meta_at: bytes | None = b""
+
+    def add_backend(self, kvs: Iterable[tuple[bytes, bytes]], last: bytes | None) -> None:
+        """The next instance keys, in key order; ``last``: the last key the stream has given
+        so far (``None``: there are no more)."""
+        head = self._head
+        for raw_key, value in kvs:
+            key = _text(raw_key)
+            service, sep, name = key[len(head) :].partition("/")
+            if not sep or not name:
+                self._key_problems.append(
+                    Problem(key, f"unexpected key: expected {head}<service>/<instance id>; ignored")
+                )
+                continue
+            if service in self._read:  # keys out of order (never from etcd): read it again
+                del self._read[service]
+                self._pending[service] = self._entries.pop(service)
+            self._pending.setdefault(service, {})[name] = (key, value)
+        self._backend_at = last
+        self._settle()
+
+    def add_meta(self, kvs: Iterable[tuple[bytes, bytes]], last: bytes | None) -> None:
+        """The next metadata keys, as :meth:`add_backend`."""
+        head = self._meta_head
+        for raw_key, value in kvs:
+            key = _text(raw_key)
+            service, sep, name = key[len(head) :].partition("/")
+            if sep and name:
+                self._metadata[(service, name)] = (key, value)
+        self._meta_at = last
+        self._settle()
+
+    def _settle(self) -> None:
+        """Read the pending services that both streams have gone past."""
+        done = []
+        for service in self._pending:
+            if not (
+                self._past(self._backend_at, self.scheme.prefix, service)
+                and self._past(self._meta_at, self.scheme.meta_prefix, service)
+            ):
+                break  # directories come in key order: the next ones are not past either
+            done.append(service)
+        for service in done:
+            entries = self._entries[service] = self._pending.pop(service)
+            self._read[service] = _read_service(
+                self.scheme, service, entries, self._metadata, self._held.ports.get(service)
+            )
+
+    @staticmethod
+    def _past(at: bytes | None, prefix: str, service: str) -> bool:
+        return at is None or at >= range_of(f"{prefix}/{service}")[1]
+
+    def catalog(self, revision: int) -> Catalog:
+        """The catalog of everything added (the services not read yet are read now)."""
+        self._backend_at = self._meta_at = None
+        self._settle()
+        instances: list[ServiceInstance] = []
+        problems = list(self._key_problems)
+        for service in sorted(self._read):
+            found, trouble = self._read[service]
+            instances.extend(found)
+            problems.extend(trouble)
+        problems.extend(self._held.problems)
+        return Catalog(
+            instances=tuple(instances),
+            problems=tuple(problems),
+            revision=revision,
+            claims=self._held.claims,
         )
-        instances.extend(found)
-        problems.extend(trouble)
-    problems.extend(held.problems)
-    return Catalog(
-        instances=tuple(instances),
-        problems=tuple(problems),
-        revision=revision,
-        claims=held.claims,
-    )
 
 
 @dataclass
@@ -266,45 +344,6 @@ def read_claims(scheme: KeyScheme, holder_kvs: Iterable[Holder]) -> Claims:
         holders.append(ClaimHolder(service, port, item.create_revision, key))
     settled = settle_claims(holders, lambda service: f"{head}{service}")
     return Claims(settled.ports, settled.claims, problems + settled.problems)
-
-
-@dataclass
-class _Grouped:
-    """Keys sorted by service: ``services[service][name] = (key, value)`` with ``name`` an
-    instance id or ``port``; ``metadata[(service, id)] = (key, value)``; ``problems`` for keys
-    that belong to no service."""
-
-    services: dict[str, dict[str, tuple[str, bytes]]]
-    metadata: dict[tuple[str, str], tuple[str, bytes]]
-    problems: list[Problem]
-
-
-def _group_entries(
-    scheme: KeyScheme,
-    backend_kvs: Iterable[tuple[bytes, bytes]],
-    meta_kvs: Iterable[tuple[bytes, bytes]],
-) -> _Grouped:
-    problems: list[Problem] = []
-    services: dict[str, dict[str, tuple[str, bytes]]] = {}
-    head = scheme.prefix + "/"
-    for raw_key, value in sorted(backend_kvs):
-        key = _text(raw_key)
-        service, sep, name = key[len(head) :].partition("/")
-        if not sep or not name:
-            problems.append(
-                Problem(key, f"unexpected key: expected {head}<service>/<instance id>; ignored")
-            )
-            continue
-        services.setdefault(service, {})[name] = (key, value)
-
-    metadata: dict[tuple[str, str], tuple[str, bytes]] = {}
-    meta_head = scheme.meta_prefix + "/"
-    for raw_key, value in meta_kvs:
-        key = _text(raw_key)
-        service, sep, name = key[len(meta_head) :].partition("/")
-        if sep and name:
-            metadata[(service, name)] = (key, value)
-    return _Grouped(services, metadata, problems)
 
 
 def _read_service(

@@ -22,9 +22,10 @@ time, as before, after that wait the first time each such entry is seen.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -46,7 +47,13 @@ from discoverd.plugins.etcd.gateway import (
     retry_elsewhere,
     unb64,
 )
-from discoverd.plugins.etcd.keys import PORT_KEY, Holder, KeyScheme, read_catalog
+from discoverd.plugins.etcd.keys import (
+    PORT_KEY,
+    CatalogAssembler,
+    Holder,
+    KeyScheme,
+    read_catalog,
+)
 
 log = logging.getLogger("discoverd.etcd")
 
@@ -65,8 +72,11 @@ QUICK_BREAKS = 6
 #: Services read per transaction: three ranges each (instances, metadata, claims), within
 #: etcd's 128 operations.
 SERVICES_PER_READ = 42
-#: Attempts of a ``read_services`` whose revision was compacted between two of its reads.
+#: Attempts of a ``read_services`` or a ``snapshot`` whose revision was compacted between two
+#: of its reads.
 READ_ATTEMPTS = 3
+#: Keys per page of a snapshot (see ``CatalogReader.snapshot``).
+SNAPSHOT_PAGE = 2500
 #: Seconds a read from the mirror may wait for the second message of a transaction (see the
 #: module) before reading etcd instead.
 COMPANION_WAIT = 0.02
@@ -224,29 +234,106 @@ class CatalogReader:
     # Reads
 
     def snapshot(self) -> Catalog:
-        # Two read-only transactions sent together, the plain entries in one, the metadata and
-        # the claims in the other (linearizable reads; no raft proposal for read-only txns):
-        # etcd's gateway builds both answers at once, and a cold read of 10,000 instances
-        # takes 115 ms instead of 180 on two cores. Both must be at one revision: when they
-        # are not, the older part is read again at the newer revision.
-        ranges = self.scheme.ranges()
-        plain, rest = ranges[:1], ranges[1:]
-        first, second = self._read_together("snapshot", plain, rest)
+        for attempt in range(1, READ_ATTEMPTS + 1):
+            try:
+                return self._snapshot()
+            except EtcdError as exc:
+                if exc.code != GRPC_OUT_OF_RANGE or attempt == READ_ATTEMPTS:
+                    raise
+                log.debug("etcd: revision compacted during the snapshot; reading again")
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _snapshot(self) -> Catalog:
+        # The claims first, in a linearizable read: its revision is the snapshot's. Then the
+        # instance keys and the metadata keys at that revision, each in pages on a thread of
+        # its own, while this thread parses the pages as they come (``CatalogAssembler``):
+        # etcd's gateway takes about as long to encode a large answer as discoverd takes to
+        # parse it, and pages let the two overlap (1,000 services x 10 instances: ~20 % less
+        # time to the catalog than two whole reads, on two cores).
+        plain_range, meta_range, holders_range = self.scheme.ranges()
+        first = self._read("snapshot", [holders_range])
         try:
-            revisions = [int(first["header"]["revision"]), int(second["header"]["revision"])]
-            if revisions[0] != revisions[1]:
-                if revisions[0] < revisions[1]:
-                    first = self._read("snapshot", plain, revisions[1])
-                else:
-                    second = self._read("snapshot", rest, revisions[0])
-            revision = max(revisions)
-            found = [r["response_range"] for r in (*_responses(first), *_responses(second))]
-            backend, meta = _kvs(found[0]), _kvs(found[1])
-            holders = _holders(found[2])
+            revision = int(first["header"]["revision"])
+            holders = _holders(_responses(first)[0]["response_range"])
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise PluginError(f"etcd: unexpected answer to the snapshot read ({exc!r})") from None
+        assembler = CatalogAssembler(self.scheme, holders)
+        backend: list[tuple[bytes, bytes]] = []
+        meta: list[tuple[bytes, bytes]] = []
+        pages: queue.SimpleQueue[tuple[int, list[tuple[bytes, bytes]], bytes | None]] = (
+            queue.SimpleQueue()
+        )
+        failed: list[BaseException] = []
+        stop = threading.Event()
+
+        def read_pages(stream: int, key_range: tuple[bytes, bytes]) -> None:
+            try:
+                self._read_pages(
+                    key_range, revision, stop, lambda kvs, last: pages.put((stream, kvs, last))
+                )
+            except BaseException as exc:  # raised below, in the caller's thread
+                failed.append(exc)
+                pages.put((stream, [], None))
+
+        threads = [
+            threading.Thread(
+                target=read_pages, args=(n, r), name="discoverd-etcd-read", daemon=True
+            )
+            for n, r in enumerate((plain_range, meta_range))
+        ]
+        for thread in threads:
+            thread.start()
+        try:
+            open_streams = len(threads)
+            while open_streams:
+                stream, kvs, last = pages.get()
+                if failed:
+                    raise failed[0]
+                if last is None:
+                    open_streams -= 1
+                if stream == 0:
+                    backend.extend(kvs)
+                    assembler.add_backend(kvs, last)
+                else:
+                    meta.extend(kvs)
+                    assembler.add_meta(kvs, last)
+        finally:
+            stop.set()  # a thread still reading stops after its page
         self._keep(revision, backend, meta, holders)
-        return read_catalog(self.scheme, backend, meta, revision, holders)
+        return assembler.catalog(revision)
+
+    def _read_pages(
+        self,
+        key_range: tuple[bytes, bytes],
+        revision: int,
+        stop: threading.Event,
+        deliver: Callable[[list[tuple[bytes, bytes]], bytes | None], None],
+    ) -> None:
+        """Read ``key_range`` at ``revision``, ``SNAPSHOT_PAGE`` keys at a time; ``deliver``
+        each page with its last key (``None`` with the last page)."""
+        start, end = key_range
+        while not stop.is_set():
+            request = {
+                "key": b64(start),
+                "range_end": b64(end),
+                "revision": str(revision),
+                "limit": str(SNAPSHOT_PAGE),
+            }
+            reply = self.gateway.txn("snapshot page", [], [{"request_range": request}], [])
+            try:
+                response = _responses(reply)[0]["response_range"]
+                kvs = _kvs(response)
+                more = bool(response.get("more", False)) and bool(kvs)
+            except (KeyError, TypeError, ValueError, IndexError) as exc:
+                raise PluginError(
+                    f"etcd: unexpected answer to the snapshot read ({exc!r})"
+                ) from None
+            if not more:
+                deliver(kvs, None)
+                return
+            last = kvs[-1][0]
+            deliver(kvs, last)
+            start = last + b"\0"  # the next key after the last one
 
     def _keep(
         self,
@@ -265,29 +352,6 @@ class CatalogReader:
                 0 < t.next_revision <= revision + 1 for t in targets.values()
             ):
                 self._mirror = _Mirror(self.scheme, (revision, backend, meta, holders))
-
-    def _read_together(
-        self, what: str, one: list[tuple[bytes, bytes]], other: list[tuple[bytes, bytes]]
-    ) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
-        """``_read`` of ``one`` here and of ``other`` on another thread, at the same time."""
-        answer: list[Mapping[str, Any] | BaseException] = []
-
-        def read_other() -> None:
-            try:
-                answer.append(self._read(what, other))
-            except BaseException as exc:  # raised below, in the caller's thread
-                answer.append(exc)
-
-        thread = threading.Thread(target=read_other, name="discoverd-etcd-read", daemon=True)
-        thread.start()
-        try:
-            mine = self._read(what, one)
-        finally:
-            thread.join()
-        theirs = answer[0]
-        if isinstance(theirs, BaseException):
-            raise theirs
-        return mine, theirs
 
     def read_services(self, names: Collection[str]) -> Catalog:
         """The directories of ``names`` under both prefixes and their claims: from the
