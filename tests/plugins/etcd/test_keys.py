@@ -91,13 +91,24 @@ def test_pages_in_any_split_and_interleaving_give_the_catalog_of_one_read(seed: 
         assert read_early > 0  # some services were read before the last page
 
 
-def test_keys_out_of_order_are_read_again_not_lost() -> None:
+@pytest.mark.parametrize("stream", ["backend", "meta"])
+def test_a_key_of_a_service_already_read_has_it_read_again(stream: str) -> None:
+    """Keys out of order (never from etcd): a key of service ``b`` comes after ``b`` was
+    read; ``b`` is read again with all its keys, nothing lost."""
     backend, meta, holders = registry()
     whole = read_catalog(SCHEME, backend, meta, 7, holders)
+    keys = backend if stream == "backend" else meta
+    head = f"{SCHEME.prefix if stream == 'backend' else SCHEME.meta_prefix}/b/".encode()
+    late = next(kv for kv in keys if kv[0].startswith(head) and kv[0].endswith(b"h1-b"))
     assembler = CatalogAssembler(SCHEME, holders)
-    assembler.add_meta(meta, None)
-    late = [kv for kv in backend if kv[0].startswith(f"{SCHEME.prefix}/zz/".encode())]
-    rest = [kv for kv in backend if kv not in late]
-    assembler.add_backend(rest[:1] + late[:1], late[0][0])
-    assembler.add_backend(rest[1:] + late[1:], None)
+    if stream == "backend":
+        assembler.add_meta(meta, None)
+        assembler.add_backend([kv for kv in backend if kv != late], None)
+        assert "b" in assembler._read
+        assembler.add_backend([late], None)
+    else:
+        assembler.add_backend(backend, None)
+        assembler.add_meta([kv for kv in meta if kv != late], None)
+        assert "b" in assembler._read
+        assembler.add_meta([late], None)
     assert assembler.catalog(7) == whole

@@ -246,9 +246,7 @@ class CatalogAssembler:
                     Problem(key, f"unexpected key: expected {head}<service>/<instance id>; ignored")
                 )
                 continue
-            if service in self._read:  # keys out of order (never from etcd): read it again
-                del self._read[service]
-                self._pending[service] = self._entries.pop(service)
+            self._reopen(service)
             self._pending.setdefault(service, {})[name] = (key, value)
         self._backend_at = last
         self._settle()
@@ -260,9 +258,17 @@ class CatalogAssembler:
             key = _text(raw_key)
             service, sep, name = key[len(head) :].partition("/")
             if sep and name:
+                self._reopen(service)
                 self._metadata[(service, name)] = (key, value)
         self._meta_at = last
         self._settle()
+
+    def _reopen(self, service: str) -> None:
+        """A key of ``service`` came after it was read (keys out of order; never from etcd,
+        whose pages come in key order): read it again, with every key it had."""
+        if service in self._read:
+            del self._read[service]
+            self._pending[service] = self._entries.pop(service)
 
     def _settle(self) -> None:
         """Read the pending services that both streams have gone past."""

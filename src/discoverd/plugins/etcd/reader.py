@@ -281,9 +281,9 @@ class CatalogReader:
             )
             for n, r in enumerate((plain_range, meta_range))
         ]
-        for thread in threads:
-            thread.start()
         try:
+            for thread in threads:
+                thread.start()
             open_streams = len(threads)
             while open_streams:
                 stream, kvs, last = pages.get()
