@@ -91,6 +91,7 @@ def registry_items(
     labels (its container address and the mode detected, http); ``bare``: nothing beyond the
     frontend port and host (the figures before 2026-12-03's tenth pass)."""
     layout = KeyScheme()
+    register = metadata == "register"
     items: list[tuple[str, str]] = []
     for s in range(services):
         name = service_name(s)
@@ -98,7 +99,6 @@ def registry_items(
         for i in range(instances):
             number = s * instances + i
             host = HOSTS[number % len(HOSTS)]
-            register = metadata == "register"
             instance = ServiceInstance(
                 service=name,
                 id=f"{host}-{name}-{i:02d}",

@@ -246,10 +246,11 @@ class CatalogReader:
     def _snapshot(self) -> Catalog:
         # The claims first, in a linearizable read: its revision is the snapshot's. Then the
         # instance keys and the metadata keys at that revision, each in pages on a thread of
-        # its own, while this thread parses the pages as they come (``CatalogAssembler``):
-        # etcd's gateway takes about as long to encode a large answer as discoverd takes to
-        # parse it, and pages let the two overlap (1,000 services x 10 instances: ~20 % less
-        # time to the catalog than two whole reads, on two cores).
+        # its own, while this thread parses the pages as they come (``CatalogAssembler``).
+        # The whole answer and its decoded form are never held at once (105,000 keys: a peak
+        # RSS of 139 MB instead of 213), and parsing overlaps etcd's encoding of the next
+        # page (a snapshot of 1,000 services x 10 instances alone: median 287 ms instead of
+        # 317; no gain in a whole cold start, where etcd counts the range again per page).
         plain_range, meta_range, holders_range = self.scheme.ranges()
         first = self._read("snapshot", [holders_range])
         try:
