@@ -14,6 +14,12 @@ one through round robin, needs one or two requests in every run. With ``--grow``
 stay (the figures before issue 10's last session): run n meets n + 1 backends, and the poller's
 share grows with n.
 
+With ``--new-service`` each run's container is the first of a service of its own (label
+``SERVICE_NAME``, a port of its own; with ``--mode auto`` no other label): the proxy takes a
+reload to serve it (a new frontend), where the runs above take runtime commands (a new server).
+Its container is stopped after it answered, and the next run waits a second, past HAProxy's
+``reload_interval``, so that no run waits for the removal's reload.
+
 With ``--timeline`` discoverd runs at debug level and each run prints where its time went:
 every debug line that carries a moment (``t=``, on the machine's monotonic clock, which this
 script shares) as milliseconds after the ``docker run`` call, with the stages of the register
@@ -85,6 +91,7 @@ def measure(
     *,
     show_timeline: bool = False,
     grow: bool = False,
+    new_service: bool = False,
 ) -> Figure:
     frontend = free_port()
     labels, private = whoami_backend(frontend, mode)
@@ -96,6 +103,10 @@ def measure(
     print(f"first container routable {time.monotonic() - agent.started:.1f} s after start")
     samples: list[float] = []
     for n in range(runs):
+        if new_service:
+            frontend = free_port()
+            labels, private = whoami_backend(frontend, mode)
+            labels = {**labels, "SERVICE_NAME": f"fresh{n + 1}"}
         mark = len(agent.lines)
         began = time.monotonic()
         container = stack.run_containers(1, labels=labels, private_port=private)[0]
@@ -106,7 +117,10 @@ def measure(
         if show_timeline:
             time.sleep(0.2)  # the lines logged after the answer (the pass's summary)
             print(timeline(agent.lines[mark:], began, start, routable), flush=True)
-        if not grow:
+        if new_service:
+            container.stop(timeout=5)
+            time.sleep(1.0)
+        elif not grow:
             container.stop(timeout=5)
             wait_out(frontend, container.id[:12], 30)
     return report.add(
@@ -117,7 +131,9 @@ def measure(
             targets=[Target("median", "<=", 60), Target("p99", "<=", 300)],
             note=f"{mode} mode, "
             + (
-                "the service grows by a backend per run"
+                "a new service in every run (a reload)"
+                if new_service
+                else "the service grows by a backend per run"
                 if grow
                 else "a service of two backends in every run"
             ),
@@ -138,11 +154,30 @@ def main() -> int:
         action="store_true",
         help="keep every run's container (the service grows by a backend per run)",
     )
+    p.add_argument(
+        "--new-service",
+        action="store_true",
+        help="each run's container is the first of a new service (label SERVICE_NAME): the "
+        "proxy reloads to serve it",
+    )
     args = p.parse_args()
+    if args.grow and args.new_service:
+        p.error("--grow and --new-service exclude each other")
     runs = runs_of(args)
-    report = Report("time_to_routable", {"runs": runs, "mode": args.mode, "grow": args.grow})
+    report = Report(
+        "time_to_routable",
+        {"runs": runs, "mode": args.mode, "grow": args.grow, "new_service": args.new_service},
+    )
     with Stack(keep=args.keep, log_level=args.log_level) as stack:
-        measure(stack, runs, args.mode, report, show_timeline=args.timeline, grow=args.grow)
+        measure(
+            stack,
+            runs,
+            args.mode,
+            report,
+            show_timeline=args.timeline,
+            grow=args.grow,
+            new_service=args.new_service,
+        )
     report.write(args.json)
     return 0
 

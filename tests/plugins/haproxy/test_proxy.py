@@ -195,6 +195,7 @@ def test_plugin_is_registered_with_its_options() -> None:
         "maxconn",
         "drain_timeout",
         "reload_interval",
+        "system_ca",
     ]
     defaults = {o.name: o.default for o in plugin.options}
     assert defaults["balance"] == "leastconn"
@@ -406,6 +407,18 @@ def test_validate_accepts_a_render(make_haproxy: MakeHAProxy) -> None:
     proxy = make_haproxy()
     proxy.validate(proxy.render(sample_services()))
     assert not list(proxy.dir.glob("candidate*"))
+
+
+@pytest.mark.parametrize("system_ca", [False, True])
+def test_the_system_s_ca_certificates_are_read_only_when_asked(
+    make_haproxy: MakeHAProxy, system_ca: bool
+) -> None:
+    """HAProxy 2.6 reads the system's CA store at every start and check for its HTTP client,
+    unless the client does not verify; both renders are valid configurations."""
+    proxy = make_haproxy(system_ca=system_ca)
+    config = proxy.render(sample_services())
+    assert ("\n    httpclient.ssl.verify none\n" in config) is not system_ca
+    proxy.validate(config)
 
 
 def test_validate_reports_haproxy_s_own_message(make_haproxy: MakeHAProxy, tmp_path: Path) -> None:

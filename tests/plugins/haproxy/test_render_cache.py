@@ -17,7 +17,12 @@ import pytest
 
 from discoverd import Service, ServiceInstance
 from discoverd.plugins.haproxy import make_proxy
-from discoverd.plugins.haproxy.config_split import ConfigSplit, parse_piece, split_config
+from discoverd.plugins.haproxy.config_split import (
+    ConfigSplit,
+    join_pieces,
+    parse_piece,
+    split_config,
+)
 from discoverd.plugins.haproxy.proxy import HAProxy
 from discoverd.plugins.haproxy.render import render_config
 from tests.plugins.haproxy.conftest import haproxy_context
@@ -287,3 +292,28 @@ def test_a_piece_that_continues_a_backend_is_split_in_its_context() -> None:
     assert not alone.servers and "server a" in alone.structure
     assert not parse_piece(head).uses_start and parse_piece(head).end == "web"
     assert parse_piece("    # nothing\n", "web").end is None
+
+
+def test_a_piece_carries_the_default_server_options_of_its_backend() -> None:
+    head = "backend web\n    default-server check inter 2s\n"
+    tail = "    server a 10.0.0.1:80 weight 3\n    default-server fall 3\n"
+    first = parse_piece(head)
+    assert first.end == "web" and first.end_defaults == "check inter 2s"
+    piece = parse_piece(tail, first.end, first.end_defaults)
+    assert piece.uses_start and piece.end is None
+    assert dict(piece.servers["web"])["a"].args == "check inter 2s weight 3"
+    assert piece.end_defaults == "check inter 2s fall 3"
+    # A default-server line before the piece's first section keyword depends on where it
+    # starts: the renderer splits it again when that changes.
+    assert parse_piece("    default-server check\n").uses_start
+    assert parse_piece("    default-server check\n", "web").end_defaults == "check"
+    assert parse_piece("    default-server check\n").default_server  # outside a backend
+    # A new section starts from none.
+    assert parse_piece("backend other\n", "web", "check").end_defaults == ""
+    # Pieces cut anywhere join into the split of the whole text.
+    text = head + tail + "    server b 10.0.0.2:80\nbackend two\n    server c 10.0.0.3:80\n"
+    lines = text.splitlines(keepends=True)
+    for cut in range(len(lines) + 1):
+        one = parse_piece("".join(lines[:cut]))
+        two = parse_piece("".join(lines[cut:]), one.end or "", one.end_defaults)
+        assert same_split(join_pieces([one, two]), split_config(text)), cut

@@ -135,14 +135,11 @@ def test_split_separates_server_lines_from_the_structure() -> None:
     assert not split.duplicates and not split.default_server
 
     # Servers only: runtime changes, no reload.
-    fewer = text.replace(
-        f"    server host1:a1b2c3d4e5f6:8000:tcp 127.0.0.1:32768 {HTTP_ARGS}\n", ""
-    )
+    fewer = text.replace("    server host1:a1b2c3d4e5f6:8000:tcp 127.0.0.1:32768\n", "")
     moved = fewer.replace("127.0.0.1:32773", "127.0.0.1:40000")
     added = moved.replace(  # the first backend without servers: billing
-        "    http-check expect rstatus ^[1-5]\n\n",
-        "    http-check expect rstatus ^[1-5]\n"
-        f"    server host1:new:9000:tcp 10.0.0.9:31000 {HTTP_ARGS}\n\n",
+        f"    default-server {HTTP_ARGS}\n\n",
+        f"    default-server {HTTP_ARGS}\n    server host1:new:9000:tcp 10.0.0.9:31000\n\n",
         1,
     )
     assert added != moved
@@ -151,6 +148,8 @@ def test_split_separates_server_lines_from_the_structure() -> None:
     assert [s.name for s in changes.removed] == ["host1:a1b2c3d4e5f6:8000:tcp"]
     assert [(s.section, s.port) for s in changes.moved] == [("redis", 40000)]
     assert [(s.section, s.name) for s in changes.added] == [("billing", "host1:new:9000:tcp")]
+    # Added at run time with its backend's default-server options spelled out.
+    assert changes.added[0].args == HTTP_ARGS
     assert checked_without_haproxy(split_config(added), split)
 
     # Anything else takes a reload.
@@ -167,8 +166,8 @@ def test_split_separates_server_lines_from_the_structure() -> None:
     odd = split_config(text.replace("fall 2 rise 1", "fall 2 rise 1 frobnicate", 1))
     assert not checked_without_haproxy(odd, split)
     twice = text.replace(
-        f"    server host1:f6a1b2c3d4e5:8000:tcp 127.0.0.1:32773 {TCP_ARGS}\n",
-        f"    server host1:f6a1b2c3d4e5:8000:tcp 127.0.0.1:32773 {TCP_ARGS}\n" * 2,
+        "    server host1:f6a1b2c3d4e5:8000:tcp 127.0.0.1:32773\n",
+        "    server host1:f6a1b2c3d4e5:8000:tcp 127.0.0.1:32773\n" * 2,
     )
     assert split_config(twice).duplicates and not checked_without_haproxy(
         split_config(twice), split
@@ -188,6 +187,57 @@ def test_split_separates_server_lines_from_the_structure() -> None:
         )
         is None
     )
+
+
+def test_a_server_gets_the_default_server_options_of_its_backend_before_its_own() -> None:
+    text = (
+        "defaults\n    mode http\n"
+        "backend a\n"
+        "    server early 10.0.0.1:80 weight 5\n"
+        "    default-server check inter 2s\n"
+        "    server one 10.0.0.2:80\n"
+        "    default-server fall 3\n"
+        "    server two 10.0.0.3:80 inter 1s\n"
+        "backend b\n"
+        "    server three 10.0.0.4:80\n"
+        "listen c\n"
+        "    bind :81\n"
+        "    default-server check\n"
+        "    server four 10.0.0.5:80\n"
+    )
+    split = split_config(text)
+    args = {name: s.args for servers in split.servers.values() for name, s in servers.items()}
+    # As HAProxy reads them: the lines before a server, in order, then its own (a later
+    # option overrides an earlier one); a new section starts from none.
+    assert args == {
+        "early": "weight 5",
+        "one": "check inter 2s",
+        "two": "check inter 2s fall 3 inter 1s",
+        "three": "",
+        "four": "check",
+    }
+    assert split.servers["a"]["one"].checked and not split.servers["b"]["three"].checked
+    assert not split.default_server
+    assert split.args == frozenset(args.values())
+    # A new server of backend a is added at run time with those options.
+    more = text.replace("    server two", "    server five 10.0.0.6:80\n    server two")
+    changes = runtime_changes(split, split_config(more))
+    assert changes is not None and [(s.name, s.args) for s in changes.added] == [
+        ("five", "check inter 2s fall 3")
+    ]
+    # A changed default-server line changes every server after it: a reload.
+    assert runtime_changes(split, split_config(text.replace("fall 3", "fall 4"))) is None
+    # Options that cannot be spelled out in a runtime command, or a default-server line
+    # outside a backend (HAProxy applies it; a runtime add would not): servers are added by a
+    # reload.
+    for odd in (
+        text.replace("default-server fall 3", "default-server fall 3 # note"),
+        text.replace("defaults\n", "defaults\n    default-server maxconn 10\n"),
+    ):
+        odd_split = split_config(odd)
+        assert odd_split.default_server
+        grown = odd.replace("    server two", "    server five 10.0.0.6:80\n    server two")
+        assert runtime_changes(odd_split, split_config(grown)) is None
 
 
 def test_drain_seconds_parsing() -> None:

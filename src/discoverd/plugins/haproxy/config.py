@@ -120,6 +120,14 @@ class HAProxyConfig:
         min=0,
         max=3600,
     )
+    system_ca: bool = option(
+        False,
+        "Let HAProxy read the system's CA certificates at every start and check, for its HTTP "
+        "client (core.httpclient() of Lua scripts; the configuration discoverd renders loads "
+        "no Lua). Off: that client does not verify the certificates of HTTPS servers, and "
+        "HAProxy skips the read, most of the time it takes to check a small configuration. "
+        "Turn it on if a Lua script you load calls HTTPS servers.",
+    )
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,12 @@ is compared with the one HAProxy runs in two parts:
   that cannot escape a command of the runtime API;
 - the *structure*: every other line, in order (a server line of another shape stays here).
 
+A server's options are those of the ``default-server`` lines of its section that come before it,
+then its own (HAProxy reads them in that order, a later one overriding an earlier one): HAProxy
+2.6 does not apply ``default-server`` to a server added at run time, so the command that adds it
+spells them out. A ``default-server`` line elsewhere (a ``defaults`` section) or with other
+characters cannot be spelled out so: servers are then added by a reload.
+
 When the structures are equal and every common server kept its options, the difference is a set of
 runtime commands (:func:`runtime_changes`); otherwise it takes a reload.
 """
@@ -80,8 +86,9 @@ class ConfigSplit:
     servers: Mapping[str, Mapping[str, ServerLine]]
     #: A server name used twice in a section (``haproxy -c`` must judge such a candidate).
     duplicates: bool = False
-    #: A ``default-server`` line exists: HAProxy 2.6 does not apply it to servers added at run
-    #: time, so such a server would differ from the same line loaded from the file.
+    #: A ``default-server`` line whose options the server lines do not carry (outside a
+    #: ``backend`` or ``listen`` section, or not plain): HAProxy 2.6 does not apply it to servers
+    #: added at run time, so such a server would differ from the same line loaded from the file.
     default_server: bool = False
     args: frozenset[str] = field(default=frozenset())
 
@@ -102,9 +109,10 @@ class Changes:
 
 
 @functools.lru_cache(maxsize=1 << 15)
-def _server_line(section: str, line: str) -> ServerLine | None:
-    """The plain server line ``line`` is, or ``None`` if it has another shape. Cached: from one
-    candidate to the next nearly every server line is the same."""
+def _server_line(section: str, line: str, defaults: str = "") -> ServerLine | None:
+    """The plain server line ``line`` is, its options after ``defaults`` (those of the
+    section's ``default-server`` lines before it), or ``None`` if it has another shape. Cached:
+    from one candidate to the next nearly every server line is the same."""
     fields = line.split()
     if len(fields) < 3 or not _NAME_RE.fullmatch(fields[1]):
         return None
@@ -121,6 +129,8 @@ def _server_line(section: str, line: str) -> ServerLine | None:
     args = " ".join(fields[3:])
     if not _ARGS_RE.fullmatch(args):
         return None
+    if defaults:
+        args = f"{defaults} {args}" if args else defaults
     return ServerLine(section, fields[1], address[1], port, args)
 
 
@@ -140,7 +150,8 @@ class Piece:
     """A part of a configuration (whole lines) split like :func:`split_config` splits the whole;
     :func:`join_pieces` puts the parts of a configuration back together into its split.
 
-    How a part splits depends on the section it starts in only when a ``server`` line comes
+    How a part splits depends on the section it starts in (and on that section's
+    ``default-server`` options so far) only when a ``server`` or ``default-server`` line comes
     before its first section keyword (``uses_start``).
     """
 
@@ -154,11 +165,14 @@ class Piece:
     start: str  # the section it was split in at its first line
     end: str | None  # the section at its end; None: the one it started in
     uses_start: bool
+    start_defaults: str = ""  # the start section's default-server options before its first line
+    end_defaults: str = ""  # those of the section at its end, after its last line
 
 
-def parse_piece(text: str, section: str = "") -> Piece:
-    """Split the whole lines of ``text``, starting inside ``section`` ("" outside a backend)."""
-    start = section
+def parse_piece(text: str, section: str = "", defaults: str = "") -> Piece:
+    """Split the whole lines of ``text``, starting inside ``section`` ("" outside a backend),
+    whose ``default-server`` lines so far gave the options ``defaults``."""
+    start, start_defaults = section, defaults
     structure: list[str] = []
     servers: dict[str, dict[str, ServerLine]] = {}
     other_names: dict[str, set[str]] = {}  # server names of lines kept in the structure
@@ -174,12 +188,18 @@ def parse_piece(text: str, section: str = "") -> Piece:
             keyword_seen = True
             named = keyword in ("backend", "listen") and len(fields) == 2
             section = fields[1] if named and _NAME_RE.fullmatch(fields[1]) else ""
+            defaults = ""
         elif keyword == "default-server":
-            default_server = True
+            uses_start = uses_start or not keyword_seen
+            options = " ".join(fields[1:])
+            if section and _ARGS_RE.fullmatch(options):
+                defaults = f"{defaults} {options}" if defaults else options
+            else:
+                default_server = True
         elif keyword == "server":
             uses_start = uses_start or not keyword_seen
             if section:
-                server = _server_line(section, line)
+                server = _server_line(section, line, defaults)
                 if server is not None:
                     own = servers.setdefault(section, {})
                     if server.name in own:
@@ -200,13 +220,16 @@ def parse_piece(text: str, section: str = "") -> Piece:
         start=start,
         end=section if keyword_seen else None,
         uses_start=uses_start,
+        start_defaults=start_defaults,
+        end_defaults=defaults,
     )
 
 
 def join_pieces(pieces: Sequence[Piece]) -> ConfigSplit:
-    """The split of a configuration made of ``pieces`` (in order, each split in the section the
-    previous one ended in). The servers of a section that one piece holds are that piece's own
-    mapping (not a copy): :func:`runtime_changes` skips those that are the same object."""
+    """The split of a configuration made of ``pieces`` (in order, each split in the section, and
+    with the ``default-server`` options, the previous one ended in). The servers of a section
+    that one piece holds are that piece's own mapping (not a copy): :func:`runtime_changes`
+    skips those that are the same object."""
     servers: dict[str, Mapping[str, ServerLine]] = {}
     other_names: dict[str, set[str]] = {}
     duplicates = default_server = False

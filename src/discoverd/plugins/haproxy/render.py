@@ -400,7 +400,7 @@ class Renderer:
         self._by_id: dict[int, _Entry] = {}  # id(service) -> entry, for the same objects
         self._by_members: dict[tuple[object, ...], _Entry] = {}  # see _identity
         self._last: _Rendered | None = None
-        self._free_pieces: dict[tuple[str, str], Piece] = {}  # text between sections
+        self._free_pieces: dict[tuple[str, str, str], Piece] = {}  # text between sections
         self._stats = True  # whether the cached sections were rendered with the stats page
         #: Sections rendered (cache misses) since this renderer was made (for tests).
         self.sections_rendered = 0
@@ -458,21 +458,24 @@ class Renderer:
         if any(not chunk.endswith("\n") for chunk, _ in last.chunks[:-1] if chunk):
             return split_config(text)  # a piece ends inside a line: cut the whole text instead
         pieces: list[Piece] = []
-        section = ""
-        free: dict[tuple[str, str], Piece] = {}
+        section = defaults = ""
+        free: dict[tuple[str, str, str], Piece] = {}
         for chunk, entry in last.chunks:
             if entry is None:
-                key = (chunk, section)
-                piece = self._free_pieces.get(key) or parse_piece(chunk, section)
+                key = (chunk, section, defaults)
+                piece = self._free_pieces.get(key) or parse_piece(chunk, section, defaults)
                 free[key] = piece
             else:
                 kept = entry.pieces.get(chunk)
-                if kept is None or (kept.uses_start and kept.start != section):
-                    kept = parse_piece(chunk, section)
+                if kept is None or (
+                    kept.uses_start and (kept.start, kept.start_defaults) != (section, defaults)
+                ):
+                    kept = parse_piece(chunk, section, defaults)
                     entry.pieces = {chunk: kept}
                 piece = kept
             pieces.append(piece)
             section = piece.end if piece.end is not None else section
+            defaults = piece.end_defaults
         self._free_pieces = free
         return join_pieces(pieces)
 
