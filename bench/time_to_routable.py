@@ -17,8 +17,9 @@ share grows with n.
 With ``--new-service`` each run's container is the first of a service of its own (label
 ``SERVICE_NAME``, a port of its own; with ``--mode auto`` no other label): the proxy takes a
 reload to serve it (a new frontend), where the runs above take runtime commands (a new server).
-Its container is stopped after it answered, and the next run waits a second, past HAProxy's
-``reload_interval``, so that no run waits for the removal's reload.
+Its container is stopped after it answered, and the next run begins once the proxy has
+closed that service's port (the removal's reload) and HAProxy's ``reload_interval`` (0.5 s)
+has passed since, so that no run's reload is put off by the one before.
 
 With ``--timeline`` discoverd runs at debug level and each run prints where its time went:
 every debug line that carries a moment (``t=``, on the machine's monotonic clock, which this
@@ -29,6 +30,7 @@ and discover passes (each with its CPU time). Debug logging costs a little time 
 from __future__ import annotations
 
 import re
+import socket
 import sys
 import time
 from pathlib import Path
@@ -83,6 +85,21 @@ def wait_out(port: int, host: str, timeout: float, streak: int = 20) -> None:
         others = others + 1 if answer not in (None, host) else 0
 
 
+def wait_closed(port: int, timeout: float) -> None:
+    """Poll until nothing accepts connections on ``port`` (the proxy dropped its frontend)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1.0).close()
+        except ConnectionRefusedError:
+            return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"port {port} still accepts connections after {timeout:g}s")
+        time.sleep(0.01)
+
+
 def measure(
     stack: Stack,
     runs: int,
@@ -119,7 +136,8 @@ def measure(
             print(timeline(agent.lines[mark:], began, start, routable), flush=True)
         if new_service:
             container.stop(timeout=5)
-            time.sleep(1.0)
+            wait_closed(frontend, 30)
+            time.sleep(0.6)  # HAProxy's reload_interval (0.5 s) after the removal's reload
         elif not grow:
             container.stop(timeout=5)
             wait_out(frontend, container.id[:12], 30)
