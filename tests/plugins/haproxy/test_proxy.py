@@ -195,7 +195,7 @@ def test_plugin_is_registered_with_its_options() -> None:
         "maxconn",
         "drain_timeout",
         "reload_interval",
-        "system_ca",
+        "httpclient_verify",
     ]
     defaults = {o.name: o.default for o in plugin.options}
     assert defaults["balance"] == "leastconn"
@@ -409,16 +409,46 @@ def test_validate_accepts_a_render(make_haproxy: MakeHAProxy) -> None:
     assert not list(proxy.dir.glob("candidate*"))
 
 
-@pytest.mark.parametrize("system_ca", [False, True])
+@pytest.mark.parametrize("verify", [False, True])
 def test_the_system_s_ca_certificates_are_read_only_when_asked(
-    make_haproxy: MakeHAProxy, system_ca: bool
+    make_haproxy: MakeHAProxy, verify: bool
 ) -> None:
     """HAProxy 2.6 reads the system's CA store at every start and check for its HTTP client,
     unless the client does not verify; both renders are valid configurations."""
-    proxy = make_haproxy(system_ca=system_ca)
+    proxy = make_haproxy(httpclient_verify=verify)
     config = proxy.render(sample_services())
-    assert ("\n    httpclient.ssl.verify none\n" in config) is not system_ca
+    assert ("\n    httpclient.ssl.verify none\n" in config) is not verify
     proxy.validate(config)
+
+
+def test_lua_with_an_unverifying_http_client_is_warned_once(
+    make_haproxy: MakeHAProxy,
+    backends: Backends,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    script = tmp_path / "noop.lua"
+    script.write_text("-- nothing\n")
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    (templates / "haproxy.cfg.j2").write_text(
+        '{% extends "default:haproxy.cfg.j2" %}\n'
+        f"{{% block global_extra %}}    lua-load {script}\n{{% endblock %}}\n"
+    )
+    proxy = make_haproxy(template_dir=str(templates))
+    one = http_service("one", free_port(), backends("a"))
+    two = http_service("two", free_port(), backends("b"))
+    with caplog.at_level(logging.WARNING):
+        assert apply_servable(proxy, [one]) == ({}, "started")
+        assert apply_servable(proxy, [one, two]) == ({}, "reloaded")
+    warned = [r for r in caplog.records if "httpclient_verify" in r.getMessage()]
+    assert len(warned) == 1
+    caplog.clear()
+    quiet = make_haproxy(template_dir=str(templates), httpclient_verify=True)
+    with caplog.at_level(logging.WARNING):
+        left_out, _ = apply_servable(quiet, [http_service("three", free_port(), backends("c"))])
+    assert left_out == {}
+    assert not [r for r in caplog.records if "httpclient_verify" in r.getMessage()]
 
 
 def test_validate_reports_haproxy_s_own_message(make_haproxy: MakeHAProxy, tmp_path: Path) -> None:

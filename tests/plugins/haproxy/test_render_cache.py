@@ -12,6 +12,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -292,6 +293,57 @@ def test_a_piece_that_continues_a_backend_is_split_in_its_context() -> None:
     assert not alone.servers and "server a" in alone.structure
     assert not parse_piece(head).uses_start and parse_piece(head).end == "web"
     assert parse_piece("    # nothing\n", "web").end is None
+
+
+def test_cached_pieces_follow_the_default_server_options_they_continue(tmp_path: Path) -> None:
+    """Server lines outside a service's own backend (before its frontend, after the last
+    service) belong to the backend before them and take its default-server options, which
+    change with that service's mode: the renderer's split stays the split of the text."""
+    (tmp_path / "haproxy.cfg.j2").write_text(
+        """{% extends "default:haproxy.cfg.j2" %}
+{% block service %}
+    server lead-{{ service.name }} 10.0.0.9:{{ service.frontend_port }}
+
+frontend {{ service.name }}
+    bind {{ service.bind }}
+    default_backend {{ service.name }}
+
+backend {{ service.name }}
+    default-server check observe {{ "layer7" if service.mode == "http" else "layer4" }}
+{% for member in service.instances %}
+    server {{ member.id }} {{ member.endpoint }}
+{% endfor %}
+{% endblock %}
+{% block extra %}
+    server spare 10.0.0.8:80
+{% endblock %}
+"""
+    )
+    proxy = proxy_with(template_dir=str(tmp_path))
+    assert proxy.renderer.cached
+    alpha, beta = registry(2)
+    udp = Service("zz", 53, protocol="udp", instances=())
+    checked = 0
+    modes: list[tuple[Literal["http", "tcp"], Literal["http", "tcp"]]] = [
+        ("http", "http"),
+        ("tcp", "http"),
+        ("http", "http"),
+        ("http", "tcp"),
+        ("tcp", "tcp"),
+        ("http", "http"),
+    ]
+    for a_mode, b_mode in modes:
+        services = [replace(alpha, mode=a_mode), replace(beta, mode=b_mode), udp]
+        text = proxy.render(services)
+        whole = split_config(text)
+        assert same_split(proxy.split(text), whole), (a_mode, b_mode)
+        # The lines that continue a backend are there, with that backend's options.
+        layer = "layer7" if a_mode == "http" else "layer4"
+        assert layer in whole.servers[alpha.name][f"lead-{beta.name}"].args
+        layer = "layer7" if b_mode == "http" else "layer4"
+        assert layer in whole.servers[beta.name]["spare"].args
+        checked += 1
+    assert checked == 6
 
 
 def test_a_piece_carries_the_default_server_options_of_its_backend() -> None:

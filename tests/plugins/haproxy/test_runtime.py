@@ -218,7 +218,13 @@ def test_a_server_gets_the_default_server_options_of_its_backend_before_its_own(
     }
     assert split.servers["a"]["one"].checked and not split.servers["b"]["three"].checked
     assert not split.default_server
-    assert split.args == frozenset(args.values())
+    # Where HAProxy checked options: each server line, and each default-server line.
+    on_lines = {(s.section, s.args) for own in split.servers.values() for s in own.values()}
+    assert split.args == on_lines | {
+        ("a", "check inter 2s"),
+        ("a", "check inter 2s fall 3"),
+        ("c", "check"),
+    }
     # A new server of backend a is added at run time with those options.
     more = text.replace("    server two", "    server five 10.0.0.6:80\n    server two")
     changes = runtime_changes(split, split_config(more))
@@ -238,6 +244,48 @@ def test_a_server_gets_the_default_server_options_of_its_backend_before_its_own(
         assert odd_split.default_server
         grown = odd.replace("    server two", "    server five 10.0.0.6:80\n    server two")
         assert runtime_changes(odd_split, split_config(grown)) is None
+
+
+def test_a_server_line_may_turn_off_what_its_default_server_line_turns_on() -> None:
+    text = (
+        "backend a\n"
+        "    default-server check agent-check agent-port 9 inter 2s\n"
+        "    server plain 10.0.0.1:80\n"
+        "    server quiet 10.0.0.2:80 no-check no-agent-check\n"
+        "    server again 10.0.0.3:80 no-check check\n"
+        "    default-server\n"  # HAProxy accepts an empty one: it changes nothing
+        "    server after 10.0.0.4:80\n"
+    )
+    servers = split_config(text).servers["a"]
+    assert [(n, s.checked, s.agent_checked) for n, s in servers.items()] == [
+        ("plain", True, True),
+        ("quiet", False, False),  # no "enable health" for it: HAProxy would refuse that
+        ("again", True, True),
+        ("after", True, True),
+    ]
+    assert servers["after"].args == servers["plain"].args  # single-spaced, nothing added
+
+
+def test_options_seen_in_one_backend_do_not_spare_the_check_of_another() -> None:
+    text = (
+        "backend web\n    mode http\n    server w1 10.0.0.1:80 check observe layer7\n"
+        "backend db\n    mode tcp\n    server d1 10.0.0.2:5432 check\n"
+    )
+    accepted = split_config(text)
+    same_options = text + "    server d2 10.0.0.3:5432 check\n"
+    assert checked_without_haproxy(split_config(same_options), accepted)
+    # HAProxy refuses "observe layer7" in a tcp backend: haproxy -c must see it.
+    other_backend_s = text + "    server d2 10.0.0.3:5432 check observe layer7\n"
+    assert not checked_without_haproxy(split_config(other_backend_s), accepted)
+    # The first server of an empty backend, with the options of its default-server line,
+    # which HAProxy checked there.
+    empty = "backend e\n    mode tcp\n    default-server check inter 2s\n"
+    assert checked_without_haproxy(
+        split_config(empty + "    server e1 10.0.0.4:80\n"), split_config(empty)
+    )
+    assert not checked_without_haproxy(
+        split_config(empty + "    server e1 10.0.0.4:80 weight 3\n"), split_config(empty)
+    )
 
 
 def test_drain_seconds_parsing() -> None:

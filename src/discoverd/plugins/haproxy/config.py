@@ -120,13 +120,15 @@ class HAProxyConfig:
         min=0,
         max=3600,
     )
-    system_ca: bool = option(
+    httpclient_verify: bool = option(
         False,
-        "Let HAProxy read the system's CA certificates at every start and check, for its HTTP "
-        "client (core.httpclient() of Lua scripts; the configuration discoverd renders loads "
-        "no Lua). Off: that client does not verify the certificates of HTTPS servers, and "
-        "HAProxy skips the read, most of the time it takes to check a small configuration. "
-        "Turn it on if a Lua script you load calls HTTPS servers.",
+        "Whether HAProxy's HTTP client verifies the certificates of HTTPS servers. Lua "
+        "scripts (core.httpclient()) and the expert-mode CLI command httpclient use it, and "
+        "versions after 2.6 also ACME and OCSP updates; the configuration discoverd renders "
+        "uses none of them. Off: the client does not verify, and HAProxy does not read the "
+        "system's CA certificates at every start and check (most of the time a check of a "
+        "small configuration takes). Turn it on if your template adds something that calls "
+        "HTTPS servers through it.",
     )
 
 

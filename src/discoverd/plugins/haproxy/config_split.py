@@ -70,12 +70,23 @@ class ServerLine:
 
     @property
     def checked(self) -> bool:
-        """True if the line asks for health checks (``check``)."""
-        return "check" in self.args.split()
+        """True if the server has health checks: ``check`` comes after any ``no-check`` (a
+        server line may turn off what its ``default-server`` line turned on)."""
+        return _last_says(self.args, "check", "no-check")
 
     @property
     def agent_checked(self) -> bool:
-        return "agent-check" in self.args.split()
+        return _last_says(self.args, "agent-check", "no-agent-check")
+
+
+def _last_says(args: str, on: str, off: str) -> bool:
+    """Whether the last of the flags ``on`` and ``off`` in ``args`` is ``on``."""
+    for word in reversed(args.split()):
+        if word == on:
+            return True
+        if word == off:
+            return False
+    return False
 
 
 @dataclass(frozen=True)
@@ -90,7 +101,11 @@ class ConfigSplit:
     #: ``backend`` or ``listen`` section, or not plain): HAProxy 2.6 does not apply it to servers
     #: added at run time, so such a server would differ from the same line loaded from the file.
     default_server: bool = False
-    args: frozenset[str] = field(default=frozenset())
+    #: The (section, options) of every server line, and of the options each plain
+    #: ``default-server`` line leaves in effect (HAProxy checks those where they are, so the
+    #: first server of an empty backend has options already checked there). Options HAProxy
+    #: accepted in one backend may be refused in another (``observe layer7`` in a tcp backend).
+    args: frozenset[tuple[str, str]] = field(default=frozenset())
 
     def count(self) -> int:
         return sum(len(servers) for servers in self.servers.values())
@@ -161,7 +176,7 @@ class Piece:
     other_names: Mapping[str, frozenset[str]]  # names of server lines kept in the structure
     duplicates: bool
     default_server: bool
-    args: frozenset[str]
+    args: frozenset[tuple[str, str]]
     start: str  # the section it was split in at its first line
     end: str | None  # the section at its end; None: the one it started in
     uses_start: bool
@@ -178,6 +193,7 @@ def parse_piece(text: str, section: str = "", defaults: str = "") -> Piece:
     other_names: dict[str, set[str]] = {}  # server names of lines kept in the structure
     duplicates = default_server = uses_start = False
     keyword_seen = False
+    args: set[tuple[str, str]] = set()
     for line in text.splitlines():
         fields = line.split()
         if not fields:
@@ -192,10 +208,11 @@ def parse_piece(text: str, section: str = "", defaults: str = "") -> Piece:
         elif keyword == "default-server":
             uses_start = uses_start or not keyword_seen
             options = " ".join(fields[1:])
-            if section and _ARGS_RE.fullmatch(options):
-                defaults = f"{defaults} {options}" if defaults else options
-            else:
+            if not section or not _ARGS_RE.fullmatch(options):
                 default_server = True
+            elif options:
+                defaults = f"{defaults} {options}" if defaults else options
+                args.add((section, defaults))
         elif keyword == "server":
             uses_start = uses_start or not keyword_seen
             if section:
@@ -216,7 +233,9 @@ def parse_piece(text: str, section: str = "", defaults: str = "") -> Piece:
         other_names={name: frozenset(names) for name, names in other_names.items()},
         duplicates=duplicates,
         default_server=default_server,
-        args=frozenset(s.args for own in servers.values() for s in own.values()),
+        args=frozenset(
+            args.union((s.section, s.args) for own in servers.values() for s in own.values())
+        ),
         start=start,
         end=section if keyword_seen else None,
         uses_start=uses_start,
@@ -250,7 +269,7 @@ def join_pieces(pieces: Sequence[Piece]) -> ConfigSplit:
         if not kept.isdisjoint(servers.get(section, {})):
             duplicates = True
     structure = "\n".join(piece.structure for piece in pieces if piece.lines)
-    args: set[str] = set()
+    args: set[tuple[str, str]] = set()
     for piece in pieces:
         args |= piece.args
     return ConfigSplit(structure, servers, duplicates, default_server, frozenset(args))
@@ -290,7 +309,7 @@ def runtime_changes(old: ConfigSplit, new: ConfigSplit) -> Changes | None:
 def checked_without_haproxy(candidate: ConfigSplit, accepted: ConfigSplit | None) -> bool:
     """True if ``candidate`` needs no ``haproxy -c``: it differs from a configuration HAProxy
     accepted (``accepted``: the one confirmed running) only in plain server lines whose options
-    that one had too."""
+    that one had too, in the same backend."""
     return (
         accepted is not None
         and not candidate.duplicates

@@ -80,6 +80,11 @@ from discoverd.proxykit import (
 )
 
 log = logging.getLogger(__name__)
+#: What in a configuration uses HAProxy's HTTP client: Lua scripts (2.6), and in later
+#: versions ACME certificates and OCSP updates.
+_USES_HTTPCLIENT = re.compile(
+    rb"(?m)^[ \t]*(?:lua-load(?:-per-thread)?|acme)[ \t]|[ \t]ocsp-update[ \t]+on\b"
+)
 
 # Generic trailers of `haproxy -c` that say nothing the lines before them do not.
 _GENERIC_ALERTS = ("Error(s) found in configuration file", "Fatal errors found in configuration")
@@ -175,6 +180,7 @@ class HAProxy(ManagedProxy[ProcStatus]):
         self._candidate: tuple[str, ConfigSplit] | None = None
         self._on_disk: tuple[bytes, ConfigSplit] | None = None
         self._udp_warned: set[str] = set()
+        self._lua_warned = False
         self._bound: tuple[str, frozenset[int]] | None = None  # memo: bound_ports by structure
         self._swept = False  # leftover servers of an adopted HAProxy looked for
         #: Reloads this object did (fallbacks included), and changes applied at run time.
@@ -352,11 +358,29 @@ class HAProxy(ManagedProxy[ProcStatus]):
         # A fresh start checks every server from scratch: no health states from a past run.
         with contextlib.suppress(FileNotFoundError):
             self.server_state.unlink()
+        self._warn_unverified_lua()
         self.master.start()
 
     def reload(self, running: ProcStatus, services: Sequence[Service]) -> None:
         self._save_server_state(services)
+        self._warn_unverified_lua()
         self.master.reload(running)
+
+    def _warn_unverified_lua(self) -> None:
+        """Once: the file to load uses HAProxy's HTTP client (Lua; ACME and OCSP updates in
+        HAProxy versions after 2.6) while it does not verify (option httpclient_verify off)."""
+        if self.config.httpclient_verify or self._lua_warned:
+            return
+        data = read_bytes(self.config_file)
+        found = _USES_HTTPCLIENT.search(data) if data is not None else None
+        if found is not None:
+            self._lua_warned = True
+            log.warning(
+                "haproxy: the configuration uses HAProxy's HTTP client (%r), which does not "
+                "verify the certificates of HTTPS servers; set haproxy.httpclient_verify = true "
+                "if it calls HTTPS servers",
+                found.group(0).strip().decode("ascii"),
+            )
 
     def apply_in_place(
         self, running: ProcStatus, previous: bytes, config: str, services: Sequence[Service]

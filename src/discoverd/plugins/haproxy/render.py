@@ -231,7 +231,9 @@ def render_config(
 #: The blocks the shipped template renders once per service, with ``service`` set.
 SECTION_BLOCKS = ("service", "udp_service")
 #: Blocks rendered inside a service section (with the section blocks themselves).
-_PER_SERVICE = frozenset({*SECTION_BLOCKS, "frontend_extra", "service_extra", "server"})
+_PER_SERVICE = frozenset(
+    {*SECTION_BLOCKS, "frontend_extra", "service_extra", "default_server", "server"}
+)
 #: What a per-service block may use for its text to depend on its service alone.
 _FIXED_NAMES = frozenset({"service", "settings", "paths", "stats", "super"})
 _INSTANCE_NAMES = frozenset({"instance", "loop"})  # set by the loop around ``server``
@@ -474,8 +476,11 @@ class Renderer:
                     entry.pieces = {chunk: kept}
                 piece = kept
             pieces.append(piece)
+            if piece.end is not None or piece.uses_start:
+                # Otherwise the piece leaves the section and its default-server options as
+                # they were (its own end_defaults are those of where it was first split).
+                defaults = piece.end_defaults
             section = piece.end if piece.end is not None else section
-            defaults = piece.end_defaults
         self._free_pieces = free
         return join_pieces(pieces)
 
