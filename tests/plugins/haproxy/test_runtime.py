@@ -257,6 +257,14 @@ def test_a_server_line_may_turn_off_what_its_default_server_line_turns_on() -> N
         "    server after 10.0.0.4:80\n"
     )
     servers = split_config(text).servers["a"]
+    # add server of HAProxy 2.6 refuses no-check and no-agent-check: left out, with what they
+    # cancel (a server added at run time has no checks unless asked).
+    assert [s.runtime_args for s in servers.values()] == [
+        "check agent-check agent-port 9 inter 2s",
+        "agent-port 9 inter 2s",
+        "check agent-check agent-port 9 inter 2s check",
+        "check agent-check agent-port 9 inter 2s",
+    ]
     assert [(n, s.checked, s.agent_checked) for n, s in servers.items()] == [
         ("plain", True, True),
         ("quiet", False, False),  # no "enable health" for it: HAProxy would refuse that
@@ -268,15 +276,17 @@ def test_a_server_line_may_turn_off_what_its_default_server_line_turns_on() -> N
 
 def test_options_seen_in_one_backend_do_not_spare_the_check_of_another() -> None:
     text = (
-        "backend web\n    mode http\n    server w1 10.0.0.1:80 check observe layer7\n"
-        "backend db\n    mode tcp\n    server d1 10.0.0.2:5432 check\n"
+        "backend web\n    server w1 10.0.0.1:80 check\n    server w2 10.0.0.2:80 track w1\n"
+        "backend db\n    server d1 10.0.0.3:5432 check\n"
     )
     accepted = split_config(text)
-    same_options = text + "    server d2 10.0.0.3:5432 check\n"
-    assert checked_without_haproxy(split_config(same_options), accepted)
-    # HAProxy refuses "observe layer7" in a tcp backend: haproxy -c must see it.
-    other_backend_s = text + "    server d2 10.0.0.3:5432 check observe layer7\n"
-    assert not checked_without_haproxy(split_config(other_backend_s), accepted)
+    assert checked_without_haproxy(
+        split_config(text + "    server d2 10.0.0.4:5432 check\n"), accepted
+    )
+    # "track w1" names a server of backend web: haproxy -c refuses it in db, and must see it.
+    assert not checked_without_haproxy(
+        split_config(text + "    server d2 10.0.0.4:5432 track w1\n"), accepted
+    )
     # The first server of an empty backend, with the options of its default-server line,
     # which HAProxy checked there.
     empty = "backend e\n    mode tcp\n    default-server check inter 2s\n"
@@ -286,6 +296,13 @@ def test_options_seen_in_one_backend_do_not_spare_the_check_of_another() -> None
     assert not checked_without_haproxy(
         split_config(empty + "    server e1 10.0.0.4:80 weight 3\n"), split_config(empty)
     )
+    # Unless HAProxy checks some of them only on a server (a port for the agent, a tracked
+    # server, a CA file): such a backend accepts them while it is empty.
+    for options in ("check agent-check", "track other/x", "check ssl", "check resolvers r"):
+        empty = f"backend e\n    default-server {options}\n"
+        assert not checked_without_haproxy(
+            split_config(empty + "    server e1 10.0.0.4:80\n"), split_config(empty)
+        ), options
 
 
 def test_drain_seconds_parsing() -> None:
@@ -830,6 +847,38 @@ def test_a_server_added_at_run_time_is_health_checked(
 
     wait_for(lambda: op_state() == "0", 10, what="the check to mark the dead server down")
     assert names_seen(port, 6) == {"I am a"}
+
+
+def test_a_server_without_the_default_checks_is_added_at_run_time(
+    make_haproxy: MakeHAProxy, backends: Backends, tmp_path: Path
+) -> None:
+    (tmp_path / "haproxy.cfg.j2").write_text(
+        '{% extends "default:haproxy.cfg.j2" %}\n'
+        "{% block server %}    server {{ instance.id }} {{ instance.endpoint }} no-check\n"
+        "{% endblock %}\n"
+    )
+    proxy = make_haproxy(template_dir=str(tmp_path))
+    a, b = backends("a"), backends("b")
+    port = free_port()
+    assert push(proxy, [web(port, a)]) in ("started", "reloaded")
+    before = reloads(proxy)
+    assert push(proxy, [web(port, a, b)]) == "runtime"  # not a refused command and a reload
+    assert reloads(proxy) == before
+    states = proxy.server_states("web")
+    assert states is not None and sorted(states.values()) == ["no check", "no check"], states
+    wait_for(lambda: names_seen(port, 8) == {"I am a", "I am b"}, 10, what="both servers")
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_haproxy_holds_the_system_s_ca_certificates_only_when_asked(
+    make_haproxy: MakeHAProxy, backends: Backends, verify: bool
+) -> None:
+    """HAProxy 2.6 loads the system's CA store for its HTTP client at every start, unless the
+    client does not verify (option httpclient_verify): ``show ssl ca-file`` lists it."""
+    proxy = make_haproxy(httpclient_verify=verify)
+    assert push(proxy, [web(free_port(), backends("a"))]) in ("started", "reloaded")
+    listed = cli(proxy.admin_socket, "show ssl ca-file", 5.0)
+    assert ("@system-ca" in listed) is verify, listed
 
 
 def test_a_new_discoverd_frees_servers_left_draining(

@@ -78,6 +78,57 @@ class ServerLine:
     def agent_checked(self) -> bool:
         return _last_says(self.args, "agent-check", "no-agent-check")
 
+    @property
+    def runtime_args(self) -> str:
+        """``args`` as ``add server`` takes them: HAProxy 2.6 refuses ``no-check`` and
+        ``no-agent-check`` there, and a server added at run time has no checks unless asked,
+        so a check the line turns off is left out with what turns it off."""
+        words = self.args.split()
+        if "no-check" not in words and "no-agent-check" not in words:
+            return self.args
+        drop = {"no-check", "no-agent-check"}
+        if not self.checked:
+            drop.add("check")
+        if not self.agent_checked:
+            drop.add("agent-check")
+        return " ".join(word for word in words if word not in drop)
+
+
+#: Server options HAProxy checks wholly where they are written, with the number of values each
+#: takes: a default-server line made of these alone gives a server nothing left to check
+#: (others are checked only on a server: ``agent-check`` needs a port, ``track`` a server,
+#: ``ssl`` a CA file...).
+_CHECKED_ALONE = {
+    "check": 0,
+    "inter": 1,
+    "fastinter": 1,
+    "downinter": 1,
+    "rise": 1,
+    "fall": 1,
+    "observe": 1,
+    "error-limit": 1,
+    "on-error": 1,
+    "on-marked-down": 1,
+    "on-marked-up": 1,
+    "weight": 1,
+    "maxconn": 1,
+    "minconn": 1,
+    "maxqueue": 1,
+    "slowstart": 1,
+}
+
+
+def _checked_alone(options: str) -> bool:
+    """Whether ``options`` holds only keywords of ``_CHECKED_ALONE``, each with its values."""
+    words = options.split()
+    i = 0
+    while i < len(words):
+        count = _CHECKED_ALONE.get(words[i])
+        if count is None:
+            return False
+        i += 1 + count
+    return i == len(words)
+
 
 def _last_says(args: str, on: str, off: str) -> bool:
     """Whether the last of the flags ``on`` and ``off`` in ``args`` is ``on``."""
@@ -101,10 +152,11 @@ class ConfigSplit:
     #: ``backend`` or ``listen`` section, or not plain): HAProxy 2.6 does not apply it to servers
     #: added at run time, so such a server would differ from the same line loaded from the file.
     default_server: bool = False
-    #: The (section, options) of every server line, and of the options each plain
-    #: ``default-server`` line leaves in effect (HAProxy checks those where they are, so the
-    #: first server of an empty backend has options already checked there). Options HAProxy
-    #: accepted in one backend may be refused in another (``observe layer7`` in a tcp backend).
+    #: The (section, options) of every server line, and of the options each ``default-server``
+    #: line leaves in effect when HAProxy checks all of them on that line (``_CHECKED_ALONE``):
+    #: the first server of an empty backend then has options already checked there. Options
+    #: HAProxy accepted in one backend may be refused in another (``track <server>`` names a
+    #: server of the backend it is written in).
     args: frozenset[tuple[str, str]] = field(default=frozenset())
 
     def count(self) -> int:
@@ -212,7 +264,8 @@ def parse_piece(text: str, section: str = "", defaults: str = "") -> Piece:
                 default_server = True
             elif options:
                 defaults = f"{defaults} {options}" if defaults else options
-                args.add((section, defaults))
+                if _checked_alone(defaults):
+                    args.add((section, defaults))
         elif keyword == "server":
             uses_start = uses_start or not keyword_seen
             if section:

@@ -82,6 +82,7 @@ from discoverd.proxykit import (
 log = logging.getLogger(__name__)
 #: What in a configuration uses HAProxy's HTTP client: Lua scripts (2.6), and in later
 #: versions ACME certificates and OCSP updates.
+_HTTPCLIENT_WORDS = (b"lua-load", b"acme", b"ocsp-update")
 _USES_HTTPCLIENT = re.compile(
     rb"(?m)^[ \t]*(?:lua-load(?:-per-thread)?|acme)[ \t]|[ \t]ocsp-update[ \t]+on\b"
 )
@@ -372,7 +373,9 @@ class HAProxy(ManagedProxy[ProcStatus]):
         if self.config.httpclient_verify or self._lua_warned:
             return
         data = read_bytes(self.config_file)
-        found = _USES_HTTPCLIENT.search(data) if data is not None else None
+        if data is None or not any(word in data for word in _HTTPCLIENT_WORDS):
+            return  # the usual case: substring searches, not the pattern over the whole file
+        found = _USES_HTTPCLIENT.search(data)
         if found is not None:
             self._lua_warned = True
             log.warning(
@@ -498,7 +501,7 @@ class HAProxy(ManagedProxy[ProcStatus]):
                 if back is not None and back.args != server.args:
                     raise CommandError(f"{path} is draining with other options")
                 if back is None:
-                    command = f"add server {path} {server.endpoint} {server.args}"
+                    command = f"add server {path} {server.endpoint} {server.runtime_args}"
                     commands.append((command.rstrip(), "New server registered"))
                     if server.checked:
                         commands.append((f"enable health {path}", ""))
