@@ -197,6 +197,19 @@ class _Target:
         return {"create_request": request}
 
 
+def _again_if_compacted(read: Callable[[], Catalog], when: str) -> Catalog:
+    """``read()``, again (up to ``READ_ATTEMPTS`` in all) while etcd answers that the revision
+    it reads at was compacted ``when`` (between two of its requests)."""
+    for attempt in range(1, READ_ATTEMPTS + 1):
+        try:
+            return read()
+        except EtcdError as exc:
+            if exc.code != GRPC_OUT_OF_RANGE or attempt == READ_ATTEMPTS:
+                raise
+            log.debug("etcd: revision compacted %s; reading again", when)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 class CatalogReader:
     """Reads the catalog under ``scheme``'s prefixes and watches them for changes."""
 
@@ -234,14 +247,7 @@ class CatalogReader:
     # Reads
 
     def snapshot(self) -> Catalog:
-        for attempt in range(1, READ_ATTEMPTS + 1):
-            try:
-                return self._snapshot()
-            except EtcdError as exc:
-                if exc.code != GRPC_OUT_OF_RANGE or attempt == READ_ATTEMPTS:
-                    raise
-                log.debug("etcd: revision compacted during the snapshot; reading again")
-        raise AssertionError("unreachable")  # pragma: no cover
+        return _again_if_compacted(self._snapshot, "during the snapshot")
 
     def _snapshot(self) -> Catalog:
         # The claims first, in a linearizable read: its revision is the snapshot's. Then the
@@ -366,14 +372,7 @@ class CatalogReader:
             self.mirror_reads += 1
             return mirrored
         self.etcd_reads += 1
-        for attempt in range(1, READ_ATTEMPTS + 1):
-            try:
-                return self._read_services(services)
-            except EtcdError as exc:
-                if exc.code != GRPC_OUT_OF_RANGE or attempt == READ_ATTEMPTS:
-                    raise
-                log.debug("etcd: revision compacted between two reads; reading again")
-        raise AssertionError("unreachable")  # pragma: no cover
+        return _again_if_compacted(lambda: self._read_services(services), "between two reads")
 
     def _from_mirror(self, services: list[str]) -> Catalog | None:
         """``services`` from the mirror, or ``None`` when it cannot answer (see the module)."""
